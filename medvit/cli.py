@@ -1,0 +1,182 @@
+"""The ``medvit`` command: one subcommand per pipeline stage.
+
+No logic lives here beyond argument handling: each subcommand calls one stage function.
+User errors (:class:`medvit.errors.MedvitError`) are printed as ``error: ...`` with exit
+code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_manifest_validate(args: argparse.Namespace) -> int:
+    from medvit.data.manifest import format_report, validate_manifest
+
+    report = validate_manifest(args.path, check_files=not args.no_check_files)
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from medvit.data.ingest import ingest
+
+    result = ingest(args.dir, args.out, key=args.key)
+    print(result.summary())
+    return 0 if result.n_samples > 0 else 1
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from medvit.data.synth import synthesize
+
+    manifest = synthesize(args.modality, n_patients=args.patients, out_dir=args.out, seed=args.seed,
+                          image_size=args.image_size)
+    print(f"wrote {manifest}")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from medvit.data.realdata import import_dataset
+
+    manifest = import_dataset(args.dataset, args.source, args.out)
+    print(f"wrote {manifest}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from medvit.config import load_study
+
+    study = load_study(args.path)
+    print(yaml.safe_dump(study, sort_keys=False), end="")
+    return 0
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from medvit.tasks.common import split_stage
+
+    split_stage(args.config, args.task, args.out)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from medvit.tasks import train_stage
+
+    train_stage(args.config, args.task, args.model, args.split, args.out)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from medvit.tasks import predict_stage
+
+    predict_stage(args.config, args.task, args.model, args.split, args.weights, args.out)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from medvit.evaluation.evaluate import evaluate_stage
+
+    evaluate_stage(args.config, args.task, args.model, args.predictions, args.out)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from medvit.evaluation.report import report_stage
+
+    report_stage(args.config, args.metrics, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medvit import __version__
+
+    parser = argparse.ArgumentParser(prog="medvit", description="medvit: medical image analysis with vision transformers, one stage per subcommand.")
+    parser.add_argument("--version", action="version", version=f"medvit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    manifest = sub.add_parser("manifest", help="manifest tools")
+    msub = manifest.add_subparsers(dest="manifest_command", required=True, metavar="ACTION")
+    validate = msub.add_parser("validate", help="check a manifest and summarise it")
+    validate.add_argument("path", type=Path)
+    validate.add_argument("--no-check-files", action="store_true",
+                          help="check columns and values only, do not open the image files")
+    validate.set_defaults(func=_cmd_manifest_validate)
+
+    ingest = sub.add_parser("ingest", help="build a pseudonymised manifest from a folder of DICOM/NIfTI files")
+    ingest.add_argument("dir", type=Path)
+    ingest.add_argument("--out", type=Path, required=True, help="manifest CSV to write (quarantine.csv goes beside it)")
+    ingest.add_argument("--key", default=None,
+                        help="pseudonymisation key (default: $MEDVIT_PSEUDONYM_KEY); never written to outputs")
+    ingest.set_defaults(func=_cmd_ingest)
+
+    synth = sub.add_parser("synth", help="generate a synthetic study with real files and a manifest")
+    synth.add_argument("modality", choices=["xray", "brain", "prostate", "histo"])
+    synth.add_argument("--patients", type=int, required=True)
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=None, help="side length in pixels (modality default if omitted)")
+    synth.set_defaults(func=_cmd_synth)
+
+    imp = sub.add_parser("import", help="turn a shipped real dataset into files and a manifest")
+    imp.add_argument("dataset", choices=["pneumoniamnist"])
+    imp.add_argument("source", type=Path, help="the dataset file (e.g. pneumoniamnist.npz)")
+    imp.add_argument("--out", type=Path, required=True)
+    imp.set_defaults(func=_cmd_import)
+
+    config = sub.add_parser("config", help="validate a study config and print it with defaults filled")
+    config.add_argument("path", type=Path)
+    config.set_defaults(func=_cmd_config)
+
+    def stage(name: str, help_: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", type=Path, required=True, help="study config YAML")
+        p.add_argument("--task", required=True, choices=["xray", "brain", "prostate", "histo"])
+        p.set_defaults(func=func)
+        return p
+
+    split = stage("split", "patient-level split of a task's manifest", _cmd_split)
+    split.add_argument("--out", type=Path, required=True, help="split manifest CSV to write")
+
+    train = stage("train", "train one model of a task", _cmd_train)
+    train.add_argument("--model", required=True)
+    train.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
+    train.add_argument("--out", type=Path, required=True, help="model folder (checkpoints, weights, log)")
+
+    predict = stage("predict", "predict the validation and test splits", _cmd_predict)
+    predict.add_argument("--model", required=True)
+    predict.add_argument("--split", type=Path, required=True)
+    predict.add_argument("--weights", type=Path, required=True, help="model.safetensors from `medvit train`")
+    predict.add_argument("--out", type=Path, required=True, help="predictions.csv to write")
+
+    evaluate = stage("evaluate", "patient- and sample-level metrics with bootstrap CIs", _cmd_evaluate)
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--predictions", type=Path, required=True)
+    evaluate.add_argument("--out", type=Path, required=True, help="metrics.json to write")
+
+    report = sub.add_parser("report", help="write the HTML evaluation report")
+    report.add_argument("--config", type=Path, required=True)
+    report.add_argument("--out", type=Path, required=True)
+    report.add_argument("metrics", type=Path, nargs="+", help="metrics.json files")
+    report.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from medvit.errors import MedvitError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MedvitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
