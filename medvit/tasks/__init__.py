@@ -1,0 +1,33 @@
+"""Stage functions, one module per task family. ``train_stage``/``predict_stage`` dispatch
+on the task: prostate is volumetric segmentation, the others image classification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+
+def _module(task: str) -> ModuleType:
+    from medvit.tasks import classification, segmentation
+    from medvit.tasks.common import SEGMENTATION_TASKS
+
+    return segmentation if task in SEGMENTATION_TASKS else classification
+
+
+def train_stage(config_path: str | Path, task: str, model: str, split_path: str | Path, out_dir: str | Path) -> Path:
+    """Train one model of a task -> ``<out_dir>/model.safetensors`` (+ model.json, checkpoints/, train.log)."""
+    from medvit.models import model_spatial_dims
+    from medvit.tasks.common import SEGMENTATION_TASKS
+    from medvit.errors import ConfigError
+
+    expected = 3 if task in SEGMENTATION_TASKS else 2
+    if model_spatial_dims(model) != expected:
+        raise ConfigError(f"tasks.{task}.models: {model!r} is a {model_spatial_dims(model)}D model; "
+                          f"task {task!r} needs a {expected}D one")
+    return _module(task).train(config_path, task, model, split_path, out_dir)
+
+
+def predict_stage(config_path: str | Path, task: str, model: str, split_path: str | Path,
+                  weights: str | Path, out_path: str | Path) -> Path:
+    """Predict the val and test rows of a split -> predictions.csv."""
+    return _module(task).predict(config_path, task, model, split_path, weights, out_path)

@@ -1,0 +1,74 @@
+"""Datasets over manifest rows, with decoded images cached in memory.
+
+Why not ``monai.data.CacheDataset`` as is: its random transforms draw from one RNG per
+transform object, so the augmentation a sample receives depends on worker layout and on
+how many samples came before it, and a resumed run cannot replay it (MONAI#5153). Here
+every sample's random transforms are re-seeded from ``(seed, epoch, index)`` — the same
+augmentation for the same sample in the same epoch, whatever the workers and however often
+training was interrupted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import Compose
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+
+class SampleDataset(Dataset):
+    """Samples as dicts (``image``, ``label``, ``patient_id``, ``sample_id``, ...).
+
+    Args:
+        records: one dict per sample; passed to ``load`` (must hold what it needs, e.g. ``row``).
+        load: deterministic transform (reading, scaling, resizing); its output is cached.
+        augment: random transform applied after the cache, re-seeded per (seed, epoch, index).
+        seed: base seed of the augmentation.
+        cache: keep loaded samples in memory (decoding happens once, on first access or in
+            :meth:`warm_cache`).
+    """
+
+    def __init__(self, records: Sequence[dict[str, Any]], load: Callable[[dict], dict],
+                 augment: Compose | None = None, seed: int = 0, cache: bool = True):
+        self.records = list(records)
+        self.load = load
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+        self.cache = cache
+        self._cached: list[dict[str, Any] | None] = [None] * len(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch`` (called by the trainer each epoch)."""
+        self.epoch = int(epoch)
+
+    def warm_cache(self, desc: str = "loading") -> None:
+        """Decode every sample now, with a progress bar (so the first epoch is not a surprise)."""
+        if self.cache:
+            for i in tqdm(range(len(self)), desc=desc, unit="sample", leave=False, disable=len(self) < 50):
+                self._loaded(i)
+
+    def _loaded(self, index: int) -> dict[str, Any]:
+        if self.cache and self._cached[index] is not None:
+            return self._cached[index]
+        sample = self.load(dict(self.records[index]))
+        if self.cache:
+            self._cached[index] = sample
+        return sample
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = dict(self._loaded(index))
+        if self.augment is not None:
+            seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+            self.augment.set_random_state(seed=int(seed))
+            sample = self.augment(sample)
+        for key, value in sample.items():
+            if isinstance(value, np.ndarray):
+                sample[key] = torch.as_tensor(value)
+        return sample

@@ -1,0 +1,76 @@
+"""Dictionary transforms keyed on ``image`` / ``label`` / ``patient_id`` (MONAI style).
+
+A sample travels as a dict from the manifest row to the metric::
+
+    {"image": (C, H, W) or (C, D, H, W) float32, "label": target or mask,
+     "patient_id": str, "sample_id": str, "target": class target (segmentation only)}
+
+The loading transform (:class:`LoadSampled`) reads the manifest row with
+:func:`medvit.data.io.read_sample`; everything after it is MONAI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from monai import transforms as mt
+
+from medvit.data.io import read_image, read_sample
+
+
+class LoadSampled(mt.MapTransform):
+    """Replace ``d["row"]`` (a manifest row) by ``d["image"]`` (and ``d["label"]`` from the
+    ``mask`` column when ``load_mask``). Arrays are channel-first float32 in real units.
+
+    Args:
+        root: the manifest's folder; paths in the row are relative to it.
+        load_mask: also read the row's ``mask`` into ``d["label"]`` as (1, ...) float32 in {0, 1}.
+    """
+
+    def __init__(self, root: str | Path, load_mask: bool = False):
+        super().__init__(keys=["row"])
+        self.root = Path(root)
+        self.load_mask = load_mask
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        row = d.pop("row")
+        d["image"] = read_sample(row, self.root).array
+        if self.load_mask:
+            mask = read_image(self.root / row["mask"]).array[:1]
+            d["label"] = (mask > 0.5).astype(np.float32)
+        return d
+
+
+def load_transforms(root: str | Path, spatial_size: Sequence[int], load_mask: bool = False) -> mt.Compose:
+    """Deterministic part (cached once per sample): read, scale intensities to [0, 1] by
+    per-image 0.5/99.5 percentiles per channel (robust to 12/16-bit ranges and outliers),
+    resize to ``spatial_size`` (masks with nearest neighbour)."""
+    keys = ["image", "label"] if load_mask else ["image"]
+    modes = ("area", "nearest") if load_mask else ("area",)
+    return mt.Compose([
+        LoadSampled(root, load_mask=load_mask),
+        mt.ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True,
+                                           channel_wise=True),
+        mt.Resized(keys, spatial_size=tuple(spatial_size), mode=modes),
+        mt.EnsureTyped(keys, dtype=np.float32, track_meta=False),
+    ])
+
+
+def augment_transforms(spatial_dims: int, flips: bool, load_mask: bool = False) -> mt.Compose:
+    """Random part, applied after the cache. ``flips`` is off for chest X-rays, where left and
+    right are anatomy (heart side), and on for brain slices, histopathology and volumes."""
+    keys = ["image", "label"] if load_mask else ["image"]
+    modes = ("bilinear", "nearest") if load_mask else ("bilinear",)
+    ops: list[mt.Transform] = []
+    if flips:
+        ops += [mt.RandFlipd(keys, prob=0.5, spatial_axis=-1), mt.RandFlipd(keys, prob=0.5, spatial_axis=-2)]
+    if spatial_dims == 2:
+        ops.append(mt.RandAffined(keys, prob=0.5, rotate_range=0.15, scale_range=0.1, translate_range=(2, 2),
+                                  mode=modes, padding_mode="border"))
+    ops += [mt.RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            mt.RandGaussianNoised("image", prob=0.3, std=0.02),
+            mt.EnsureTyped(keys, dtype=np.float32, track_meta=False)]
+    return mt.Compose(ops)

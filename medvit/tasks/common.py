@@ -1,0 +1,218 @@
+"""What every task shares: the target specification, the split stage, records and
+datasets from a split manifest, and the provenance written beside weights."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from medvit.config import load_study, task_config, task_manifest_path
+from medvit.data.manifest import Manifest, class_names, finding_names, load_manifest
+from medvit.data.sampling import resample_to_anomaly_ratio
+from medvit.data.splits import assign_splits, check_no_leakage, split_summary
+from medvit.engine.checkpoint import atomic_write_json, atomic_write_text
+from medvit.errors import ManifestError
+
+Kind = Literal["binary", "multiclass", "multilabel"]
+# Class names read as "negative" when a binary task names no positive class.
+_NEGATIVE_NAMES = {"normal", "benign", "negative", "healthy", "no_finding", "none", "0"}
+# Tasks whose samples are volumes segmented by a lesion mask.
+SEGMENTATION_TASKS = {"prostate"}
+
+
+@dataclass
+class TaskSpec:
+    """What a model predicts for a task.
+
+    Attributes:
+        kind: ``binary`` (one positive class), ``multiclass`` (softmax over classes) or
+            ``multilabel`` (one sigmoid per finding).
+        classes: the names written as ``true_<c>``/``score_<c>`` columns (binary: the positive class only).
+        column: manifest column holding the truth (``label``, ``labels`` or e.g. ``subtype``).
+        all_classes: every class value of ``column`` (binary: ``[negative, positive]``).
+    """
+
+    kind: Kind
+    classes: list[str]
+    column: str
+    all_classes: list[str] = field(default_factory=list)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.classes)
+
+    def targets(self, df: pd.DataFrame) -> np.ndarray:
+        """(N, num_outputs) float32 multi-hot/one-hot truth, or (N,) int64 class index for multiclass."""
+        if self.kind == "multilabel":
+            tokens = df[self.column].fillna("").astype(str).map(lambda s: {t for t in s.split("|") if t})
+            return np.array([[c in t for c in self.classes] for t in tokens], dtype=np.float32).reshape(len(df), -1)
+        values = df[self.column].astype(str)
+        unknown = sorted(set(values) - set(self.all_classes))
+        if unknown:
+            raise ManifestError(f"column {self.column!r} has values {unknown} outside the task's classes "
+                                f"{self.all_classes}")
+        if self.kind == "binary":
+            return (values == self.classes[0]).to_numpy(np.float32)[:, None]
+        return values.map({c: i for i, c in enumerate(self.classes)}).to_numpy(np.int64)
+
+    def one_hot(self, df: pd.DataFrame) -> np.ndarray:
+        """(N, num_outputs) 0/1 truth for predictions.csv, whatever the kind."""
+        t = self.targets(df)
+        return np.eye(len(self.classes), dtype=np.int64)[t] if self.kind == "multiclass" else t.astype(np.int64)
+
+
+def task_spec(task: str, tcfg: dict[str, Any], df: pd.DataFrame) -> TaskSpec:
+    """Derive the target specification from the task config and the manifest's columns."""
+    column = tcfg.get("label_column", "label")
+    if task == "xray" and "labels" in df.columns and column == "label" and "label" not in df.columns:
+        column = "labels"
+    if column == "labels":
+        findings = list(tcfg.get("findings") or finding_names(df))
+        if not findings:
+            raise ManifestError("the `labels` column names no finding: a multi-label task needs at least one")
+        return TaskSpec("multilabel", findings, "labels", findings)
+    if column not in df.columns:
+        raise ManifestError(f"task {task!r} needs a {column!r} column in its manifest; columns are "
+                            f"{[c for c in df.columns if not c.startswith('_')]}")
+    names = class_names(df, column)
+    if len(names) < 2:
+        raise ManifestError(f"column {column!r} has a single class {names}: nothing to learn")
+    if len(names) > 2:
+        return TaskSpec("multiclass", names, column, names)
+    positive = tcfg.get("positive_class")
+    if positive not in names:
+        negatives = [n for n in names if n.lower() in _NEGATIVE_NAMES or n.lower().startswith("no_")]
+        positive = next(n for n in names if n not in negatives) if len(negatives) == 1 else names[1]
+    negative = next(n for n in names if n != positive)
+    return TaskSpec("binary", [positive], column, [negative, positive])
+
+
+@dataclass
+class StageContext:
+    """A task's config, split manifest and target spec, loaded once per stage."""
+
+    study: dict[str, Any]
+    config_path: Path
+    task: str
+    tcfg: dict[str, Any]
+    manifest: Manifest
+    spec: TaskSpec
+
+    @property
+    def df(self) -> pd.DataFrame:
+        return self.manifest.df
+
+    def rows(self, split: str | list[str]) -> pd.DataFrame:
+        splits = [split] if isinstance(split, str) else split
+        return self.df[self.df["split"].isin(splits)].reset_index(drop=True)
+
+
+def load_context(config_path: str | Path, task: str, split_path: str | Path) -> StageContext:
+    """Load the study config and a split manifest, and run the leakage guard."""
+    study = load_study(config_path)
+    tcfg = task_config(study, task)
+    manifest = load_manifest(split_path)
+    if "split" not in manifest.df.columns:
+        raise ManifestError(f"{split_path} has no `split` column: make it with `medvit split`")
+    check_no_leakage(manifest.df)
+    spec = task_spec(task, tcfg, manifest.df)
+    return StageContext(study, Path(config_path), task, tcfg, manifest, spec)
+
+
+def _relocate_paths(df: pd.DataFrame, src_root: Path, dst_root: Path) -> pd.DataFrame:
+    """Rewrite the manifest's path columns so they are relative to ``dst_root``."""
+    df = df.copy()
+    path_cols = [c for c in df.columns if c in ("image", "mask", "boxes") or c.startswith("image_")]
+    for col in path_cols:
+        df[col] = [os.path.relpath(src_root / v, dst_root) if isinstance(v, str) and v else v for v in df[col]]
+    return df
+
+
+def split_stage(config_path: str | Path, task: str, out_path: str | Path) -> Path:
+    """Patient-level split of a task's manifest -> ``split.csv`` (+ ``split.json`` summary).
+
+    Rows whose files are missing or unreadable are quarantined (listed in ``split.json``);
+    a given ``split`` column is kept after the leakage check; the brain task's train and test
+    splits are resampled to the configured anomaly distribution.
+    """
+    study = load_study(config_path)
+    tcfg = task_config(study, task)
+    manifest = load_manifest(task_manifest_path(study, task), check_files=True)
+    df = manifest.df
+    spec = task_spec(task, tcfg, df)
+    split_cfg = tcfg.get("split", {})
+    df = assign_splits(df, seed=study["seed"], val_fraction=split_cfg.get("val_fraction", 0.2),
+                       test_fraction=split_cfg.get("test_fraction", 0.2), stratify=True)
+    summary: dict[str, Any] = {"task": task, "kind": spec.kind, "classes": spec.classes,
+                               "manifest": str(manifest.path), "n_quarantined": len(manifest.problems),
+                               "quarantined": [{"row": p.row, "column": p.column, "reason": p.reason}
+                                               for p in manifest.problems]}
+    if task == "brain" and tcfg.get("anomaly_ratio") is not None:
+        df, summary["anomaly"] = _resample_brain(df, spec, tcfg, study["seed"])
+    check_no_leakage(df)
+    summary["splits"] = split_summary(df)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    df = _relocate_paths(df, manifest.root, out_path.parent.resolve())
+    atomic_write_text(out_path, df.drop(columns=["_row"], errors="ignore").to_csv(index=False))
+    atomic_write_json(out_path.with_suffix(".json"), summary)
+    return out_path
+
+
+def _resample_brain(df: pd.DataFrame, spec: TaskSpec, tcfg: dict, seed: int) -> tuple[pd.DataFrame, dict]:
+    """Resample train and test to the anomaly distribution (validation keeps its natural mix,
+    so the operating threshold is chosen on unresampled data)."""
+    parts, achieved = [], {}
+    for name, part in df.groupby("split", sort=False):
+        if name in ("train", "test"):
+            abnormal = part[spec.column].astype(str) == spec.classes[0]
+            part, achieved[name] = resample_to_anomaly_ratio(part, tcfg["anomaly_ratio"], by=tcfg["resample_by"],
+                                                             seed=seed, is_abnormal=abnormal)
+        parts.append(part)
+    return pd.concat(parts).sort_values("_row").reset_index(drop=True), achieved
+
+
+def records(ctx: StageContext, df: pd.DataFrame) -> list[dict[str, Any]]:
+    """One dict per sample for :class:`medvit.data.datasets.SampleDataset`."""
+    recs = []
+    targets = ctx.spec.targets(df)
+    for i, row in enumerate(df.to_dict("records")):
+        recs.append({"row": row, "patient_id": str(row["patient_id"]), "sample_id": str(row["sample_id"]),
+                     "target": targets[i]})
+    return recs
+
+
+def write_predictions(path: str | Path, df: pd.DataFrame, spec: TaskSpec, scores: np.ndarray,
+                      extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """Write predictions.csv (Contract 3): patient_id, sample_id, split, true_<c>, score_<c>[, extra]."""
+    truth = spec.one_hot(df)
+    out = pd.DataFrame({"patient_id": df["patient_id"].astype(str).values,
+                        "sample_id": df["sample_id"].astype(str).values,
+                        "split": df["split"].values})
+    for j, c in enumerate(spec.classes):
+        out[f"true_{c}"] = truth[:, j]
+        out[f"score_{c}"] = np.clip(scores[:, j], 0.0, 1.0)
+    for name, values in (extra or {}).items():
+        out[name] = values
+    atomic_write_text(path, out.to_csv(index=False, float_format="%.6g"))
+    return out
+
+
+def model_sidecar(ctx: StageContext, model_name: str, split_path: str | Path, **fields: Any) -> dict[str, Any]:
+    """Metadata stored in model.json beside the weights (read back by evaluation)."""
+    from medvit.provenance import provenance
+
+    return {"task": ctx.task, "model": model_name, "spec": asdict(ctx.spec), "split_manifest": str(split_path),
+            **fields, "provenance": provenance(config=ctx.study, config_path=ctx.config_path,
+                                               manifest_path=split_path)}
+
+
+def read_sidecar(weights: str | Path) -> dict[str, Any]:
+    path = Path(weights).with_suffix(".json")
+    return json.loads(path.read_text()) if path.exists() else {}
