@@ -1,0 +1,819 @@
+"""One training loop for every stage (classification, segmentation, pretraining, distillation).
+
+:class:`Trainer` follows nnU-Net's design: one class whose steps are hook methods, and a
+stage that needs something different subclasses it and overrides a hook
+(:meth:`Trainer.forward` for a model that takes more than the image,
+:meth:`Trainer.train_step` for distillation, :meth:`Trainer.build_optimizer` for other
+betas, :meth:`Trainer.validate` for a patient-level metric) instead of adding flags.
+
+What every run gets:
+
+* AdamW without weight decay on biases, norms and the model's ``no_weight_decay()`` names;
+  optional parameter groups with ``lr_scale`` (layer-wise LR decay).
+* Linear warm-up then cosine decay to ``min_lr``, stepped per optimizer step.
+* Gradient accumulation, gradient-norm clipping, bf16 autocast (CPU and CUDA).
+* Seeded, resumable data order: epoch ``e`` shuffles with a generator seeded from
+  ``(seed, e)``; datasets with ``set_epoch(e)`` are told the epoch.
+* A checkpoint every epoch (``checkpoints/last``, the one before it kept as
+  ``checkpoints/prev``) and the best one on validation (``checkpoints/best``, with
+  ``checkpoints/best_prev``), all written atomically; ``fit(resume=True)`` continues a
+  killed run from the next epoch and ends with the same weights as a run that was not
+  interrupted (same seed, machine and settings).
+* Progress bars with ETA on stderr and ``train.log`` in the output folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from medvit.engine.checkpoint import (
+    CorruptCheckpointError,
+    LoadedCheckpoint,
+    apply_checkpoint,
+    checkpoint_files,
+    copy_checkpoint,
+    count_parameters,
+    load_model_state,
+    read_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+)
+from medvit.engine.device import autocast_context, check_device_name, resolve_bf16, resolve_device
+from medvit.engine.seed import (
+    derive_seed,
+    get_rng_state,
+    make_generator,
+    seed_everything,
+    set_rng_state,
+    worker_init_fn,
+)
+from medvit.errors import CheckpointError, ConfigError, MedvitError
+
+logger = logging.getLogger("medvit.train")
+
+# Settings that change the arithmetic of training: a checkpoint written with other values
+# is refused on resume. num_workers, device and log_every may change between runs.
+RESUME_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr", "grad_clip",
+               "accumulate", "bf16", "seed", "deterministic")
+
+
+class TrainingError(MedvitError):
+    """Training cannot go on (empty training set, non-finite loss, malformed batches)."""
+
+
+# --------------------------------------------------------------------------------- config
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings: the study config's ``tasks.<task>.train`` block plus the study's
+    ``seed``, ``deterministic`` and ``device``.
+
+    Attributes:
+        epochs: passes over the training set (>= 1).
+        batch_size: samples per forward pass (>= 1); the optimizer sees
+            ``batch_size * accumulate`` samples per step.
+        lr: peak learning rate, reached at the end of warm-up (> 0).
+        weight_decay: AdamW decoupled weight decay (>= 0), not applied to biases, norms and
+            the model's ``no_weight_decay()`` parameters.
+        warmup_epochs: linear warm-up length in epochs (0 <= warmup_epochs <= epochs;
+            fractions allowed).
+        min_lr: learning rate at the last step of the cosine decay (0 <= min_lr <= lr).
+        grad_clip: maximum gradient L2 norm; ``None`` or 0 disables clipping.
+        accumulate: micro-batches per optimizer step (>= 1).
+        bf16: ``True``, ``False`` or ``"auto"`` (on where the device runs bf16 natively, see
+            :mod:`medvit.engine.device`).
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        seed: the run's seed (model init is the stage's business; everything random in
+            training derives from it).
+        deterministic: deterministic algorithms (see :func:`medvit.engine.seed.seed_everything`).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<index>``.
+        log_every: write a step line to ``train.log`` every this many optimizer steps (0: only
+            the per-epoch lines).
+    """
+
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1
+    min_lr: float = 1e-6
+    grad_clip: float | None = 1.0
+    accumulate: int = 1
+    bf16: bool | str = False
+    num_workers: int = 0
+    seed: int = 0
+    deterministic: bool = True
+    device: str = "auto"
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        def fail(key: str, allowed: str) -> None:
+            value = getattr(self, key)
+            where = key if key in ("seed", "deterministic", "device") else f"train.{key}"
+            hint = ""
+            if isinstance(value, str) and allowed.startswith("a number"):
+                hint = " (a string: YAML reads 1e-6 as text, write 1.0e-6)"
+            raise ConfigError(f"{where}: {value!r} is not allowed{hint}; allowed: {allowed}")
+
+        if not _is_int(self.epochs) or self.epochs < 1:
+            fail("epochs", "an integer >= 1")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            fail("batch_size", "an integer >= 1")
+        if not _is_number(self.lr) or self.lr <= 0:
+            fail("lr", "a number > 0")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            fail("weight_decay", "a number >= 0")
+        if not _is_number(self.warmup_epochs) or not 0 <= self.warmup_epochs <= self.epochs:
+            fail("warmup_epochs", f"a number from 0 to epochs ({self.epochs})")
+        if not _is_number(self.min_lr) or not 0 <= self.min_lr <= self.lr:
+            fail("min_lr", f"a number from 0 to lr ({self.lr})")
+        if self.grad_clip is not None and (not _is_number(self.grad_clip) or self.grad_clip < 0):
+            fail("grad_clip", "null, 0 (off) or a number > 0")
+        if not _is_int(self.accumulate) or self.accumulate < 1:
+            fail("accumulate", "an integer >= 1")
+        if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
+            fail("bf16", "true, false, auto")
+        if not _is_int(self.num_workers) or self.num_workers < 0:
+            fail("num_workers", "an integer >= 0")
+        if not _is_int(self.seed):
+            fail("seed", "an integer")
+        if not isinstance(self.deterministic, bool):
+            fail("deterministic", "true, false")
+        if not isinstance(self.device, str):
+            fail("device", "auto, cpu, cuda, cuda:<index>")
+        check_device_name(self.device)
+        if not _is_int(self.log_every) or self.log_every < 0:
+            fail("log_every", "an integer >= 0")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """Build from a mapping whose keys are exactly this class's fields (missing keys take
+        the defaults).
+
+        Raises:
+            ConfigError: an unknown key (naming the allowed ones) or an invalid value.
+        """
+        unknown = sorted(set(d) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(f"train: unknown key(s) {unknown}; allowed: {cls.keys()}")
+        return cls(**dict(d))
+
+    @classmethod
+    def from_study(cls, study: Mapping[str, Any], train: Mapping[str, Any] | None = None) -> TrainConfig:
+        """Merge a task's ``train`` block with the study's ``seed``, ``deterministic`` and
+        ``device`` (a key given in ``train`` wins)."""
+        merged = {k: study[k] for k in ("seed", "deterministic", "device") if k in study}
+        merged.update(train or {})
+        return cls.from_dict(merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        best_epoch: 1-based epoch whose weights are loaded in the model at the end.
+        best_metric: its validation metric (None without validation set).
+        train_seconds: seconds spent training and validating, summed over every run that
+            contributed (resumed runs included; checkpoint writing excluded).
+        history: one dict per completed epoch: ``epoch`` (1-based), ``train_loss``,
+            ``val_metric``, ``lr`` (first group, after the epoch's last step), ``seconds``.
+        epochs_run: epochs trained by this call (0 when the checkpoint was already final).
+        completed: all ``epochs`` are done (False after ``max_epochs_this_run`` stopped it).
+        resumed_from: the epoch of the checkpoint this call resumed from, or None.
+    """
+
+    best_epoch: int
+    best_metric: float | None
+    train_seconds: float
+    history: list[dict[str, Any]]
+    epochs_run: int
+    completed: bool
+    resumed_from: int | None = None
+
+
+# ------------------------------------------------------------------------------- schedule
+
+
+def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier of optimizer step ``step`` (0-based).
+
+    The schedule is evaluated at the end of the step, so no step runs at zero:
+    ``(step + 1) / warmup_steps`` during warm-up (reaching 1 at its last step), then
+    ``min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2`` with
+    ``p = (step + 1 - warmup_steps) / (total_steps - warmup_steps)``, which reaches
+    ``min_ratio`` at the last step.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = total_steps - warmup_steps
+    if decay_steps <= 0:
+        return 1.0
+    progress = min(1.0, max(0.0, (step + 1 - warmup_steps) / decay_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at_step(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
+    """Learning rate of optimizer step ``step`` for a group whose peak is ``base_lr``."""
+    return base_lr * warmup_cosine_factor(step, total_steps, warmup_steps, min_lr / base_lr)
+
+
+# -------------------------------------------------------------------------------- helpers
+
+
+def _improved(metric: float | None, best: float | None, best_epoch: int | None) -> bool:
+    """Higher is better; ties keep the earlier epoch; NaN never wins over a number."""
+    if best_epoch is None or metric is None:
+        return True
+    if math.isnan(metric):
+        return False
+    return best is None or math.isnan(best) or metric > best
+
+
+def _concat(items: list[Any]) -> Any:
+    """Concatenate per-batch outputs along dim 0 (tensors, or tuples/lists/dicts of them)."""
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat([t.reshape(1) if t.dim() == 0 else t for t in items])
+    if isinstance(first, Mapping):
+        return {k: _concat([it[k] for it in items]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([it[i] for it in items]) for i in range(len(first)))
+    return items
+
+
+def _to_cpu_float(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().float().cpu() if obj.is_floating_point() else obj.detach().cpu()
+    if isinstance(obj, Mapping):
+        return {k: _to_cpu_float(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_cpu_float(v) for v in obj)
+    return obj
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return str(_dt.timedelta(seconds=int(round(seconds))))
+
+
+class _TqdmHandler(logging.Handler):
+    """Warnings on the terminal without breaking the progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+# -------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Train a model on a map-style dataset of dict samples, select it on a validation set.
+
+    Args:
+        model: any ``nn.Module``; moved to the config's device. Its parameters with
+            ``requires_grad=False`` are frozen (not given to the optimizer).
+        train_dataset: map-style dataset (``__len__`` and ``__getitem__``) whose samples are
+            dicts with at least ``image`` and ``label`` (tensors) and optionally
+            ``patient_id`` (str) and other keys; ``(image, label)`` tuples are accepted too.
+            If it has ``set_epoch(epoch)`` (0-based), it is called before every epoch, so its
+            random augmentations can be made a function of (seed, epoch, index).
+        val_dataset: the same for validation (None: no validation, the last epoch is the best).
+        config: a :class:`TrainConfig` (or a mapping for :meth:`TrainConfig.from_dict`).
+        out_dir: folder for ``checkpoints/`` and ``train.log`` (created).
+        loss_fn: ``loss_fn(outputs, batch) -> scalar tensor``; ``batch`` is the whole dict
+            on the device, so a loss can use any key.
+        val_metric_fn: ``val_metric_fn(outputs, targets) -> float``, higher is better;
+            ``outputs`` are the model's outputs over the validation set concatenated along
+            dim 0 (float32, CPU) and ``targets`` the ``label`` values likewise.
+        collate_fn: DataLoader ``collate_fn`` (default: PyTorch's).
+        param_groups: optimizer groups for :meth:`build_optimizer`: dicts with ``params``
+            and optionally ``lr_scale`` (multiplies ``config.lr``; e.g. layer-wise decay),
+            ``lr``, ``weight_decay`` (given: used for every parameter of the group; absent:
+            the no-decay rule applies), ``name``. Together they must cover every trainable
+            parameter.
+        progress: show tqdm bars on stderr (refreshed every 30 s when stderr is not a
+            terminal, e.g. SLURM logs).
+    """
+
+    def __init__(self, model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
+                 config: TrainConfig | Mapping[str, Any], out_dir: str | Path,
+                 loss_fn: Callable[[Any, dict[str, Any]], torch.Tensor],
+                 val_metric_fn: Callable[[Any, Any], float] | None = None,
+                 collate_fn: Callable[[list[Any]], Any] | None = None,
+                 param_groups: Sequence[Mapping[str, Any]] | None = None, progress: bool = True):
+        self.config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+        self.device = resolve_device(self.config.device)
+        self.bf16 = resolve_bf16(self.config.bf16, self.device)
+        self.model = model.to(self.device)
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.out_dir = Path(out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.loss_fn = loss_fn
+        self.val_metric_fn = val_metric_fn
+        self.collate_fn = collate_fn
+        self.param_groups = param_groups
+        self.progress = progress
+        if val_dataset is not None and val_metric_fn is None:
+            raise TrainingError("a validation set needs a val_metric_fn (higher is better)")
+        try:
+            n_train = len(train_dataset)  # type: ignore[arg-type]
+        except TypeError:
+            raise TrainingError("the training dataset must be map-style (have __len__)") from None
+        if n_train == 0:
+            raise TrainingError("the training set is empty: no sample to train on")
+        # A last batch of one sample breaks BatchNorm in training mode: drop it (one sample
+        # per epoch, a different one each epoch since the order is shuffled).
+        self.drop_last = n_train % self.config.batch_size == 1 and n_train > 1
+        micro = n_train // self.config.batch_size if self.drop_last else math.ceil(n_train / self.config.batch_size)
+        self.micro_batches_per_epoch = micro
+        self.steps_per_epoch = math.ceil(micro / self.config.accumulate)
+        self.total_steps = self.steps_per_epoch * self.config.epochs
+        self.warmup_steps = int(round(self.config.warmup_epochs * self.steps_per_epoch))
+
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.epoch = 0                 # 0-based index of the epoch being trained
+        self.epochs_done = 0           # completed epochs (1-based number of the last one)
+        self.global_step = 0           # optimizer steps taken
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch: int | None = None
+        self.best_metric: float | None = None
+        self.train_seconds = 0.0
+        self._trained_params: list[nn.Parameter] = []
+        self._last_valid = False       # checkpoints/last is known to be valid (written or verified)
+        self._best_valid = False
+        self._epochs_run = 0
+        self._max_epochs_this_run: int | None = None
+        self._run_start = 0.0
+        self._run_steps = 0
+
+    # ------------------------------------------------------------------ building blocks
+
+    def initialize(self) -> None:
+        """Build the optimizer and scheduler (once; :meth:`fit` calls it)."""
+        if self.optimizer is None:
+            self.optimizer = self.build_optimizer()
+            self._trained_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self.scheduler = self.build_scheduler(self.optimizer)
+
+    def _no_decay_names(self) -> set[str]:
+        hook = getattr(self.model, "no_weight_decay", None)
+        return set(hook()) if callable(hook) else set()
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters.
+
+        Without ``param_groups``: two groups, weight decay on weights with >= 2 dimensions,
+        none on biases, norm parameters (1-D) and ``model.no_weight_decay()`` names (timm's
+        convention, e.g. ``pos_embed``, ``cls_token``). With ``param_groups``: each group is
+        split the same way unless it sets ``weight_decay``; ``lr = config.lr * lr_scale``.
+        """
+        cfg = self.config
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        no_decay_names = self._no_decay_names()
+        source = self.param_groups or [{"params": list(self.model.parameters())}]
+        groups: list[dict[str, Any]] = []
+        seen: set[int] = set()
+        for i, spec in enumerate(source):
+            params = [p for p in spec["params"] if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in params)
+            scale = float(spec.get("lr_scale", 1.0))
+            extra = {"lr": float(spec.get("lr", cfg.lr * scale)), "lr_scale": scale,
+                     "name": spec.get("name", f"group{i}")}
+            if "weight_decay" in spec:
+                groups.append({"params": params, "weight_decay": float(spec["weight_decay"]), **extra})
+                continue
+            decay = [p for p in params if p.ndim >= 2 and names.get(id(p)) not in no_decay_names]
+            no_decay = [p for p in params if not (p.ndim >= 2 and names.get(id(p)) not in no_decay_names)]
+            groups.append({"params": decay, "weight_decay": cfg.weight_decay, **extra})
+            groups.append({"params": no_decay, "weight_decay": 0.0, **extra, "name": extra["name"] + "_no_decay"})
+        groups = [g for g in groups if g["params"]]
+        left_out = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in seen]
+        if left_out:
+            raise TrainingError(f"param_groups leave {len(left_out)} trainable parameter(s) out "
+                                f"(e.g. {left_out[:3]}): add them to a group or set requires_grad=False")
+        if not groups:
+            raise TrainingError("the model has no trainable parameter")
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """Linear warm-up, then cosine decay to ``min_lr`` (scaled like each group's peak),
+        one scheduler step per optimizer step (see :func:`warmup_cosine_factor`)."""
+        total, warmup = self.total_steps, self.warmup_steps
+        min_ratio = self.config.min_lr / self.config.lr
+
+        def factor(step: int) -> float:
+            return warmup_cosine_factor(step, total, warmup, min_ratio)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def build_dataloader(self, dataset: Dataset, train: bool, epoch: int) -> DataLoader:
+        """A DataLoader whose order and worker seeds depend only on (seed, train/val, epoch)."""
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        cfg = self.config
+        generator = make_generator(derive_seed(cfg.seed, "train-loader" if train else "val-loader", epoch))
+        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train, drop_last=train and self.drop_last,
+                          num_workers=cfg.num_workers, collate_fn=self.collate_fn,
+                          pin_memory=self.device.type == "cuda",
+                          worker_init_fn=worker_init_fn if cfg.num_workers > 0 else None, generator=generator)
+
+    # ---------------------------------------------------------------------------- steps
+
+    def _to_device(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj.to(self.device, non_blocking=True)
+        if isinstance(obj, Mapping):
+            return {k: self._to_device(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._to_device(v) for v in obj)
+        return obj
+
+    def prepare_batch(self, batch: Any) -> dict[str, Any]:
+        """A loader's batch as a dict on the device (``(image, label)`` pairs become a dict)."""
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            batch = {"image": batch[0], "label": batch[1]}
+        if not isinstance(batch, Mapping) or "image" not in batch:
+            got = f"a dict with keys {list(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
+            raise TrainingError(f"a batch must be a dict with an 'image' entry (and 'label'); got {got}")
+        return self._to_device(dict(batch))
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        """The model's outputs for a batch (default: ``model(batch["image"])``)."""
+        return self.model(batch["image"])
+
+    def train_step(self, batch: dict[str, Any], scale: float = 1.0) -> torch.Tensor:
+        """Forward and backward of one micro-batch under autocast.
+
+        Args:
+            batch: the batch dict on the device.
+            scale: factor of the loss for the backward pass (1 / micro-batches of the
+                accumulation group), so accumulated gradients are those of the mean loss.
+
+        Returns:
+            the unscaled loss, detached.
+
+        Raises:
+            TrainingError: the loss is NaN or infinite.
+        """
+        with autocast_context(self.device, self.bf16):
+            outputs = self.forward(batch)
+            loss = self.loss_fn(outputs, batch)
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingError(
+                f"the loss is {loss.item()} at epoch {self.epoch + 1}, optimizer step {self.global_step + 1}: "
+                "training diverged. Lower train.lr, keep train.grad_clip on, or set train.bf16: false")
+        (loss.float() * scale).backward()
+        return loss.detach().float()
+
+    def optimizer_step(self) -> None:
+        """Clip the gradient norm, step the optimizer and the scheduler, clear the gradients."""
+        assert self.optimizer is not None and self.scheduler is not None
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self._trained_params, self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def validation_step(self, batch: dict[str, Any]) -> tuple[Any, Any]:
+        """(outputs, targets) of one validation batch, float32 on the CPU."""
+        with autocast_context(self.device, self.bf16):
+            outputs = self.forward(batch)
+        return _to_cpu_float(outputs), _to_cpu_float(batch.get("label"))
+
+    def _bar(self, inner: bool = False, **kwargs: Any) -> tqdm:
+        """A progress bar on stderr. In a log file (stderr not a terminal) only the epoch bar
+        is drawn, at most every 30 s: step bars would add two lines per epoch."""
+        interactive = sys.stderr.isatty()
+        return tqdm(file=sys.stderr, disable=not self.progress or (inner and not interactive), dynamic_ncols=True,
+                    mininterval=0.1 if interactive else 30.0, **kwargs)
+
+    def train_epoch(self, epoch: int) -> float:
+        """Train one epoch; return its mean training loss over samples."""
+        assert self.optimizer is not None
+        cfg = self.config
+        self.model.train()
+        loader = self.build_dataloader(self.train_dataset, train=True, epoch=epoch)
+        n = len(loader)
+        loss_sum, samples = 0.0, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._bar(inner=True, total=n, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False) as bar:
+            for i, raw in enumerate(loader):
+                batch = self.prepare_batch(raw)
+                group_start = i - i % cfg.accumulate
+                loss = self.train_step(batch, scale=1.0 / min(cfg.accumulate, n - group_start))
+                size = int(batch["image"].shape[0]) if isinstance(batch["image"], torch.Tensor) else 1
+                value = float(loss)
+                loss_sum += value * size
+                samples += size
+                if (i + 1) % cfg.accumulate == 0 or i + 1 == n:
+                    self.optimizer_step()
+                    self.global_step += 1
+                    self._run_steps += 1
+                    if cfg.log_every and self.global_step % cfg.log_every == 0:
+                        self._log_step(epoch, i + 1, n, value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+        return loss_sum / max(samples, 1)
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """The validation metric of the current weights (higher is better); None without a
+        validation set."""
+        if self.val_dataset is None or len(self.val_dataset) == 0:  # type: ignore[arg-type]
+            return None
+        self.model.eval()
+        loader = self.build_dataloader(self.val_dataset, train=False, epoch=self.epoch)
+        outputs, targets = [], []
+        with self._bar(inner=True, total=len(loader), desc="validation", unit="batch", leave=False) as bar:
+            for raw in loader:
+                out, tgt = self.validation_step(self.prepare_batch(raw))
+                outputs.append(out)
+                targets.append(tgt)
+                bar.update(1)
+        assert self.val_metric_fn is not None
+        return float(self.val_metric_fn(_concat(outputs), _concat(targets)))
+
+    # ------------------------------------------------------------------------- hooks
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before epoch ``epoch`` (0-based) trains."""
+
+    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+        """Called after epoch ``epoch`` (0-based) is validated and checkpointed."""
+
+    def should_stop(self, epoch: int) -> bool:
+        """Whether to stop before epoch ``epoch`` (0-based); by default after
+        ``max_epochs_this_run`` epochs of this :meth:`fit` call (e.g. to fit a SLURM time
+        limit: the next ``fit(resume=True)`` continues)."""
+        return self._max_epochs_this_run is not None and self._epochs_run >= self._max_epochs_this_run
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The non-tensor training state stored with every checkpoint."""
+        return {"epoch": self.epochs_done, "global_step": self.global_step, "best_epoch": self.best_epoch,
+                "best_metric": self.best_metric, "history": self.history, "train_seconds": self.train_seconds,
+                "rng": get_rng_state(), "config": self.config.to_dict(),
+                "train_samples": len(self.train_dataset),  # type: ignore[arg-type]
+                "steps_per_epoch": self.steps_per_epoch}
+
+    # ------------------------------------------------------------------- checkpoints
+
+    def _stem(self, name: str) -> Path:
+        return self.checkpoint_dir / name
+
+    def _present(self, name: str) -> bool:
+        return any(f.exists() for f in checkpoint_files(self._stem(name)))
+
+    def _set_aside(self, names: Iterable[str]) -> None:
+        for name in names:
+            for f in checkpoint_files(self._stem(name)):
+                if f.exists():
+                    f.replace(f.with_name(f.name + ".corrupt"))
+
+    def _find_resume_checkpoint(self) -> tuple[str, LoadedCheckpoint] | None:
+        """The newest valid checkpoint among ``last`` and ``prev``."""
+        present = [n for n in ("last", "prev") if self._present(n)]
+        for name in present:
+            try:
+                return name, read_checkpoint(self._stem(name))
+            except CorruptCheckpointError as exc:
+                logger.warning("checkpoint %s is unusable: %s", name, exc)
+        if present:
+            logger.warning("no valid checkpoint in %s: starting from scratch; the unusable files were renamed "
+                           "to *.corrupt", self.checkpoint_dir)
+            self._set_aside(("last", "prev", "best", "best_prev"))
+        return None
+
+    def _check_compatible(self, ckpt: LoadedCheckpoint) -> None:
+        state, now = ckpt.state, self.config.to_dict()
+        saved = state.get("config") or {}
+        diffs = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+        n_train = len(self.train_dataset)  # type: ignore[arg-type]
+        if state.get("train_samples") != n_train:
+            diffs.append(f"training samples: {state.get('train_samples')} -> {n_train}")
+        if diffs:
+            raise CheckpointError(
+                f"{ckpt.path} was written by a run with other settings ({'; '.join(diffs)}); resuming would mix "
+                f"two trainings. Delete {self.checkpoint_dir} or call fit(resume=False) to start over")
+
+    def _restore(self, name: str, ckpt: LoadedCheckpoint) -> None:
+        self._check_compatible(ckpt)
+        state = apply_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        self.epochs_done = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        self.best_epoch = state["best_epoch"]
+        self.best_metric = state["best_metric"]
+        self.train_seconds = float(state["train_seconds"])
+        set_rng_state(state["rng"])
+        self._last_valid = name == "last"
+        self._best_valid = self._recover_best()
+
+    def _recover_best(self) -> bool:
+        """Make ``checkpoints/best`` hold epoch ``best_epoch`` again after a crash (from
+        ``best_prev`` if the crash hit while ``best`` was being replaced)."""
+        if self.best_epoch is None:
+            return False
+        for name in ("best", "best_prev"):
+            if not self._present(name):
+                continue
+            try:
+                ckpt = read_checkpoint(self._stem(name))
+            except CorruptCheckpointError as exc:
+                logger.warning("checkpoint %s is unusable: %s", name, exc)
+                continue
+            if ckpt.state.get("epoch") == self.best_epoch:
+                if name == "best_prev":
+                    copy_checkpoint(self._stem("best_prev"), self._stem("best"))
+                return True
+        logger.warning("the best checkpoint (epoch %s) is lost; the best will be selected again from the "
+                       "epochs that follow", self.best_epoch)
+        self.best_epoch, self.best_metric = None, None
+        return False
+
+    def _save(self, improved: bool) -> None:
+        """Checkpoint the finished epoch. ``best`` is written before ``last``, and each is
+        copied to its ``*prev`` before being replaced, so whatever instant a crash hits,
+        a valid ``last`` or ``prev`` and the best of the run survive."""
+        if improved:
+            if self._best_valid:
+                copy_checkpoint(self._stem("best"), self._stem("best_prev"))
+            save_checkpoint(self._stem("best"), self.model,
+                            state={"epoch": self.epochs_done, "metric": self.best_metric})
+            self._best_valid = True
+        if self._last_valid:
+            copy_checkpoint(self._stem("last"), self._stem("prev"))
+        save_checkpoint(self._stem("last"), self.model, self.optimizer, self.scheduler, self.checkpoint_state())
+        self._last_valid = True
+
+    def _load_best(self) -> None:
+        if self.best_epoch is None or self.best_epoch == self.epochs_done:
+            return  # the model already holds the best (or only) weights
+        ckpt = read_checkpoint(self._stem("best"))
+        load_model_state(self.model, ckpt.model_state, source=ckpt.path)
+
+    # --------------------------------------------------------------------------- fit
+
+    def _log_step(self, epoch: int, batch: int, n: int, loss: float) -> None:
+        assert self.optimizer is not None
+        elapsed = time.perf_counter() - self._run_start
+        remaining = self.total_steps - self.global_step
+        eta = elapsed / max(self._run_steps, 1) * remaining
+        logger.info("epoch %d/%d batch %d/%d step %d loss %.4f lr %.3e eta %s", epoch + 1, self.config.epochs,
+                    batch, n, self.global_step, loss, self.optimizer.param_groups[0]["lr"], _fmt_seconds(eta))
+
+    def _open_log(self) -> list[logging.Handler]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(self.out_dir / "train.log", mode="a", encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handlers: list[logging.Handler] = [file_handler]
+        if not logging.getLogger().handlers:  # the CLI did not configure logging: warnings to the terminal
+            term = _TqdmHandler(logging.WARNING)
+            term.setFormatter(logging.Formatter("warning: %(message)s"))
+            handlers.append(term)
+        for h in handlers:
+            logger.addHandler(h)
+        logger.setLevel(logging.INFO)
+        return handlers
+
+    def _start(self, resume: bool) -> int | None:
+        """Seed, then restore the newest valid checkpoint (resume) or clear old ones."""
+        seed_everything(self.config.seed, self.config.deterministic)
+        if resume:
+            found = self._find_resume_checkpoint()
+            if found is not None:
+                name, ckpt = found
+                self._restore(name, ckpt)
+                logger.info("resumed from %s (epoch %d of %d)%s", ckpt.path.relative_to(self.out_dir),
+                            self.epochs_done, self.config.epochs,
+                            "; checkpoints/last was unusable" if name == "prev" else "")
+                return self.epochs_done
+        # A fresh start: checkpoints of an earlier run must not mix with this one's, and a
+        # Trainer that already trained starts its optimizer, schedule and records anew.
+        for name in ("last", "prev", "best", "best_prev"):
+            remove_checkpoint(self._stem(name))
+        self.optimizer = self.scheduler = None
+        self.initialize()
+        self.epochs_done = self.global_step = 0
+        self.history, self.best_epoch, self.best_metric, self.train_seconds = [], None, None, 0.0
+        self._last_valid = self._best_valid = False
+        return None
+
+    def fit(self, resume: bool = True, max_epochs_this_run: int | None = None) -> TrainResult:
+        """Train to ``config.epochs`` and leave the best validation weights in the model.
+
+        Args:
+            resume: continue from ``checkpoints/last`` (or ``prev`` when ``last`` is
+                corrupt) if one exists; its settings must match (:data:`RESUME_KEYS` and the
+                number of training samples), else :class:`CheckpointError`. When no valid
+                checkpoint is left, corrupt files are renamed to ``*.corrupt`` and training
+                starts over. ``False`` deletes old checkpoints and starts over.
+            max_epochs_this_run: stop after this many epochs (the result's ``completed``
+                is then False; call again to continue).
+
+        Returns:
+            a :class:`TrainResult`.
+        """
+        handlers = self._open_log()
+        try:
+            self.initialize()
+            self._max_epochs_this_run = max_epochs_this_run
+            self._epochs_run = 0
+            resumed_from = self._start(resume)
+            self._log_header(resumed_from)
+            self._run()
+            completed = self.epochs_done >= self.config.epochs
+            if self.best_epoch is None:  # every validation metric was NaN, or the best was lost
+                self.best_epoch = self.epochs_done
+                logger.warning("no best checkpoint to load; keeping the weights of epoch %d", self.epochs_done)
+            self._load_best()
+            if completed:
+                logger.info("done: best epoch %d (val_metric %s), %s of training", self.best_epoch,
+                            self.best_metric, _fmt_seconds(self.train_seconds))
+            return TrainResult(best_epoch=self.best_epoch, best_metric=self.best_metric,
+                               train_seconds=self.train_seconds, history=list(self.history),
+                               epochs_run=self._epochs_run, completed=completed, resumed_from=resumed_from)
+        except MedvitError as exc:
+            logger.error("%s", exc)   # the CLI prints it too; the log keeps it beside the epochs
+            raise
+        finally:
+            for h in handlers:
+                logger.removeHandler(h)
+                h.close()
+
+    def _log_header(self, resumed_from: int | None) -> None:
+        params, trainable = count_parameters(self.model)
+        n_val = len(self.val_dataset) if self.val_dataset is not None else 0  # type: ignore[arg-type]
+        logger.info("%s: %s on %s (bf16 %s), %d params (%d trainable), %d train / %d val samples, "
+                    "%d optimizer steps per epoch", "resume" if resumed_from is not None else "start",
+                    type(self.model).__name__, self.device, "on" if self.bf16 else "off", params, trainable,
+                    len(self.train_dataset), n_val, self.steps_per_epoch)  # type: ignore[arg-type]
+        logger.info("config %s", self.config.to_dict())
+
+    def _run(self) -> None:
+        cfg = self.config
+        self._run_start, self._run_steps = time.perf_counter(), 0
+        with self._bar(total=cfg.epochs, initial=self.epochs_done, desc="epochs", unit="epoch") as bar:
+            for epoch in range(self.epochs_done, cfg.epochs):
+                if self.should_stop(epoch):
+                    logger.info("stopping after epoch %d of %d as asked; fit(resume=True) continues",
+                                self.epochs_done, cfg.epochs)
+                    break
+                self.epoch = epoch
+                self.on_epoch_start(epoch)
+                t0 = time.perf_counter()
+                train_loss = self.train_epoch(epoch)
+                metric = self.validate()
+                seconds = time.perf_counter() - t0
+                assert self.optimizer is not None
+                record = {"epoch": epoch + 1, "train_loss": train_loss, "val_metric": metric,
+                          "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds}
+                self.history.append(record)
+                self.epochs_done = epoch + 1
+                self.train_seconds += seconds
+                improved = _improved(metric, self.best_metric, self.best_epoch)
+                if improved:
+                    self.best_epoch, self.best_metric = epoch + 1, metric
+                t1 = time.perf_counter()
+                self._save(improved)
+                self._epochs_run += 1
+                eta = (time.perf_counter() - self._run_start) / self._epochs_run * (cfg.epochs - epoch - 1)
+                logger.info("epoch %d/%d train_loss %.4f val_metric %s lr %.3e time %.2fs checkpoint %.2fs "
+                            "best %s (epoch %d) eta %s", epoch + 1, cfg.epochs, train_loss,
+                            "n/a" if metric is None else f"{metric:.4f}", record["lr"], seconds,
+                            time.perf_counter() - t1,
+                            "n/a" if self.best_metric is None else f"{self.best_metric:.4f}", self.best_epoch,
+                            _fmt_seconds(eta))
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.4f}", val="n/a" if metric is None else f"{metric:.4f}",
+                                refresh=False)
+                self.on_epoch_end(epoch, record)

@@ -1,0 +1,237 @@
+"""The report stage: metrics.json files -> one self-contained HTML page.
+
+The page has inline CSS only and no external reference (no scripts, fonts or images from
+the network), so it opens offline and can be attached to an e-mail. Every value from the
+metrics files is HTML-escaped.
+
+The page is a list of :class:`Section` objects rendered in order; a richer report adds
+section builders (figures, per-patient tables, ...) without touching the page frame.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medvit.errors import MedvitError
+from medvit.evaluation.evaluate import atomic_write_text
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:90rem;
+     padding:0 1rem;color:#1b1f24;line-height:1.4}
+h1{margin-bottom:.2rem} h2{margin-top:2.2rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem}
+.meta{color:#57606a;font-size:.9rem} .meta span{margin-right:1.5rem}
+.pair{display:flex;flex-wrap:wrap;gap:2rem;align-items:flex-start}
+table{border-collapse:collapse;font-size:.88rem;margin:.6rem 0}
+caption{text-align:left;font-weight:600;padding:.3rem 0}
+th,td{border:1px solid #d0d7de;padding:.3rem .55rem;text-align:right;white-space:nowrap}
+th{background:#f6f8fa} td:first-child,th:first-child{text-align:left}
+.settings,.notes{color:#57606a;font-size:.85rem} .notes li{margin:.1rem 0}
+"""
+
+
+class ReportError(MedvitError):
+    """A metrics file handed to the report is missing or not a medvit metrics.json."""
+
+
+@dataclass
+class Section:
+    """One part of the page.
+
+    Attributes:
+        title: heading text (escaped when rendered).
+        body: HTML body (already escaped by its builder).
+        anchor: id of the heading, for links.
+    """
+
+    title: str
+    body: str
+    anchor: str = ""
+
+
+# ------------------------------------------------------------------------ formatting
+def esc(value: Any) -> str:
+    """HTML-escape ``str(value)`` (quotes included)."""
+    return html.escape(str(value), quote=True)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def format_value(value: Any, digits: int = 3) -> str:
+    """A metric value as text; ``n/a`` when missing or undefined."""
+    return f"{value:.{digits}f}" if _is_number(value) else "n/a"
+
+
+def format_metric(entry: dict[str, Any] | None, digits: int = 3) -> str:
+    """``{"value": .812, "ci95": [.701, .903]}`` -> ``"0.812 [0.701, 0.903]"``."""
+    if not entry:
+        return "n/a"
+    text = format_value(entry.get("value"), digits)
+    interval = next((v for k, v in entry.items() if k.startswith("ci") and isinstance(v, list)), None)
+    if text != "n/a" and interval and len(interval) == 2 and all(_is_number(x) for x in interval):
+        text += f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+    return text
+
+
+def format_count(n: Any) -> str:
+    return f"{int(n):,}" if _is_number(n) else "n/a"
+
+
+def format_seconds(seconds: Any) -> str:
+    """Seconds as ``42.0 s``, ``3 min 05 s`` or ``2 h 03 min``."""
+    if not _is_number(seconds):
+        return "n/a"
+    s = float(seconds)
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+def html_table(headers: Sequence[str], rows: Iterable[Sequence[str]], caption: str = "") -> str:
+    """A table from plain-text cells (every cell and header is escaped here)."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_LABELS = {"auroc": "AUROC", "ap": "AP", "accuracy": "accuracy", "balanced_accuracy": "balanced acc.",
+           "sensitivity": "sensitivity", "specificity": "specificity", "f1": "F1", "kappa": "kappa",
+           "dice": "Dice", "hd95": "HD95"}
+
+
+def metric_label(name: str) -> str:
+    """Column heading of a metric: ``auroc_macro`` -> ``AUROC (macro)``, ``auroc_nodule`` -> ``AUROC nodule``."""
+    if name in _LABELS:
+        return _LABELS[name]
+    base, _, rest = name.partition("_")
+    if base in _LABELS and rest:
+        return f"{_LABELS[base]} (macro)" if rest == "macro" else f"{_LABELS[base]} {rest}"
+    if name.endswith("_macro") and name[:-6] in _LABELS:
+        return f"{_LABELS[name[:-6]]} (macro)"
+    return name
+
+
+# ------------------------------------------------------------------------ sections
+def _metric_names(blocks: Iterable[dict[str, Any]]) -> list[str]:
+    names: list[str] = []
+    for block in blocks:
+        names += [n for n in block if n not in names]
+    return names
+
+
+def _metrics_table(records: Sequence[dict[str, Any]], level: str) -> str:
+    blocks = [r.get("metrics", {}) if level == "patient" else r.get("sample_level", {}).get("metrics", {})
+              for r in records]
+    names = _metric_names(blocks)
+    if level == "patient":
+        headers = ["model", "patients", "samples", *map(metric_label, names), "params", "trainable", "train time"]
+        rows = [[r.get("model", "?"), format_count(r.get("n_patients")), format_count(r.get("n_samples")),
+                 *[format_metric(b.get(n)) for n in names], format_count(r.get("params")),
+                 format_count(r.get("trainable_params")), format_seconds(r.get("train_seconds"))]
+                for r, b in zip(records, blocks)]
+        caption = "Patient level (test)"
+    else:
+        headers = ["model", "samples", *map(metric_label, names)]
+        rows = [[r.get("model", "?"), format_count(r.get("sample_level", {}).get("n_samples")),
+                 *[format_metric(b.get(n)) for n in names]] for r, b in zip(records, blocks)]
+        caption = "Sample level (test)"
+    return html_table(headers, rows, caption)
+
+
+def _settings_line(record: dict[str, Any]) -> str:
+    agg = record.get("aggregate") or {}
+    thr = record.get("threshold") or {}
+    boot = record.get("bootstrap") or {}
+    parts = [f"kind: {record.get('kind', '?')}",
+             f"patient score: {agg.get('method', '?')}" + (f" (k={agg['top_k']})" if agg.get("top_k") else ""),
+             f"threshold: {thr.get('method', '?')}" + (" chosen on val" if thr.get("selected_on") else ""),
+             f"CI: {boot.get('ci', '?')} percentile bootstrap over patients, {boot.get('n', '?')} resamples"]
+    return f'<p class="settings">{esc("; ".join(parts))}</p>'
+
+
+def _notes(records: Sequence[dict[str, Any]]) -> str:
+    items = [f"<li>{esc(r.get('model', '?'))}: {esc(n)}</li>" for r in records for n in r.get("notes") or []]
+    return f'<ul class="notes">{"".join(items)}</ul>' if items else ""
+
+
+def task_section(task: str, records: Sequence[dict[str, Any]]) -> Section:
+    """One task: the patient-level table (rows = models) with the sample-level table beside it."""
+    body = (_settings_line(records[0])
+            + f'<div class="pair">{_metrics_table(records, "patient")}{_metrics_table(records, "sample")}</div>'
+            + _notes(records))
+    return Section(f"Task: {task}", body, anchor=f"task-{task}")
+
+
+def task_sections(records: Sequence[dict[str, Any]]) -> list[Section]:
+    """One section per task, in pipeline order, then any other task alphabetically."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_task.setdefault(str(r.get("task", "?")), []).append(r)
+    from medvit.config import TASKS
+
+    order = [t for t in TASKS if t in by_task] + sorted(t for t in by_task if t not in TASKS)
+    return [task_section(t, by_task[t]) for t in order]
+
+
+def render_page(title: str, meta: dict[str, str], sections: Sequence[Section]) -> str:
+    """The page frame: title, a metadata line and the sections."""
+    meta_html = "".join(f"<span>{esc(k)}: {esc(v)}</span>" for k, v in meta.items())
+    parts = [f'<h2 id="{esc(s.anchor)}">{esc(s.title)}</h2>{s.body}' if s.anchor else
+             f"<h2>{esc(s.title)}</h2>{s.body}" for s in sections]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1><p class=\"meta\">{meta_html}</p>"
+            + "".join(parts) + "</body></html>\n")
+
+
+# ------------------------------------------------------------------------ stage
+def load_metrics(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Read metrics.json files.
+
+    Raises:
+        ReportError: a file is missing, not JSON, or lacks ``task``/``model``/``metrics``.
+    """
+    records = []
+    for p in map(Path, paths):
+        try:
+            record = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ReportError(f"metrics file not found: {p}") from None
+        except (OSError, ValueError) as exc:
+            raise ReportError(f"{p}: not a readable JSON file ({exc})") from None
+        missing = [k for k in ("task", "model", "metrics") if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise ReportError(f"{p}: not a medvit metrics.json (missing {', '.join(missing)})")
+        records.append(record)
+    return records
+
+
+def report_stage(config_path: str | Path, metrics_paths: Sequence[str | Path], out_path: str | Path) -> Path:
+    """Write the study's HTML report from its metrics.json files.
+
+    Returns:
+        ``out_path``.
+    """
+    from medvit import __version__
+    from medvit.config import load_study
+    from medvit.provenance import git_version, now_iso
+
+    study = load_study(config_path)
+    records = load_metrics(metrics_paths)
+    code = git_version()
+    commit = (code.get("commit") or "unknown")[:12] + ("-dirty" if code.get("dirty") else "")
+    meta = {"study": study["study"], "generated": now_iso(), "code": f"medvit {__version__} ({commit})",
+            "results": str(len(records))}
+    page = render_page(f"medvit report: {study['study']}", meta, task_sections(records))
+    return atomic_write_text(out_path, page)
