@@ -1,0 +1,34 @@
+# medvit workflow: one study config -> manifests -> patient-level splits -> training ->
+# predictions -> patient-level evaluation -> HTML report, all under <results_dir>/<study>/.
+#
+#   snakemake --profile workflows/profiles/local                        # the demo study
+#   snakemake --profile workflows/profiles/local --configfile workflows/studies/pneumonia.yaml
+#
+# Every rule is one `medvit <stage>` call; workflows/README.md describes the rules and
+# outputs, docs/config.md every study key.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "workflows/studies/demo.yaml"
+
+
+# Loads the study file with medvit.config (all errors at once, naming key, value and what is
+# allowed) and replaces `config` with the validated, default-filled study.
+include: "workflows/rules/common.smk"
+
+
+# The same schema through Snakemake's own validator: the workflow and the stages agree.
+validate(config, "workflows/schemas/study.schema.yaml", set_default=True)
+
+
+include: "workflows/rules/data.smk"
+include: "workflows/rules/train.smk"
+include: "workflows/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{OUT}/report/index.html",

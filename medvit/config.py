@@ -1,0 +1,387 @@
+"""Study configs: load, validate against the workflow's JSON Schema, fill every default.
+
+The schema is ``workflows/schemas/study.schema.yaml``, the same file the Snakefile hands to
+``snakemake.utils.validate``, so ``medvit config``, every stage and the workflow agree on
+what a valid study is. Validation reports every problem at once, each naming the key path
+(e.g. ``tasks.xray.train.epochs``), the value given and what is allowed::
+
+    study = load_study("workflows/studies/demo.yaml")
+    task_config(study, "xray")["train"]["epochs"]        # 5 unless the study says otherwise
+    task_manifest_path(study, "xray")                    # results/demo/data/xray/manifest.csv
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import ValidationError
+
+import medvit
+from medvit.errors import ConfigError
+
+SCHEMA_PATH = Path(medvit.__file__).resolve().parents[1] / "workflows" / "schemas" / "study.schema.yaml"
+"""The study-config schema (shared with the Snakefile)."""
+
+TASKS = ("xray", "brain", "prostate", "histo")
+"""Task families a study may contain, in report order."""
+
+SOURCES = {"pneumoniamnist": Path("data_manifests/pneumoniamnist/pneumoniamnist.npz")}
+"""Shipped real datasets a task may name as ``source`` -> the file imported (relative to the working directory)."""
+
+# Human wording for the patterns used in the schema.
+_PATTERN_WORDS = {"^[A-Za-z0-9_-]+$": "letters, digits, '_' and '-' only"}
+_TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+               "null": "null", "array": "a list", "object": "a mapping of keys"}
+# YAML 1.1 (PyYAML) reads `1e-3` as a string; it needs a dot (`1.0e-3`) to be a float.
+_FLOAT_LIKE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+# ---------------------------------------------------------------------------------- schema
+@functools.lru_cache(maxsize=1)
+def _schema_cached() -> dict:
+    if not SCHEMA_PATH.is_file():
+        raise ConfigError(f"study-config schema not found at {SCHEMA_PATH} (medvit must run from its source tree)")
+    with SCHEMA_PATH.open(encoding="utf-8") as fh:
+        schema = yaml.safe_load(fh)
+    Draft202012Validator.check_schema(schema)
+    return schema
+
+
+def load_schema() -> dict:
+    """The study-config JSON Schema as a dict (a fresh copy; callers may modify it)."""
+    return copy.deepcopy(_schema_cached())
+
+
+def _extend_with_default(validator_class):
+    """A validator class that fills ``default`` values while it validates.
+
+    The mechanism of ``snakemake.utils.validate(set_default=True)`` (the jsonschema FAQ recipe),
+    with two fixes: defaults are deep-copied (so filled objects never share state with the
+    schema or with each other) and only real mappings are filled (a wrong type is reported,
+    not crashed on).
+    """
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(validator_class, {"properties": set_defaults})
+
+
+_FillingValidator = _extend_with_default(Draft202012Validator)
+
+
+# ---------------------------------------------------------------------------------- errors
+def _key_path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML terms (null, true, 'text', [..])."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (list, dict)):
+        text = json.dumps(value, default=str)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return str(value)
+
+
+def _type_of(value: Any) -> str:
+    for name, kinds in (("null", type(None)), ("boolean", bool), ("integer", int), ("number", float),
+                        ("string", str), ("array", list), ("object", dict)):
+        if isinstance(value, kinds):
+            return _TYPE_WORDS[name]
+    return type(value).__name__
+
+
+def _resolve(schema: Mapping, root: Mapping) -> dict:
+    """``schema`` with a local ``$ref`` merged in (sibling keys win)."""
+    if "$ref" not in schema:
+        return dict(schema)
+    target: Any = root
+    for part in schema["$ref"].removeprefix("#/").split("/"):
+        target = target[part]
+    merged = _resolve(target, root)
+    merged.update({k: v for k, v in schema.items() if k != "$ref"})
+    return merged
+
+
+def describe_allowed(schema: Mapping, root: Mapping | None = None) -> str:
+    """What a (sub)schema allows, in words: ``"an integer >= 4"``, ``"one of max, mean, topk"``."""
+    root = root if root is not None else _schema_cached()
+    schema = _resolve(schema, root)
+    if "enum" in schema:
+        return "one of " + ", ".join(_show(v) if not isinstance(v, str) else v for v in schema["enum"])
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else list(types)
+    words = []
+    for t in types:
+        w = _TYPE_WORDS.get(t, t)
+        if t in ("integer", "number"):
+            bounds = [f"{op} {schema[k]}" for k, op in (("minimum", ">="), ("exclusiveMinimum", ">"),
+                                                        ("maximum", "<="), ("exclusiveMaximum", "<"))
+                      if k in schema]
+            if "minimum" in schema and schema.get("maximum") == schema["minimum"]:
+                w += f" equal to {schema['minimum']}"
+            elif bounds:
+                w += " " + " and ".join(bounds)
+        elif t == "string":
+            if "pattern" in schema:
+                p = schema["pattern"]
+                w += f" of {_PATTERN_WORDS[p]} (pattern {p})" if p in _PATTERN_WORDS else f" matching {p}"
+            elif schema.get("minLength", 0) >= 1:
+                w = "a non-empty string"
+        elif t == "array":
+            lo, hi = schema.get("minItems"), schema.get("maxItems")
+            count = (f"exactly {lo} " if lo is not None and lo == hi else
+                     f"{lo} or more " if lo else f"at most {hi} " if hi is not None else "")
+            item = describe_allowed(schema.get("items", {}), root) if schema.get("items") else "values"
+            w = f"a list of {count}items, each {item}" + (", without repeats" if schema.get("uniqueItems") else "")
+        elif t == "object" and "properties" in schema:
+            w += " (keys: " + ", ".join(schema["properties"]) + ")"
+        words.append(w)
+    return " or ".join(words) if words else "any value"
+
+
+def _format_error(error: ValidationError, root: Mapping) -> list[str]:
+    """One or more ``"<key path>: <problem>; allowed: <what>"`` lines for a schema error."""
+    path = _key_path(error.absolute_path)
+    kw, inst, sch = error.validator, error.instance, error.schema
+    if kw == "additionalProperties":
+        known = list(sch.get("properties", {}))
+        lines = []
+        for key in [k for k in inst if k not in known]:
+            where = f"{path}.{key}" if path else str(key)
+            what = "unknown task" if path == "tasks" else "unknown key"
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"{where}: {what} {_show(key)}{hint}; allowed{' at ' + path if path else ''}: "
+                         + ", ".join(known))
+        return lines
+    if kw == "required":
+        missing = [k for k in error.validator_value if k not in inst]
+        return [f"{(path + '.') if path else ''}{k}: missing; this key is required" for k in missing]
+    if kw == "minProperties" and path == "tasks":
+        return [f"tasks: no task given; allowed: at least one of {', '.join(sch.get('properties', {}))}"]
+    value = f"got {_show(inst)}"
+    if kw == "type":
+        value += f" ({_type_of(inst)})"
+        if isinstance(inst, str) and _FLOAT_LIKE.match(inst.strip()):
+            value += "; note YAML reads numbers like 1e-3 as text: write 1.0e-3"
+    elif kw == "uniqueItems":
+        value += " (it has repeated items)"
+    return [f"{path or '<top level>'}: {value}; allowed: {describe_allowed(sch, root)}"]
+
+
+def _semantic_errors(study: Mapping) -> list[str]:
+    """Checks a JSON Schema cannot express (run on the default-filled config; type-guarded)."""
+    errors: list[str] = []
+    tasks = study.get("tasks")
+    if not isinstance(tasks, dict):
+        return errors
+    for name, task in tasks.items():
+        if not isinstance(task, dict):
+            continue
+        manifest = task.get("manifest")
+        if isinstance(manifest, str) and manifest and not Path(manifest).is_file():
+            errors.append(f"tasks.{name}.manifest: file not found: {manifest} "
+                          f"(paths are relative to the working directory {Path.cwd()})")
+        source = task.get("source")
+        if source is not None and manifest is not None:
+            errors.append(f"tasks.{name}: got both manifest {_show(manifest)} and source {_show(source)}; "
+                          "allowed: one of them, or neither for a synthetic study")
+        split = task.get("split")
+        if isinstance(split, dict):
+            val, test = split.get("val_fraction"), split.get("test_fraction")
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (val, test)) and val + test >= 1:
+                errors.append(f"tasks.{name}.split: got val_fraction + test_fraction = {val + test:g}; "
+                              "allowed: a sum below 1 (patients must remain for training)")
+        if name == "xray" and task.get("label_column") == "labels":
+            if task.get("positive_class") is not None:
+                errors.append(f"tasks.xray.positive_class: got {_show(task['positive_class'])} with label_column "
+                              "'labels'; allowed: null (positive_class applies to label_column 'label')")
+        if name == "xray" and task.get("label_column") == "label" and task.get("findings"):
+            errors.append(f"tasks.xray.findings: got {_show(task['findings'])} with label_column 'label'; "
+                          "allowed: [] (findings apply to label_column 'labels')")
+    return errors
+
+
+# ---------------------------------------------------------------------------------- public API
+def validate_study(raw: Mapping[str, Any], source: str | Path | None = None) -> dict:
+    """Validate a study mapping and return a copy with every default filled.
+
+    Args:
+        raw: the study as parsed from YAML. Not modified.
+        source: where it came from, named in the error message.
+
+    Returns:
+        The study with defaults filled recursively (inside ``evaluation`` and inside every task
+        present; tasks absent from ``tasks`` stay absent). A task written as an empty key
+        (``xray:``) means a task with all defaults.
+
+    Raises:
+        ConfigError: listing every problem, each as ``<key path>: got <value>; allowed: <what>``.
+    """
+    root = _schema_cached()
+    study = copy.deepcopy(dict(raw))
+    if isinstance(study.get("tasks"), dict):
+        study["tasks"] = {k: ({} if v is None else v) for k, v in study["tasks"].items()}
+    lines: list[str] = []
+    for error in _FillingValidator(root).iter_errors(study):
+        lines.extend(_format_error(error, root))
+    lines.extend(_semantic_errors(study))
+    if lines:
+        where = f" {source}" if source is not None else ""
+        unique = list(dict.fromkeys(lines))
+        raise ConfigError(f"invalid study config{where} ({len(unique)} problem{'s' * (len(unique) > 1)}):\n"
+                          + "\n".join(f"  - {line}" for line in unique))
+    return _in_schema_order(study, root, root)
+
+
+def _in_schema_order(value: Any, schema: Mapping, root: Mapping) -> Any:
+    """Mappings re-ordered as the schema lists their keys (stable, readable `medvit config` output)."""
+    schema = _resolve(schema, root)
+    props = schema.get("properties")
+    if not isinstance(value, dict) or not props:
+        return value
+    return {k: _in_schema_order(value[k], props[k], root) for k in props if k in value}
+
+
+def load_study(path: str | Path) -> dict:
+    """Read a study YAML safely, validate it and fill every default.
+
+    Args:
+        path: the study config file.
+
+    Returns:
+        The validated study (see :func:`validate_study`).
+
+    Raises:
+        ConfigError: the file is missing, empty, not YAML, not a mapping, or invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"study config {path} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"study config {path} is not UTF-8 text") from None
+    if raw is None:
+        raise ConfigError(f"study config {path} is empty; it needs at least `study: <name>` and `tasks:`")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"study config {path} must be a mapping of keys (e.g. `study: demo`), "
+                          f"got {_type_of(raw)}: {_show(raw)}")
+    return validate_study(raw, source=path)
+
+
+def study_dir(study: Mapping[str, Any]) -> Path:
+    """``<results_dir>/<study>``: the folder that holds every output of the study."""
+    return Path(study["results_dir"]) / study["study"]
+
+
+def task_config(study: Mapping[str, Any], task: str) -> dict:
+    """The (default-filled) config of one task of a validated study.
+
+    Raises:
+        ConfigError: the task is not part of the study.
+    """
+    tasks = study.get("tasks", {})
+    if task not in tasks:
+        raise ConfigError(f"task {task!r} is not in study {study.get('study')!r}; "
+                          f"its tasks: {', '.join(tasks) or 'none'}")
+    return tasks[task]
+
+
+def manifest_origin(study: Mapping[str, Any], task: str) -> str:
+    """Where a task's manifest comes from: ``"manifest"`` (given), ``"synthetic"``, or a source name."""
+    cfg = task_config(study, task)
+    if cfg.get("manifest") is not None:
+        return "manifest"
+    return cfg.get("source") or "synthetic"
+
+
+def task_manifest_path(study: Mapping[str, Any], task: str) -> Path:
+    """The manifest a task reads: ``tasks.<task>.manifest``, or, when null, the generated or
+    imported one at ``<results_dir>/<study>/data/<task>/manifest.csv``."""
+    manifest = task_config(study, task).get("manifest")
+    if manifest is not None:
+        return Path(manifest)
+    return study_dir(study) / "data" / task / "manifest.csv"
+
+
+def schema_markdown() -> str:
+    """Every key of the study schema as Markdown tables (key, allowed, default, meaning).
+
+    docs/config.md embeds this output; tests check it is up to date.
+    """
+    root = _schema_cached()
+    sections: list[tuple[str, list[tuple[str, dict]]]] = []
+    shared_sections: list[tuple[str, list[tuple[str, dict]]]] = []  # after the tasks
+    shared: dict[str, str] = {}  # $ref target -> key prefix documented once
+
+    def walk(prefix: str, schema: Mapping, rows: list[tuple[str, dict]]) -> None:
+        for name, sub in schema.get("properties", {}).items():
+            key = f"{prefix}.{name}" if prefix else name
+            ref = sub.get("$ref")
+            full = _resolve(sub, root)
+            rows.append((key, full))
+            if full.get("type") == "object" and "properties" in full:
+                if ref is not None:
+                    generic = re.sub(r"^tasks\.[a-z]+\.", "tasks.<task>.", key)
+                    if ref not in shared:
+                        shared[ref] = generic
+                        sub_rows: list[tuple[str, dict]] = []
+                        walk(generic, full, sub_rows)
+                        shared_sections.append((f"`{generic}` (every task)", sub_rows))
+                elif prefix == "tasks":
+                    task_rows: list[tuple[str, dict]] = []
+                    walk(key, full, task_rows)
+                    sections.append((f"`{key}`", task_rows))
+                else:
+                    walk(key, full, rows)
+
+    top: list[tuple[str, dict]] = []
+    walk("", root, top)
+    sections = [("Top level", top), *sections, *shared_sections]
+
+    def default_of(key: str, sch: Mapping) -> str:
+        if key == "study":
+            return "required"
+        if re.fullmatch(r"tasks\.[a-z]+", key):
+            return "absent (not run)"
+        return f"`{json.dumps(sch['default'])}`" if "default" in sch else ""
+
+    out = []
+    for title, rows in sections:
+        out += [f"### {title}", "", "| key | allowed | default | meaning |", "|---|---|---|---|"]
+        for key, sch in rows:
+            desc = " ".join(str(sch.get("description", "")).split()).replace("|", "\\|")
+            allowed = describe_allowed(sch, root).replace("|", "\\|")
+            out.append(f"| `{key}` | {allowed} | {default_of(key, sch)} | {desc} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

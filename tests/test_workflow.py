@@ -1,0 +1,229 @@
+"""The Snakemake workflow: DAG of the shipped studies, lint, config errors before any job,
+separate studies, and which jobs rerun after a study edit.
+
+Snakemake runs in a temporary working directory (``--directory``) so these tests never touch
+the repository's results/ or .snakemake/. Jobs are executed only with a small fake ``medvit``
+(written below) that creates each stage's declared outputs: the real stages are tested in their
+own files, and the full pipeline end to end by the demo.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else shutil.which("snakemake")
+DEMO = REPO / "workflows" / "studies" / "demo.yaml"
+PNEUMONIA = REPO / "workflows" / "studies" / "pneumonia.yaml"
+
+pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed")
+
+FAKE_MEDVIT = """\
+#!{python}
+# Fake `medvit`: writes the outputs each stage declares and logs its arguments.
+import json, os, sys
+from pathlib import Path
+args = sys.argv[1:]
+with open(os.environ["FAKE_MEDVIT_CALLS"], "a") as fh:
+    fh.write(json.dumps(args) + "\\n")
+out = Path(args[args.index("--out") + 1])
+if args[0] in ("synth", "import"):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.csv").write_text("patient_id,image\\n")
+elif args[0] == "train":
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.safetensors").write_bytes(b"weights")
+    (out / "model.json").write_text("{{}}")
+else:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(args[0])
+print("fake", args[0])
+"""
+
+
+def snakemake(workdir: Path, *args: str, path_first: Path | None = None, env: dict | None = None):
+    environ = dict(os.environ, **(env or {}))
+    environ["PATH"] = os.pathsep.join(str(p) for p in (path_first, BIN) if p) + os.pathsep + environ.get("PATH", "")
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=environ)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The first `Job stats:` table of a snakemake run: rule -> number of jobs."""
+    table = output.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def write_study(path: Path, study: dict) -> Path:
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_demo_dry_run_lists_every_stage(tmp_path):
+    rc, out = snakemake(tmp_path, "-n", "--cores", "2", "-p", "--configfile", str(DEMO))
+    assert rc == 0, out
+    demo = yaml.safe_load(DEMO.read_text())
+    n_tasks = len(demo["tasks"])
+    n_models = sum(len(t.get("models", [1])) for t in demo["tasks"].values())
+    assert job_counts(out) == {"synth": n_tasks, "split": n_tasks, "train": n_models, "predict": n_models,
+                               "evaluate": n_models, "report": 1, "all": 1}
+    # every job is one `medvit <stage>` call that logs to results/demo/logs/
+    shell = [line for line in out.splitlines() if line.startswith("Shell command: medvit")]
+    assert len(shell) == sum(job_counts(out).values()) - 1
+    assert all(re.search(r"> results/demo/logs/\w+/\w+\.log 2>&1$", line) for line in shell), shell
+    assert f"--config {DEMO}" in out
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing
+
+
+def test_profile_dry_run(tmp_path):
+    rc, out = snakemake(tmp_path, "-n", "--profile", str(REPO / "workflows" / "profiles" / "local"),
+                        "--configfile", str(DEMO))
+    assert rc == 0, out
+    assert "gpu=1" in out and "gpu=0" in out  # training asks for a GPU (device auto), data stages do not
+
+
+def test_lint_is_clean(tmp_path):
+    rc, out = snakemake(tmp_path, "--lint", "--cores", "1", "--configfile", str(DEMO))
+    assert rc == 0, out
+    assert "Lints for" not in out and "Congratulations" in out
+
+
+def test_pneumonia_study_imports_the_shipped_dataset(tmp_path):
+    # the dry run only needs the dataset file to exist; an empty stand-in keeps the test tiny
+    npz = tmp_path / "data_manifests" / "pneumoniamnist" / "pneumoniamnist.npz"
+    npz.parent.mkdir(parents=True)
+    npz.touch()
+    rc, out = snakemake(tmp_path, "-n", "--cores", "2", "-p", "--configfile", str(PNEUMONIA))
+    assert rc == 0, out
+    counts = job_counts(out)
+    assert counts["import_pneumoniamnist"] == 1 and "synth" not in counts
+    assert ("medvit import pneumoniamnist data_manifests/pneumoniamnist/pneumoniamnist.npz"
+            " --out results/pneumonia/data/xray") in out
+
+
+def test_given_manifest_is_used_without_synthesis(tmp_path):
+    (tmp_path / "mine.csv").write_text("patient_id,image\n")
+    study = write_study(tmp_path / "own.yaml", {"study": "own", "tasks": {"histo": {"manifest": "mine.csv"}}})
+    rc, out = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(study))
+    assert rc == 0, out
+    assert "synth" not in job_counts(out)
+    assert re.search(r"input: mine\.csv\s+output: results/own/histo/split\.csv", out)
+
+
+@pytest.mark.parametrize(
+    "study, expected",
+    [
+        ({"study": "bad", "tasks": {"xray": {"train": {"epochs": "five"}}}},
+         ["tasks.xray.train.epochs", "'five'", "an integer >= 1"]),
+        ({"study": "../escape", "tasks": {"xray": {}}}, ["study", "'../escape'", "pattern"]),
+        ({"study": "bad", "tasks": {"xray": {"manifest": "missing.csv"}}}, ["tasks.xray.manifest", "missing.csv"]),
+    ],
+)
+def test_invalid_study_fails_before_any_job(tmp_path, study, expected):
+    path = write_study(tmp_path / "bad.yaml", study)
+    rc, out = snakemake(tmp_path, "--cores", "1", "--configfile", str(path))  # a real run, not -n
+    assert rc != 0
+    for part in expected:
+        assert part in out, out
+    assert "Building DAG" not in out
+    assert not (tmp_path / "results").exists()
+
+
+def test_overrides_and_merged_configfiles_are_refused(tmp_path):
+    rc, out = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(DEMO), "--config", "seed=3")
+    assert rc != 0 and "--config KEY=VALUE overrides are not supported" in out
+    rc, out = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(DEMO), str(PNEUMONIA))
+    assert rc != 0 and "give exactly one study" in out
+
+
+def summary_outputs(workdir: Path, study: Path) -> set[str]:
+    rc, out = snakemake(workdir, "--cores", "1", "--summary", "--configfile", str(study))
+    assert rc == 0, out
+    rows = [line.split("\t") for line in out.splitlines() if "\t" in line]
+    assert rows[0][0] == "output_file"
+    return {row[0] for row in rows[1:]}
+
+
+def test_two_studies_have_disjoint_outputs(tmp_path):
+    other = yaml.safe_load(DEMO.read_text()) | {"study": "demo2"}
+    first = summary_outputs(tmp_path, DEMO)
+    second = summary_outputs(tmp_path, write_study(tmp_path / "demo2.yaml", other))
+    assert len(first) == len(second) > 10
+    assert first.isdisjoint(second)
+    assert all(p.startswith("results/demo/") for p in first)
+    assert all(p.startswith("results/demo2/") for p in second)
+
+
+@pytest.mark.slow
+def test_run_with_fake_stages_and_rerun_only_what_changed(tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "medvit").write_text(FAKE_MEDVIT.format(python=sys.executable))
+    (fake_bin / "medvit").chmod(0o755)
+    calls = tmp_path / "calls.jsonl"
+    env = {"FAKE_MEDVIT_CALLS": str(calls)}
+    study = {"study": "mini", "device": "cpu",
+             "tasks": {"brain": {"models": ["resnet18"]}, "histo": {"models": ["resnet18", "resnet10t"]}}}
+    path = write_study(tmp_path / "mini.yaml", study)
+
+    def run(*args):
+        return snakemake(tmp_path, "--cores", "2", "--configfile", str(path), *args, path_first=fake_bin, env=env)
+
+    rc, out = run()
+    assert rc == 0, out
+    root = tmp_path / "results" / "mini"
+    for rel in ("report/index.html", "histo/resnet10t/metrics.json", "histo/resnet18/model.json",
+                "brain/split.csv", "data/brain/manifest.csv", "logs/train/histo_resnet10t.log",
+                "benchmarks/train/histo_resnet10t.tsv"):
+        assert (root / rel).is_file(), rel
+    assert (root / "logs" / "train" / "histo_resnet18.log").read_text().strip() == "fake train"
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 2 + 2 + 3 * 3 + 1  # synth, split, (train, predict, evaluate) x models, report
+    # stages get the study file, relative to the working directory when it lies inside it
+    assert all('"--config", "mini.yaml"' in line for line in lines if '"synth"' not in line)
+
+    rc, out = run("-n")
+    assert rc == 0 and "Nothing to be done" in out, out
+
+    # a comment changes nothing; a training setting reruns that task's models only
+    path.write_text("# edited\n" + path.read_text())
+    rc, out = run("-n")
+    assert rc == 0 and "Nothing to be done" in out, out
+    study["tasks"]["histo"]["train"] = {"epochs": 7}
+    write_study(path, study)
+    rc, out = run("-n")
+    assert rc == 0, out
+    assert job_counts(out) == {"train": 2, "predict": 2, "evaluate": 2, "report": 1, "all": 1}
+    assert "brain_resnet18" not in out
+
+    # adding a model trains just that model; evaluation settings re-evaluate without retraining
+    study["tasks"]["histo"]["train"] = {}
+    study["tasks"]["brain"]["models"] = ["resnet18", "resnet10t"]
+    study["evaluation"] = {"bootstrap": 50}
+    write_study(path, study)
+    rc, out = run("-n")
+    assert rc == 0, out
+    assert job_counts(out) == {"train": 1, "predict": 1, "evaluate": 4, "report": 1, "all": 1}
+    assert "logs/train/brain_resnet10t.log" in out and "logs/train/brain_resnet18.log" not in out
+
+
+def test_conda_env_pins_match_pyproject():
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    wanted = {d.split(";")[0].strip() for d in pyproject["project"]["dependencies"]
+              if not d.startswith("snakemake")}  # snakemake runs the workflow, not inside the jobs
+    env = yaml.safe_load((REPO / "workflows" / "envs" / "medvit.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert set(pip) == wanted
+    assert "python=3.11" in env["dependencies"]

@@ -1,0 +1,54 @@
+# Models: train each model of each task on its split, then predict the val and test splits.
+# `medvit train` also writes model.json, train.log and checkpoints/ into the model folder;
+# checkpoints/ is not an output, so Snakemake keeps it when a job fails and a rerun resumes.
+
+
+rule train:
+    input:
+        split=f"{OUT}/{{task}}/split.csv",
+    output:
+        weights=f"{OUT}/{{task}}/{{model}}/model.safetensors",
+        card=f"{OUT}/{{task}}/{{model}}/model.json",
+    params:
+        study=STUDY_FILE,
+        settings=lambda w: settings(w.task, drop=("models",), extra=("seed", "device", "deterministic")),
+        model_dir=lambda w, output: os.path.dirname(output.weights),
+    log:
+        f"{OUT}/logs/train/{{task}}_{{model}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/train/{{task}}_{{model}}.tsv"
+    threads: 4
+    resources:
+        mem_mb=train_mem_mb,
+        runtime=240,
+        gpu=GPU,
+    conda:
+        CONDA_ENV
+    shell:
+        "medvit train --config {params.study} --task {wildcards.task} --model {wildcards.model}"
+        " --split {input.split} --out {params.model_dir} > {log} 2>&1"
+
+
+rule predict:
+    input:
+        split=f"{OUT}/{{task}}/split.csv",
+        weights=f"{OUT}/{{task}}/{{model}}/model.safetensors",
+    output:
+        predictions=f"{OUT}/{{task}}/{{model}}/predictions.csv",
+    params:
+        study=STUDY_FILE,
+        settings=lambda w: settings(w.task, drop=("models", "train"), extra=("device",)),
+    log:
+        f"{OUT}/logs/predict/{{task}}_{{model}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/predict/{{task}}_{{model}}.tsv"
+    threads: 4
+    resources:
+        mem_mb=train_mem_mb,
+        runtime=60,
+        gpu=GPU,
+    conda:
+        CONDA_ENV
+    shell:
+        "medvit predict --config {params.study} --task {wildcards.task} --model {wildcards.model}"
+        " --split {input.split} --weights {input.weights} --out {output.predictions} > {log} 2>&1"
