@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from monai.transforms import Compose
+from monai.transforms import Compose, Randomizable
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -40,6 +40,15 @@ class SampleDataset(Dataset):
         self.epoch = 0
         self.cache = cache
         self._cached: list[dict[str, Any] | None] = [None] * len(self.records)
+        # One RandomState shared by every random transform (and their inner array
+        # transforms), re-seeded per sample: microseconds, where MONAI's
+        # Compose.set_random_state builds new RandomState objects (about 1 ms per sample).
+        self._rng = np.random.RandomState()
+        if augment is not None:
+            # Compose.set_random_state would give each child a fresh seed instead of the state
+            for transform in augment.flatten().transforms:
+                if isinstance(transform, Randomizable):
+                    transform.set_random_state(state=self._rng)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -65,8 +74,7 @@ class SampleDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = dict(self._loaded(index))
         if self.augment is not None:
-            seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
-            self.augment.set_random_state(seed=int(seed))
+            self._rng.seed(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
             sample = self.augment(sample)
         for key, value in sample.items():
             if isinstance(value, np.ndarray):

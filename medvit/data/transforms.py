@@ -16,8 +16,13 @@ from typing import Any, Sequence
 
 import numpy as np
 from monai import transforms as mt
+from monai.data import set_track_meta
 
 from medvit.data.io import read_image, read_sample
+
+# Samples carry their metadata in the dict (patient_id, sample_id), not in MetaTensors;
+# tracking MONAI metadata through every random transform costs more than the transform.
+set_track_meta(False)
 
 
 class LoadSampled(mt.MapTransform):
