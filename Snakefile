@@ -28,7 +28,10 @@ include: "workflows/rules/train.smk"
 include: "workflows/rules/report.smk"
 
 
+# Every model's metrics are targets too, not only inputs of the report: a deleted model
+# folder is then rebuilt (train -> predict -> evaluate -> report) while the other models stay.
 rule all:
     default_target: True
     input:
         f"{OUT}/report/index.html",
+        all_metrics(),
