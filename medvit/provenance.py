@@ -4,7 +4,6 @@ package versions, hardware and time. Never contains patient data."""
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import importlib.metadata
 import os
 import platform
@@ -12,18 +11,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from medvit.fileio import sha256_file
+
 _PACKAGES = ("medvit", "torch", "torchvision", "monai", "timm", "ultralytics", "numpy", "scikit-learn",
              "pydicom", "nibabel", "snakemake")
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def git_version(repo: Path = _REPO_ROOT) -> dict[str, Any]:

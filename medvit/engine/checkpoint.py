@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import os
 import pickle
-import secrets
 import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -44,6 +42,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medvit.errors import CheckpointError
+from medvit.fileio import (  # noqa: F401  (re-exported: the engine's public API)
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    sha256_file,
+)
 
 CHECKPOINT_FORMAT = "medvit-checkpoint/1"
 WEIGHTS_FORMAT = "medvit-weights/1"
@@ -59,100 +64,6 @@ class CorruptCheckpointError(CheckpointError):
     Raised before anything is loaded into a model, so a caller can fall back to another
     checkpoint with its objects untouched.
     """
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
-
-    For libraries that write to a file name themselves (``safetensors.torch.save_file``,
-    ``DataFrame.to_csv``)::
-
-        with atomic_path("out/model.safetensors") as tmp:
-            save_file(tensors, tmp)
-
-    The temporary file is created with the usual permissions (0666 minus the umask), fsynced
-    before the rename, and removed if the block raises. Parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    mode = tmp.stat().st_mode & 0o777          # 0666 minus the umask
-    try:
-        yield tmp
-        os.chmod(tmp, mode)                     # writers that recreate the file (safetensors) make it 0600
-        with open(tmp, "rb+") as fh:
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-    return Path(path)
-
-
-def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode(encoding))
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically.
-
-    NumPy scalars and arrays, paths, sets and one-element tensors are converted. Non-finite
-    floats are written as ``NaN``/``Infinity`` (Python's ``json`` reads them back).
-    """
-    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _now_iso() -> str:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from medvit.evaluation import metrics as M
 from medvit.evaluation.aggregate import (ID_COLUMNS, Kind, PredictionsError, aggregate_patients, check_predictions,
                                          infer_kind)
 from medvit.evaluation.bootstrap import Statistic, cluster_bootstrap
+from medvit.fileio import atomic_write_json
 
 SEGMENTATION_COLUMNS = ("dice", "hd95")
 KINDS = ("binary", "multiclass", "multilabel")
@@ -318,26 +317,9 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json(path: str | Path, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON (NaN -> null)."""
-    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    return atomic_write_json(path, to_jsonable(obj), nan_as_null=True)
 
 
 def _read_model_json(folder: Path, notes: list[str]) -> dict[str, Any]:

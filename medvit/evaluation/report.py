@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from medvit.errors import MedvitError
-from medvit.evaluation.evaluate import atomic_write_text
+from medvit.fileio import atomic_write_text
 
 
 _CSS = """

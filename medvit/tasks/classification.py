@@ -11,32 +11,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medvit.data.datasets import SampleDataset
-from medvit.data.transforms import augment_transforms, load_transforms
-from medvit.engine import TrainConfig, Trainer, load_weights, resolve_device, save_weights, seed_everything
-from medvit.models import count_parameters, create_model
-from medvit.tasks.common import StageContext, TaskSpec, load_context, model_sidecar, read_sidecar, records, write_predictions
+from medvit.data.transforms import augment_transforms
+from medvit.models import create_model
+from medvit.tasks.common import StageContext, TaskSpec, load_context, write_predictions
+from medvit.tasks.training import fit_and_save, load_for_inference, seeded_train_config, split_dataset
 
 # Left and right are anatomy on a chest radiograph; flipping elsewhere is label-preserving.
 _FLIPS = {"xray": False, "brain": True, "histo": True}
-
-
-def _sample_loader(ctx: StageContext):
-    """record -> sample dict with ``image`` (C, S, S) in [0, 1] and ``label`` (the target)."""
-    load = load_transforms(ctx.manifest.root, [ctx.tcfg["image_size"]] * 2)
-
-    def to_sample(rec: dict[str, Any]) -> dict[str, Any]:
-        sample = load(rec)
-        sample["label"] = torch.as_tensor(rec["target"])
-        return sample
-
-    return to_sample
-
-
-def _dataset(ctx: StageContext, splits: str | list[str], train: bool) -> SampleDataset:
-    augment = augment_transforms(2, flips=_FLIPS.get(ctx.task, True)) if train else None
-    return SampleDataset(records(ctx, ctx.rows(splits)), _sample_loader(ctx), augment=augment,
-                         seed=ctx.study["seed"], cache=train or splits == "val")
 
 
 def loss_function(spec: TaskSpec) -> nn.Module:
@@ -55,7 +36,7 @@ def validation_metric(spec: TaskSpec):
 
     def metric(outputs: torch.Tensor, targets: torch.Tensor) -> float:
         probs = probabilities(spec, outputs).numpy()
-        truth = np.eye(probs.shape[1])[targets.numpy()] if spec.kind == "multiclass" else targets.numpy()
+        truth = np.eye(probs.shape[1])[targets.numpy().astype(int)] if spec.kind == "multiclass" else targets.numpy()
         aucs = [roc_auc_score(truth[:, j], probs[:, j]) for j in range(probs.shape[1])
                 if 0 < truth[:, j].sum() < len(truth)]
         if aucs:
@@ -65,36 +46,25 @@ def validation_metric(spec: TaskSpec):
     return metric
 
 
-def build_model(ctx: StageContext, model_name: str, in_chans: int) -> nn.Module:
-    return create_model(model_name, in_chans=in_chans, num_classes=ctx.spec.num_outputs)
+def _size(ctx: StageContext) -> list[int]:
+    return [ctx.tcfg["image_size"]] * 2
 
 
 def train(config_path: str | Path, task: str, model_name: str, split_path: str | Path, out_dir: str | Path) -> Path:
     """Train ``model_name`` on the split's train rows, select on val; write model.safetensors + model.json."""
     ctx = load_context(config_path, task, split_path)
-    out_dir = Path(out_dir)
-    cfg = TrainConfig.from_study(ctx.study, ctx.tcfg["train"])
-    seed_everything(cfg.seed, cfg.deterministic)
-    train_ds, val_ds = _dataset(ctx, "train", train=True), _dataset(ctx, "val", train=False)
+    cfg = seeded_train_config(ctx)
+    train_ds = split_dataset(ctx, "train", _size(ctx), augment=augment_transforms(2, flips=_FLIPS.get(task, True)))
+    val_ds = split_dataset(ctx, "val", _size(ctx))
     in_chans = int(train_ds[0]["image"].shape[0])
-    model = build_model(ctx, model_name, in_chans)
-    trainer = Trainer(model, train_ds, val_ds, cfg, out_dir, loss_fn=_loss_on_batch(loss_function(ctx.spec)),
-                      val_metric_fn=validation_metric(ctx.spec))
-    result = trainer.fit(resume=True)
-    params, trainable = count_parameters(model)
-    meta = model_sidecar(ctx, model_name, split_path, in_chans=in_chans, image_size=ctx.tcfg["image_size"],
-                         params=params, trainable_params=trainable, train_seconds=result.train_seconds,
-                         best_epoch=result.best_epoch, best_val_metric=result.best_metric, train=ctx.tcfg["train"])
-    weights = out_dir / "model.safetensors"
-    save_weights(weights, model, meta)
-    return weights
+    model = create_model(model_name, in_chans=in_chans, num_classes=ctx.spec.num_outputs)
+    loss = loss_function(ctx.spec)
 
-
-def _loss_on_batch(loss: nn.Module):
-    def fn(outputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def loss_fn(outputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return loss(outputs, batch["label"])
 
-    return fn
+    return fit_and_save(ctx, model_name, split_path, out_dir, cfg, model, train_ds, val_ds, loss_fn,
+                        validation_metric(ctx.spec), in_chans=in_chans, image_size=ctx.tcfg["image_size"])
 
 
 @torch.no_grad()
@@ -102,17 +72,11 @@ def predict(config_path: str | Path, task: str, model_name: str, split_path: str
             weights: str | Path, out_path: str | Path) -> Path:
     """Score the val and test rows -> predictions.csv (Contract 3)."""
     ctx = load_context(config_path, task, split_path)
-    device = resolve_device(ctx.study["device"])
-    meta = read_sidecar(weights)
-    model = build_model(ctx, model_name, int(meta.get("in_chans", 1)))
-    load_weights(weights, model)
-    model.to(device).eval()
-    rows = ctx.rows(["val", "test"])
-    dataset = _dataset(ctx, ["val", "test"], train=False)
+    model, device = load_for_inference(
+        ctx, weights, lambda in_chans: create_model(model_name, in_chans=in_chans, num_classes=ctx.spec.num_outputs))
+    dataset = split_dataset(ctx, ["val", "test"], _size(ctx), cache=False)
     loader = DataLoader(dataset, batch_size=ctx.tcfg["train"]["batch_size"], shuffle=False,
                         num_workers=ctx.tcfg["train"]["num_workers"])
-    scores = []
-    for batch in loader:
-        scores.append(probabilities(ctx.spec, model(batch["image"].to(device))).cpu().numpy())
-    write_predictions(out_path, rows, ctx.spec, np.concatenate(scores))
+    scores = [probabilities(ctx.spec, model(batch["image"].to(device))).cpu().numpy() for batch in loader]
+    write_predictions(out_path, ctx.rows(["val", "test"]), ctx.spec, np.concatenate(scores))
     return Path(out_path)

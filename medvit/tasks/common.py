@@ -16,7 +16,7 @@ from medvit.config import load_study, task_config, task_manifest_path
 from medvit.data.manifest import Manifest, class_names, finding_names, load_manifest
 from medvit.data.sampling import resample_to_anomaly_ratio
 from medvit.data.splits import assign_splits, check_no_leakage, split_summary
-from medvit.engine.checkpoint import atomic_write_json, atomic_write_text
+from medvit.fileio import atomic_write_json, atomic_write_text
 from medvit.errors import ManifestError
 
 Kind = Literal["binary", "multiclass", "multilabel"]

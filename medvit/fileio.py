@@ -1,0 +1,120 @@
+"""Files written atomically and hashed: every output of the pipeline goes through here, so a
+reader sees the old file or the new one, never a half-written one (crash, full disk, kill -9).
+Torch-free, so light stages (evaluation, reports) import it cheaply."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
+
+    For libraries that write to a file name themselves (``safetensors.torch.save_file``,
+    ``DataFrame.to_csv``)::
+
+        with atomic_path("out/model.safetensors") as tmp:
+            save_file(tensors, tmp)
+
+    The temporary file is created with the usual permissions (0666 minus the umask), fsynced
+    before the rename, and removed if the block raises. Parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = tmp.stat().st_mode & 0o777          # 0666 minus the umask
+    try:
+        yield tmp
+        os.chmod(tmp, mode)                     # writers that recreate the file (safetensors) make it 0600
+        with open(tmp, "rb+") as fh:
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if hasattr(obj, "numel") and hasattr(obj, "item") and obj.numel() == 1:  # one-element tensor
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _nan_to_null(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _nan_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_null(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2, nan_as_null: bool = False) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically.
+
+    NumPy scalars and arrays, paths, sets and one-element tensors are converted. Non-finite
+    floats are written as ``NaN``/``Infinity`` (Python's ``json`` reads them back), or as
+    ``null`` with ``nan_as_null`` (strict JSON, for results other tools read).
+    """
+    if nan_as_null:
+        obj = _nan_to_null(json.loads(json.dumps(obj, default=_json_default)))
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default,
+                                              allow_nan=not nan_as_null) + "\n")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
