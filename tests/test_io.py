@@ -22,14 +22,15 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from medvit.data.io import ImageData, detect_format, read_image, read_sample
 from medvit.errors import ImageReadError, MedvitError
 
-PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
-NIBABEL_FILES = Path(nib.__file__).parent / "tests" / "data"
+# resolved: pydicom reports resolved paths, and the venv may sit behind a symlink (CI)
+PYDICOM_FILES = Path(pydicom.__file__).resolve().parent / "data" / "test_files"
+NIBABEL_FILES = Path(nib.__file__).resolve().parent / "tests" / "data"
 
 
 def _shipped(root: Path, extra: list[str] = ()) -> list[Path]:
     """Every file under ``root`` plus ``extra`` (pydicom's list also names its folders, which
     read_image then reads as series folders)."""
-    files = {Path(f) for f in extra}
+    files = {Path(f).resolve() for f in extra}
     files |= {p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     return sorted(files)
 
