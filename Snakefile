@@ -25,6 +25,7 @@ validate(config, "workflows/schemas/study.schema.yaml", set_default=True)
 
 include: "workflows/rules/data.smk"
 include: "workflows/rules/train.smk"
+include: "workflows/rules/xray.smk"
 include: "workflows/rules/report.smk"
 
 

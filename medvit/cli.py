@@ -69,6 +69,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from medvit.tasks import pretrain_stage
+
+    encoder = pretrain_stage(args.config, args.task, args.split, args.out)
+    print(f"wrote {encoder}")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from medvit.tasks import predict_stage
 
@@ -144,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True)
     train.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     train.add_argument("--out", type=Path, required=True, help="model folder (checkpoints, weights, log)")
+
+    pretrain = stage("pretrain", "MAE pretraining of a task's ViT encoder on its training split", _cmd_pretrain)
+    pretrain.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
+    pretrain.add_argument("--out", type=Path, required=True,
+                          help="folder for encoder.safetensors, reconstructions.png, train.log, checkpoints/")
 
     predict = stage("predict", "predict the validation and test splits", _cmd_predict)
     predict.add_argument("--model", required=True)

@@ -223,7 +223,49 @@ def _semantic_errors(study: Mapping) -> list[str]:
         if name == "xray" and task.get("label_column") == "label" and task.get("findings"):
             errors.append(f"tasks.xray.findings: got {_show(task['findings'])} with label_column 'label'; "
                           "allowed: [] (findings apply to label_column 'labels')")
+        errors.extend(_vit_errors(name, task))
     return errors
+
+
+def _vit_errors(name: str, task: Mapping) -> list[str]:
+    """ViT/MAE settings of a task that only make sense together (type-guarded)."""
+    errors: list[str] = []
+    models = task.get("models") if isinstance(task.get("models"), list) else []
+    pretrain = task.get("pretrain") if isinstance(task.get("pretrain"), dict) else {}
+    finetune = task.get("finetune") if isinstance(task.get("finetune"), dict) else {}
+    vits = [m for m in models if isinstance(m, str) and m.startswith("vit_")]
+    encoder = pretrain.get("model")
+    init = finetune.get("init")
+    for m in vits:
+        base = m.removesuffix("_mae")
+        from_mae = m.endswith("_mae") or init == "mae"
+        if from_mae and isinstance(encoder, str) and base != encoder:
+            errors.append(f"tasks.{name}.models: got {m!r}, initialised from the MAE stage whose encoder is "
+                          f"pretrain.model {encoder!r}; allowed: {encoder}_mae (or set pretrain.model: {base})")
+    patch, size = pretrain.get("patch_size"), task.get("image_size")
+    if vits and isinstance(patch, int) and isinstance(size, int) and size % patch:
+        errors.append(f"tasks.{name}.pretrain.patch_size: got {patch} with image_size {size}; allowed: a divisor "
+                      "of image_size (the ViTs cut the image into whole patches)")
+    scale = pretrain.get("crop_scale")
+    if isinstance(scale, list) and len(scale) == 2 and all(isinstance(v, (int, float)) for v in scale) \
+            and scale[0] > scale[1]:
+        errors.append(f"tasks.{name}.pretrain.crop_scale: got {_show(scale)}; allowed: [min, max] with min <= max")
+    if isinstance(init, str) and init not in ("scratch", "mae") and vits and not Path(init).is_file():
+        errors.append(f"tasks.{name}.finetune.init: file not found: {init}; allowed: scratch, mae or the path of a "
+                      f"local checkpoint (relative to the working directory {Path.cwd()})")
+    return errors
+
+
+def needs_mae(study: Mapping[str, Any], task: str, model: str) -> bool:
+    """Whether ``model`` of ``task`` starts from the task's MAE pretraining stage."""
+    if not model.startswith("vit_"):
+        return False
+    return model.endswith("_mae") or task_config(study, task).get("finetune", {}).get("init") == "mae"
+
+
+def mae_encoder_path(study: Mapping[str, Any], task: str) -> Path:
+    """``<results_dir>/<study>/<task>/mae/encoder.safetensors``: the MAE stage's encoder."""
+    return study_dir(study) / task / "mae" / "encoder.safetensors"
 
 
 # ---------------------------------------------------------------------------------- public API

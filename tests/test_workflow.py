@@ -24,6 +24,7 @@ BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else shutil.which("snakemake")
 DEMO = REPO / "workflows" / "studies" / "demo.yaml"
 PNEUMONIA = REPO / "workflows" / "studies" / "pneumonia.yaml"
+XRAY_MAE = REPO / "workflows" / "studies" / "xray_mae.yaml"
 
 pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed")
 
@@ -43,6 +44,10 @@ elif args[0] == "train":
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.safetensors").write_bytes(b"weights")
     (out / "model.json").write_text("{{}}")
+elif args[0] == "pretrain":
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("encoder.safetensors", "encoder.json", "reconstructions.png"):
+        (out / name).write_text(name)
 else:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(args[0])
@@ -94,6 +99,38 @@ def test_profile_dry_run(tmp_path):
 
 def test_lint_is_clean(tmp_path):
     rc, out = snakemake(tmp_path, "--lint", "--cores", "1", "--configfile", str(DEMO))
+    assert rc == 0, out
+    assert "Lints for" not in out and "Congratulations" in out
+
+
+def jobs(output: str) -> list[dict[str, str]]:
+    """The job blocks of a dry run (`rule X:` then indented `key: value` lines)."""
+    blocks = []
+    for m in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", output, re.M):
+        fields = dict(re.findall(r"^    (\w+): (.*)$", m.group(2), re.M))
+        blocks.append({"rule": m.group(1), **fields})
+    return blocks
+
+
+def test_xray_mae_dry_run_pretrains_once_before_the_mae_model(tmp_path):
+    rc, out = snakemake(tmp_path, "-n", "--cores", "2", "-p", "--configfile", str(XRAY_MAE))
+    assert rc == 0, out
+    assert job_counts(out) == {"synth": 1, "split": 1, "pretrain": 1, "train": 3, "predict": 3, "evaluate": 3,
+                               "report": 1, "all": 1}
+    encoder = "results/xray_mae/xray/mae/encoder.safetensors"
+    pretrain = [j for j in jobs(out) if j["rule"] == "pretrain"]
+    assert len(pretrain) == 1 and encoder in pretrain[0]["output"]
+    assert pretrain[0]["input"] == "results/xray_mae/xray/split.csv"   # training split only, no other data
+    trains = {j["wildcards"]: j for j in jobs(out) if j["rule"] == "train"}
+    mae_job = trains["task=xray, model=vit_tiny_mae"]
+    assert encoder in mae_job["input"] and encoder in mae_job["reason"]   # waits for the pretraining
+    assert encoder not in trains["task=xray, model=vit_tiny"]["input"]    # from scratch
+    assert encoder not in trains["task=xray, model=densenet121"]["input"]
+    assert "medvit pretrain --config " in out and " --out results/xray_mae/xray/mae" in out
+
+
+def test_xray_mae_lint_is_clean(tmp_path):
+    rc, out = snakemake(tmp_path, "--lint", "--cores", "1", "--configfile", str(XRAY_MAE))
     assert rc == 0, out
     assert "Lints for" not in out and "Congratulations" in out
 
@@ -215,6 +252,45 @@ def test_run_with_fake_stages_and_rerun_only_what_changed(tmp_path):
     assert rc == 0, out
     assert job_counts(out) == {"train": 1, "predict": 1, "evaluate": 4, "report": 1, "all": 1}
     assert "logs/train/brain_resnet10t.log" in out and "logs/train/brain_resnet18.log" not in out
+
+
+@pytest.mark.slow
+def test_mae_study_reruns_only_what_a_vit_setting_changes(tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "medvit").write_text(FAKE_MEDVIT.format(python=sys.executable))
+    (fake_bin / "medvit").chmod(0o755)
+    env = {"FAKE_MEDVIT_CALLS": str(tmp_path / "calls.jsonl")}
+    study = {"study": "mae", "device": "cpu",
+             "tasks": {"xray": {"models": ["densenet121", "vit_tiny", "vit_tiny_mae"], "pretrain": {"patch_size": 8}}}}
+    path = write_study(tmp_path / "mae.yaml", study)
+
+    def run(*args):
+        return snakemake(tmp_path, "--cores", "2", "--configfile", str(path), *args, path_first=fake_bin, env=env)
+
+    rc, out = run()
+    assert rc == 0, out
+    assert (tmp_path / "results/mae/xray/mae/reconstructions.png").is_file()
+    rc, out = run("-n")
+    assert rc == 0 and "Nothing to be done" in out, out
+
+    # the fine-tuning recipe retrains the ViTs only, never the pretraining or the DenseNet
+    study["tasks"]["xray"]["finetune"] = {"layer_decay": 0.65}
+    write_study(path, study)
+    rc, out = run("-n")
+    assert rc == 0, out
+    assert job_counts(out) == {"train": 2, "predict": 2, "evaluate": 2, "report": 1, "all": 1}
+    assert "xray_densenet121" not in out
+    rc, out = run()
+    assert rc == 0, out
+
+    # an MAE setting (the mask-ratio ablation) reruns the pretraining and the model it initialises
+    study["tasks"]["xray"]["pretrain"]["mask_ratio"] = 0.75
+    write_study(path, study)
+    rc, out = run("-n")
+    assert rc == 0, out
+    assert job_counts(out) == {"pretrain": 1, "train": 1, "predict": 1, "evaluate": 1, "report": 1, "all": 1}
+    assert "logs/train/xray_vit_tiny_mae.log" in out and "logs/train/xray_vit_tiny.log" not in out
 
 
 def test_conda_env_pins_match_pyproject():

@@ -79,3 +79,64 @@ def augment_transforms(spatial_dims: int, flips: bool, load_mask: bool = False) 
             mt.RandGaussianNoised("image", prob=0.3, std=0.02),
             mt.EnsureTyped(keys, dtype=np.float32, track_meta=False)]
     return mt.Compose(ops)
+
+
+class TorchvisionRandd(mt.RandomizableTransform, mt.MapTransform):
+    """Apply a random torchvision transform to ``d[keys]``, seeded from this transform's
+    RandomState, so the sample's augmentation follows :class:`medvit.data.datasets.SampleDataset`'s
+    (seed, epoch, index) stream like the MONAI transforms (torchvision draws from torch's
+    global generator, which is forked and seeded around the call).
+
+    Args:
+        keys: image keys, (C, H, W) float tensors or arrays.
+        transform: a ``torchvision.transforms.v2`` transform.
+        uint8: hand the transform uint8 values (``round(x * 255)``, ``x`` in [0, 1]) and map
+            the result back to float32 in [0, 1]; for transforms defined on 8-bit images
+            (RandAugment's posterize, solarize, equalize). Costs 8-bit quantisation of the
+            augmented training image only.
+    """
+
+    def __init__(self, keys, transform, uint8: bool = False):
+        mt.RandomizableTransform.__init__(self, prob=1.0)
+        mt.MapTransform.__init__(self, keys)
+        self.transform = transform
+        self.uint8 = uint8
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        d = dict(data)
+        seed = int(self.R.randint(0, 2**31 - 1))
+        for key in self.key_iterator(d):
+            x = torch.as_tensor(np.asarray(d[key]) if not isinstance(d[key], torch.Tensor) else d[key]).float()
+            if self.uint8:
+                x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                y = self.transform(x)
+            d[key] = (y.float() / 255.0) if self.uint8 else y.float()
+        return d
+
+
+def random_resized_crop(size: Sequence[int], scale: Sequence[float] = (0.5, 1.0)) -> mt.Compose:
+    """MAE pretraining augmentation: a random crop covering ``scale`` of the image area (aspect
+    ratio 3/4 to 4/3), resized back to ``size`` (bilinear); no flips (chest anatomy)."""
+    from torchvision.transforms import v2
+
+    return mt.Compose([TorchvisionRandd("image", v2.RandomResizedCrop(tuple(size), scale=tuple(scale),
+                                                                      antialias=True)),
+                       mt.EnsureTyped("image", dtype=np.float32, track_meta=False)])
+
+
+def randaugment_transforms(magnitude: int, num_ops: int = 2) -> mt.Compose:
+    """Fine-tuning augmentation of the Medical MAE recipe: torchvision RandAugment (``num_ops``
+    random operations of strength ``magnitude`` out of 31) on 8-bit values of a [0, 1] image,
+    then mild MONAI intensity noise. ``magnitude`` 0 applies nothing but the noise."""
+    from torchvision.transforms import v2
+
+    ops: list[mt.Transform] = []
+    if magnitude > 0:
+        ops.append(TorchvisionRandd("image", v2.RandAugment(num_ops=num_ops, magnitude=magnitude), uint8=True))
+    ops += [mt.RandGaussianNoised("image", prob=0.3, std=0.02),
+            mt.EnsureTyped("image", dtype=np.float32, track_meta=False)]
+    return mt.Compose(ops)

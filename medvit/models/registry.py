@@ -36,7 +36,7 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, spatial_dims: 
 
 def _ensure_loaded() -> None:
     # importing the family modules runs their @register_model decorators
-    from medvit.models import densenet, resnet, unet  # noqa: F401
+    from medvit.models import densenet, resnet, unet, vit  # noqa: F401
 
 
 def list_models() -> list[str]:

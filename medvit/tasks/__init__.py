@@ -31,3 +31,10 @@ def predict_stage(config_path: str | Path, task: str, model: str, split_path: st
                   weights: str | Path, out_path: str | Path) -> Path:
     """Predict the val and test rows of a split -> predictions.csv."""
     return _module(task).predict(config_path, task, model, split_path, weights, out_path)
+
+
+def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, out_dir: str | Path) -> Path:
+    """MAE pretraining on the split's training rows -> ``<out_dir>/encoder.safetensors`` (+ figure)."""
+    from medvit.tasks.pretrain import pretrain_stage as run
+
+    return run(config_path, task, split_path, out_dir)

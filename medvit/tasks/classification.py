@@ -1,5 +1,12 @@
 """Image classification stages (chest X-ray findings, brain slices, histopathology patches):
-binary, multi-class or multi-label, any registered 2D model."""
+binary, multi-class or multi-label, any registered 2D model.
+
+ViTs (``vit_*`` models) get the Medical MAE fine-tuning recipe of the task's ``finetune``
+block: initialisation from the task's MAE encoder (``vit_<size>_mae``, or ``init: mae``), from
+scratch, or from a local checkpoint; layer-wise learning-rate decay; DropPath; RandAugment;
+optional mixup. The MAE encoder is read from ``<split folder>/mae/encoder.safetensors``,
+where ``medvit pretrain`` writes it in the workflow.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +18,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medvit.data.transforms import augment_transforms
-from medvit.models import create_model
-from medvit.tasks.common import StageContext, TaskSpec, load_context, write_predictions
+from medvit.config import needs_mae
+from medvit.data.transforms import augment_transforms, randaugment_transforms
+from medvit.engine import Trainer, save_weights, sha256_file
+from medvit.models import count_parameters, create_model
+from medvit.models.vit import is_vit, layer_decay_param_groups, load_pretrained
+from medvit.tasks.common import StageContext, TaskSpec, load_context, model_sidecar, read_sidecar, write_predictions
+from medvit.tasks.pretrain import recipe_unchanged
 from medvit.tasks.training import fit_and_save, load_for_inference, seeded_train_config, split_dataset
+
+# The fine-tuning recipe when a task's config has no `finetune` block (Medical MAE's values).
+FINETUNE_DEFAULTS = {"init": "scratch", "layer_decay": 0.75, "drop_path": 0.1, "randaug_magnitude": 6, "mixup": 0.0}
 
 # Left and right are anatomy on a chest radiograph; flipping elsewhere is label-preserving.
 _FLIPS = {"xray": False, "brain": True, "histo": True}
@@ -50,9 +64,105 @@ def _size(ctx: StageContext) -> list[int]:
     return [ctx.tcfg["image_size"]] * 2
 
 
+def finetune_config(ctx: StageContext) -> dict[str, Any]:
+    """The task's ViT fine-tuning recipe (``finetune`` block over :data:`FINETUNE_DEFAULTS`)."""
+    return {**FINETUNE_DEFAULTS, **(ctx.tcfg.get("finetune") or {})}
+
+
+def vit_kwargs(ctx: StageContext, image_size: int | None = None) -> dict[str, Any]:
+    """Builder arguments of the task's ViTs: image size and the MAE stage's patch size."""
+    patch = (ctx.tcfg.get("pretrain") or {}).get("patch_size", 16)
+    return {"img_size": image_size or ctx.tcfg["image_size"], "patch_size": patch}
+
+
+def init_source(ctx: StageContext, model_name: str, split_path: str | Path) -> Path | None:
+    """The weights a ViT starts from: the MAE encoder beside the split, a local checkpoint,
+    or None (from scratch)."""
+    if needs_mae(ctx.study, ctx.task, model_name):
+        return Path(split_path).parent / "mae" / "encoder.safetensors"
+    init = finetune_config(ctx)["init"]
+    return None if init == "scratch" else Path(init)
+
+
+class FinetuneTrainer(Trainer):
+    """:class:`Trainer` with optional mixup (Zhang et al., ICLR 2018) of training batches:
+    ``x = lam * x + (1 - lam) * x[perm]`` with ``lam ~ Beta(alpha, alpha)``, targets mixed the
+    same way (class indices become one-hot probabilities first)."""
+
+    def __init__(self, *args: Any, mixup: float = 0.0, num_classes: int = 1, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.mixup = float(mixup)
+        self.num_classes = num_classes
+
+    def mix(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A mixed copy of ``batch`` (unchanged when mixup is off)."""
+        if self.mixup <= 0:
+            return batch
+        x, y = batch["image"], batch["label"]
+        lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+        perm = torch.randperm(x.shape[0], device=x.device)
+        if not y.is_floating_point():
+            y = nn.functional.one_hot(y.long(), self.num_classes).float()
+        return {**batch, "image": lam * x + (1 - lam) * x[perm], "label": lam * y + (1 - lam) * y[perm]}
+
+    def train_step(self, batch: dict[str, Any], scale: float = 1.0) -> torch.Tensor:
+        return super().train_step(self.mix(batch), scale)
+
+
+def _train_vit(ctx: StageContext, model_name: str, split_path: str | Path, out_dir: str | Path) -> Path:
+    """Fine-tune a ViT with the Medical MAE recipe (see the module docstring)."""
+    cfg = seeded_train_config(ctx)
+    ft = finetune_config(ctx)
+    augment = randaugment_transforms(ft["randaug_magnitude"])
+    train_ds = split_dataset(ctx, "train", _size(ctx), augment=augment)
+    val_ds = split_dataset(ctx, "val", _size(ctx))
+    in_chans = int(train_ds[0]["image"].shape[0])
+    kwargs = vit_kwargs(ctx)
+    model = create_model(model_name, in_chans=in_chans, num_classes=ctx.spec.num_outputs,
+                         drop_path=ft["drop_path"], **kwargs)
+    source = init_source(ctx, model_name, split_path)
+    init: dict[str, Any] = {"init": "scratch"}
+    if source is not None:
+        load_pretrained(model, source)
+        init = {"init": "mae" if needs_mae(ctx.study, ctx.task, model_name) else "file", "init_weights": str(source),
+                "init_sha256": sha256_file(source)}
+    # Layer-wise decay keeps pretrained low-level features; a randomly initialised ViT has
+    # none to keep, so from scratch every layer trains at the full rate.
+    layer_decay = ft["layer_decay"] if source is not None else 1.0
+    groups = layer_decay_param_groups(model, layer_decay, cfg.weight_decay)
+    loss = loss_function(ctx.spec)
+
+    def loss_fn(outputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        return loss(outputs, batch["label"])
+
+    trainer = FinetuneTrainer(model, train_ds, val_ds, cfg, out_dir, loss_fn=loss_fn,
+                              val_metric_fn=validation_metric(ctx.spec), param_groups=groups,
+                              mixup=ft["mixup"], num_classes=ctx.spec.num_outputs)
+    recipe = {"finetune": ft, **kwargs, **init}
+    result = trainer.fit(resume=recipe_unchanged(out_dir, recipe))
+    params, trainable = count_parameters(model)
+    meta = model_sidecar(ctx, model_name, split_path, params=params, trainable_params=trainable,
+                         train_seconds=result.train_seconds, best_epoch=result.best_epoch,
+                         best_val_metric=result.best_metric, train=ctx.tcfg["train"], finetune=ft, layer_decay_applied=layer_decay,
+                         in_chans=in_chans, image_size=kwargs["img_size"], patch_size=kwargs["patch_size"], **init)
+    return save_weights(Path(out_dir) / "model.safetensors", model, meta)
+
+
+def _build(ctx: StageContext, model_name: str, in_chans: int, meta: dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild a trained model for inference (ViTs at the image and patch size of their card)."""
+    kwargs: dict[str, Any] = {}
+    if is_vit(model_name):
+        kwargs = vit_kwargs(ctx)
+        kwargs.update({k2: meta[k1] for k1, k2 in (("image_size", "img_size"), ("patch_size", "patch_size"))
+                       if meta and k1 in meta})
+    return create_model(model_name, in_chans=in_chans, num_classes=ctx.spec.num_outputs, **kwargs)
+
+
 def train(config_path: str | Path, task: str, model_name: str, split_path: str | Path, out_dir: str | Path) -> Path:
     """Train ``model_name`` on the split's train rows, select on val; write model.safetensors + model.json."""
     ctx = load_context(config_path, task, split_path)
+    if is_vit(model_name):
+        return _train_vit(ctx, model_name, split_path, out_dir)
     cfg = seeded_train_config(ctx)
     train_ds = split_dataset(ctx, "train", _size(ctx), augment=augment_transforms(2, flips=_FLIPS.get(task, True)))
     val_ds = split_dataset(ctx, "val", _size(ctx))
@@ -72,8 +182,8 @@ def predict(config_path: str | Path, task: str, model_name: str, split_path: str
             weights: str | Path, out_path: str | Path) -> Path:
     """Score the val and test rows -> predictions.csv (Contract 3)."""
     ctx = load_context(config_path, task, split_path)
-    model, device = load_for_inference(
-        ctx, weights, lambda in_chans: create_model(model_name, in_chans=in_chans, num_classes=ctx.spec.num_outputs))
+    meta = read_sidecar(weights)
+    model, device = load_for_inference(ctx, weights, lambda in_chans: _build(ctx, model_name, in_chans, meta))
     dataset = split_dataset(ctx, ["val", "test"], _size(ctx), cache=False)
     loader = DataLoader(dataset, batch_size=ctx.tcfg["train"]["batch_size"], shuffle=False,
                         num_workers=ctx.tcfg["train"]["num_workers"])

@@ -17,7 +17,9 @@ from snakemake.exceptions import WorkflowError
 from medvit.config import (
     SOURCES,
     load_study,
+    mae_encoder_path,
     manifest_origin,
+    needs_mae,
     study_dir,
     task_config,
     task_manifest_path,
@@ -90,13 +92,19 @@ def source_file(name):
     return str(SOURCES[name])
 
 
-def settings(task, *, drop=(), extra=()):
+# Task keys only some stages read (the MAE stage and the ViT models); a stage's settings leave
+# them out unless it names them in `keep`, so editing them reruns only the jobs they affect.
+VIT_KEYS = ("pretrain", "finetune")
+
+
+def settings(task, *, drop=(), extra=(), keep=()):
     """Canonical JSON of the config a stage depends on, given as a rule param.
 
     Snakemake's `params` rerun trigger then reruns exactly the jobs whose settings changed:
     editing tasks.xray.train.epochs retrains xray only; adding a model trains just that one.
     """
-    cfg = {k: v for k, v in task_config(config, task).items() if k not in drop}
+    skip = set(drop) | (set(VIT_KEYS) - set(keep))
+    cfg = {k: v for k, v in task_config(config, task).items() if k not in skip}
     cfg.update({k: config[k] for k in extra})
     return json.dumps(cfg, sort_keys=True)
 
@@ -113,3 +121,33 @@ def all_metrics():
         for t in TASKS
         for m in config["tasks"][t]["models"]
     ]
+
+
+def mae_tasks():
+    """Tasks with a model initialised from their MAE pretraining stage."""
+    return [t for t in TASKS if any(needs_mae(config, t, m) for m in config["tasks"][t]["models"])]
+
+
+def train_inputs(wildcards):
+    """The split, plus the MAE encoder or the local checkpoint a ViT starts from, so that
+    Snakemake runs the pretraining first and retrains when the weights change."""
+    inputs = {"split": f"{study_dir(config)}/{wildcards.task}/split.csv"}
+    if needs_mae(config, wildcards.task, wildcards.model):
+        inputs["init"] = str(mae_encoder_path(config, wildcards.task))
+    elif wildcards.model.startswith("vit_"):
+        init = task_config(config, wildcards.task).get("finetune", {}).get("init", "scratch")
+        if init != "scratch":
+            inputs["init"] = init
+    return inputs
+
+
+def train_settings(wildcards):
+    """Settings of a training job: the ViT recipe (and patch size) counts for ViTs only."""
+    vit = wildcards.model.startswith("vit_")
+    text = settings(wildcards.task, drop=("models",), extra=("seed", "device", "deterministic"),
+                    keep=("finetune",) if vit else ())
+    if vit and "pretrain" in task_config(config, wildcards.task):
+        cfg = json.loads(text)
+        cfg["patch_size"] = task_config(config, wildcards.task)["pretrain"]["patch_size"]
+        text = json.dumps(cfg, sort_keys=True)
+    return text

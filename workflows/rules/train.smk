@@ -3,15 +3,16 @@
 # checkpoints/ is not an output, so Snakemake keeps it when a job fails and a rerun resumes.
 
 
+# A ViT initialised from the MAE stage (or from a local checkpoint) has that file as an input.
 rule train:
     input:
-        split=f"{OUT}/{{task}}/split.csv",
+        unpack(train_inputs),
     output:
         weights=f"{OUT}/{{task}}/{{model}}/model.safetensors",
         card=f"{OUT}/{{task}}/{{model}}/model.json",
     params:
         study=STUDY_FILE,
-        settings=lambda w: settings(w.task, drop=("models",), extra=("seed", "device", "deterministic")),
+        settings=train_settings,
         model_dir=lambda w, output: os.path.dirname(output.weights),
     log:
         f"{OUT}/logs/train/{{task}}_{{model}}.log",

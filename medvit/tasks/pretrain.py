@@ -1,0 +1,160 @@
+"""MAE pretraining stage (Medical MAE, Xiao et al. 2023) for a task's ViT encoder.
+
+``medvit pretrain --config C --task xray --split S --out DIR`` trains a
+:class:`medvit.models.mae.MaskedAutoencoder` on the split's **training rows only** (the
+patients of ``split == "train"``; validation and test images are never read, so the
+encoder cannot have seen the patients it is later evaluated on), with random-resized crops
+of ``pretrain.crop_scale`` of the image area. It writes into ``DIR``:
+
+* ``encoder.safetensors`` + ``encoder.json``: the timm ViT encoder's weights (loadable into
+  the same ``vit_<size>`` for fine-tuning) and their model card (settings, losses,
+  provenance);
+* ``reconstructions.png``: a few training images as input / masked input / reconstruction;
+* ``train.log`` and ``checkpoints/`` (the run resumes after a crash like ``medvit train``).
+
+The Trainer runs without a validation set (there is no label to select on), so the last
+epoch's weights are kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medvit.data.transforms import random_resized_crop
+from medvit.engine import TrainConfig, Trainer, save_weights, seed_everything
+from medvit.errors import ConfigError, LeakageError
+from medvit.fileio import atomic_path
+from medvit.models.mae import MaskedAutoencoder, build_mae
+from medvit.tasks.common import StageContext, load_context, model_sidecar
+from medvit.tasks.training import split_dataset
+
+
+def pretraining_rows(ctx: StageContext) -> pd.DataFrame:
+    """The rows MAE pretraining may read: the training split, and only patients that appear
+    in no other split (guaranteed by the leakage guard; checked again here because a leak
+    would silently inflate the fine-tuned model's test metrics).
+
+    Raises:
+        LeakageError: a training patient also has validation or test rows.
+    """
+    rows = ctx.rows("train")
+    others = set(ctx.df.loc[ctx.df["split"] != "train", "patient_id"].astype(str))
+    shared = sorted(set(rows["patient_id"].astype(str)) & others)
+    if shared:
+        raise LeakageError(shared, "MAE pretraining would see validation/test patients")
+    return rows
+
+
+def recipe_unchanged(out_dir: str | Path, recipe: dict[str, Any], name: str = "recipe.json") -> bool:
+    """Whether checkpoints in ``out_dir`` may be resumed: True when ``out_dir/name`` holds the
+    same recipe (or does not exist yet). The Trainer refuses a checkpoint whose ``train``
+    settings differ, but settings outside ``train`` (mask ratio, crop scale, fine-tuning
+    recipe, initial weights) are this stage's: a changed one must start over, or a rerun
+    would resume the old run's final checkpoint and return stale weights. Writes ``recipe``.
+    """
+    import json
+
+    from medvit.fileio import atomic_write_json
+
+    path = Path(out_dir) / name
+    text = json.dumps(recipe, sort_keys=True, default=str)
+    try:
+        same = not path.exists() or json.dumps(json.loads(path.read_text()), sort_keys=True) == text
+    except (OSError, ValueError):
+        same = False  # unreadable: do not trust the checkpoints beside it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, json.loads(text))
+    return same
+
+
+def _pretrain_config(ctx: StageContext) -> dict[str, Any]:
+    pcfg = ctx.tcfg.get("pretrain")
+    if not isinstance(pcfg, dict):
+        raise ConfigError(f"tasks.{ctx.task}.pretrain: task {ctx.task!r} has no MAE pretraining stage; allowed: "
+                          "the tasks whose schema has a `pretrain` block (xray)")
+    size = ctx.tcfg["image_size"]
+    if size % pcfg["patch_size"]:
+        raise ConfigError(f"tasks.{ctx.task}.pretrain.patch_size: got {pcfg['patch_size']} with image_size {size}; "
+                          "allowed: a divisor of image_size")
+    return pcfg
+
+
+def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, out_dir: str | Path) -> Path:
+    """Pretrain the task's MAE on its training split -> ``out_dir/encoder.safetensors``.
+
+    Args:
+        config_path: the study YAML (``tasks.<task>.pretrain`` holds the settings).
+        task: the task (``xray``).
+        split_path: ``split.csv`` from ``medvit split``.
+        out_dir: folder for the encoder, its card, the figure, ``train.log``, ``checkpoints/``.
+
+    Returns:
+        the path of ``encoder.safetensors``.
+    """
+    ctx = load_context(config_path, task, split_path)
+    pcfg = _pretrain_config(ctx)
+    cfg = TrainConfig.from_study(ctx.study, pcfg["train"])
+    seed_everything(cfg.seed, cfg.deterministic)
+    out_dir = Path(out_dir)
+    size = [ctx.tcfg["image_size"]] * 2
+    rows = pretraining_rows(ctx)
+    dataset = split_dataset(ctx, "train", size, augment=random_resized_crop(size, pcfg["crop_scale"]))
+    assert len(dataset) == len(rows)  # split_dataset("train") reads exactly these rows
+    in_chans = int(dataset[0]["image"].shape[0])
+    mae = build_mae(pcfg["model"], in_chans=in_chans, img_size=size[0], patch_size=pcfg["patch_size"],
+                    mask_ratio=pcfg["mask_ratio"], decoder_dim=pcfg["decoder_dim"],
+                    decoder_depth=pcfg["decoder_depth"], norm_pix_loss=pcfg["norm_pix_loss"])
+
+    def loss_fn(outputs: Any, batch: dict[str, Any]) -> torch.Tensor:
+        return outputs.loss
+
+    trainer = Trainer(mae, dataset, None, cfg, out_dir, loss_fn=loss_fn)
+    recipe = {k: v for k, v in pcfg.items() if k not in ("train", "figures")}
+    result = trainer.fit(resume=recipe_unchanged(out_dir, {**recipe, "image_size": size[0], "in_chans": in_chans}))
+    figure = save_reconstructions(mae.cpu(), split_dataset(ctx, "train", size, cache=False),
+                                  out_dir / "reconstructions.png", n=pcfg["figures"], seed=cfg.seed)
+    meta = model_sidecar(ctx, pcfg["model"], split_path, stage="mae_pretrain", in_chans=in_chans,
+                         image_size=size[0], patch_size=pcfg["patch_size"], pretrain=pcfg,
+                         train_samples=len(rows), train_patients=int(rows["patient_id"].nunique()),
+                         splits_seen=sorted(rows["split"].unique().tolist()),
+                         train_seconds=result.train_seconds, final_loss=result.history[-1]["train_loss"],
+                         losses=[h["train_loss"] for h in result.history], figure=figure.name)
+    return save_weights(out_dir / "encoder.safetensors", mae.encoder, meta)
+
+
+@torch.no_grad()
+def save_reconstructions(mae: MaskedAutoencoder, dataset, path: str | Path, n: int = 4, seed: int = 0) -> Path:
+    """A PNG grid of ``n`` samples of ``dataset``: input, masked input, reconstruction (one row
+    each; grey scale of the first channel, each panel on the input's intensity range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(n, len(dataset))
+    imgs = torch.stack([torch.as_tensor(dataset[i]["image"]) for i in range(n)]).float()
+    was_training = mae.training
+    mae.eval()
+    masked, recon = mae.reconstruct(imgs, generator=torch.Generator().manual_seed(seed))
+    mae.train(was_training)
+    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    for i in range(n):
+        lo, hi = float(imgs[i, 0].min()), float(imgs[i, 0].max())
+        for j, (title, img) in enumerate((("input", imgs[i]), (f"masked {mae.mask_ratio:.0%}", masked[i]),
+                                          ("reconstruction", recon[i]))):
+            ax = axes[i, j]
+            ax.imshow(np.asarray(img[0]), cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,36 @@
+# Chest X-ray: MAE pretraining (Medical MAE) of the ViT encoder that `vit_<size>_mae` models
+# (and `vit_<size>` with `finetune.init: mae`) start from. It reads the split's training rows
+# only; validation and test patients never reach it. The rule runs only when such a model is
+# in the study: `train` lists the encoder as an input (rules/common.smk: train_inputs).
+
+
+rule pretrain:
+    input:
+        split=f"{OUT}/xray/split.csv",
+    output:
+        encoder=f"{OUT}/xray/mae/encoder.safetensors",
+        card=f"{OUT}/xray/mae/encoder.json",
+        figure=f"{OUT}/xray/mae/reconstructions.png",
+    params:
+        study=STUDY_FILE,
+        settings=lambda w: settings(
+            "xray",
+            drop=("models", "train", "finetune"),
+            extra=("seed", "device", "deterministic"),
+            keep=("pretrain",),
+        ),
+        out_dir=lambda w, output: os.path.dirname(output.encoder),
+    log:
+        f"{OUT}/logs/pretrain/xray.log",
+    benchmark:
+        f"{OUT}/benchmarks/pretrain/xray.tsv"
+    threads: 4
+    resources:
+        mem_mb=4000,
+        runtime=240,
+        gpu=GPU,
+    conda:
+        CONDA_ENV
+    shell:
+        "medvit pretrain --config {params.study} --task xray --split {input.split}"
+        " --out {params.out_dir} > {log} 2>&1"
