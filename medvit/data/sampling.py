@@ -55,6 +55,18 @@ def _choose(rng: np.random.Generator, items: np.ndarray, k: int) -> np.ndarray:
     return np.sort(rng.choice(items, size=k, replace=False)) if k < len(items) else items
 
 
+def _thin_excess(rng: np.random.Generator, abnormal: np.ndarray, normal: np.ndarray, abnormal_fraction: float,
+                 unit: str) -> np.ndarray:
+    """Downsample whichever side (abnormal or normal units) is in excess of the target
+    fraction, never duplicating; return the kept units."""
+    _require(len(abnormal), len(normal), unit)
+    if len(abnormal) / (len(abnormal) + len(normal)) > abnormal_fraction:
+        abnormal = _choose(rng, abnormal, _best_k(len(normal), abnormal_fraction, len(abnormal)))
+    else:
+        normal = _choose(rng, normal, _best_k(len(abnormal), 1.0 - abnormal_fraction, len(normal)))
+    return np.concatenate([abnormal, normal])
+
+
 def resample_to_anomaly_ratio(df: pd.DataFrame, abnormal_fraction: float, by: str = "patient", seed: int = 0,
                               is_abnormal: pd.Series | np.ndarray | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Downsample so that abnormal cases form ``abnormal_fraction`` of patients or of images.
@@ -106,21 +118,10 @@ def resample_to_anomaly_ratio(df: pd.DataFrame, abnormal_fraction: float, by: st
         per_patient = pd.Series(abnormal).groupby(pid).any()
         abn_p = np.asarray(per_patient.index[per_patient.to_numpy()], dtype=object)
         nor_p = np.asarray(per_patient.index[~per_patient.to_numpy()], dtype=object)
-        _require(len(abn_p), len(nor_p), "patients")
-        if len(abn_p) / len(per_patient) > abnormal_fraction:
-            abn_p = _choose(rng, abn_p, _best_k(len(nor_p), abnormal_fraction, len(abn_p)))
-        else:
-            nor_p = _choose(rng, nor_p, _best_k(len(abn_p), 1.0 - abnormal_fraction, len(nor_p)))
-        keep = np.isin(pid, np.concatenate([abn_p, nor_p]))
+        keep = np.isin(pid, _thin_excess(rng, abn_p, nor_p, abnormal_fraction, "patients"))
     else:
         idx = np.arange(len(df))
-        abn_i, nor_i = idx[abnormal], idx[~abnormal]
-        _require(len(abn_i), len(nor_i), "images")
-        if len(abn_i) / len(idx) > abnormal_fraction:
-            abn_i = _choose(rng, abn_i, _best_k(len(nor_i), abnormal_fraction, len(abn_i)))
-        else:
-            nor_i = _choose(rng, nor_i, _best_k(len(abn_i), 1.0 - abnormal_fraction, len(nor_i)))
-        keep = np.isin(idx, np.concatenate([abn_i, nor_i]))
+        keep = np.isin(idx, _thin_excess(rng, idx[abnormal], idx[~abnormal], abnormal_fraction, "images"))
 
     out = df[keep]
     kept_abn = abnormal[keep]
