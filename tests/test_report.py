@@ -106,3 +106,23 @@ def test_report_refuses_bad_metrics_files(tmp_path):
     bad.write_text(json.dumps({"task": "x"}))
     with pytest.raises(ReportError, match="missing model, metrics"):
         load_metrics([bad])
+
+
+def test_task_figures_are_inlined(tmp_path):
+    """A task's MAE reconstructions appear in its section as an inline PNG (no file links)."""
+    import base64
+
+    from medvit.evaluation.report import task_figures, task_section
+
+    png = tmp_path / "results" / "s" / "xray" / "mae" / "reconstructions.png"
+    png.parent.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("L", (4, 4)).save(png)
+    study = {"study": "s", "results_dir": str(tmp_path / "results"), "tasks": {"xray": {"pretrain": {"mask_ratio": 0.9}}}}
+    figures = task_figures(study)
+    assert [p for _, p in figures["xray"]] == [png]
+    record = {"task": "xray", "model": "m", "metrics": {}, "sample_level": {"metrics": {}}}
+    body = task_section("xray", [record], figures["xray"]).body
+    assert "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode() in body
+    assert "mask ratio 0.9" in body and "reconstructions.png" not in body

@@ -10,6 +10,8 @@ section builders (figures, per-patient tables, ...) without touching the page fr
 
 from __future__ import annotations
 
+import base64
+
 import html
 import json
 import math
@@ -25,6 +27,7 @@ from medvit.fileio import atomic_write_text
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:90rem;
      padding:0 1rem;color:#1b1f24;line-height:1.4}
+figure{margin:1rem 0} figure img{max-width:100%;image-rendering:pixelated} figcaption{color:#57606a}
 h1{margin-bottom:.2rem} h2{margin-top:2.2rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem}
 .meta{color:#57606a;font-size:.9rem} .meta span{margin-right:1.5rem}
 .pair{display:flex;flex-wrap:wrap;gap:2rem;align-items:flex-start}
@@ -165,15 +168,39 @@ def _notes(records: Sequence[dict[str, Any]]) -> str:
     return f'<ul class="notes">{"".join(items)}</ul>' if items else ""
 
 
-def task_section(task: str, records: Sequence[dict[str, Any]]) -> Section:
-    """One task: the patient-level table (rows = models) with the sample-level table beside it."""
+def figure_html(caption: str, png: Path) -> str:
+    """A PNG inlined as a data URI (the report makes no external request)."""
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
+
+
+def task_section(task: str, records: Sequence[dict[str, Any]],
+                 figures: Sequence[tuple[str, Path]] = ()) -> Section:
+    """One task: the patient-level table (rows = models) with the sample-level table beside
+    it, then the task's figures (``(caption, png)`` pairs)."""
     body = (_settings_line(records[0])
             + f'<div class="pair">{_metrics_table(records, "patient")}{_metrics_table(records, "sample")}</div>'
-            + _notes(records))
+            + _notes(records) + "".join(figure_html(c, p) for c, p in figures))
     return Section(f"Task: {task}", body, anchor=f"task-{task}")
 
 
-def task_sections(records: Sequence[dict[str, Any]]) -> list[Section]:
+def task_figures(study: dict[str, Any]) -> dict[str, list[tuple[str, Path]]]:
+    """Figures the stages left for the report: the MAE reconstructions of a pretrained task."""
+    from medvit.config import mae_encoder_path
+
+    figures: dict[str, list[tuple[str, Path]]] = {}
+    for task in study.get("tasks", {}):
+        png = mae_encoder_path(study, task).parent / "reconstructions.png"
+        if png.is_file():
+            ratio = study["tasks"][task].get("pretrain", {}).get("mask_ratio")
+            figures.setdefault(task, []).append(
+                (f"MAE pretraining on training images: input / masked (mask ratio {ratio}) / reconstruction", png))
+    return figures
+
+
+def task_sections(records: Sequence[dict[str, Any]],
+                  figures: dict[str, Sequence[tuple[str, Path]]] | None = None) -> list[Section]:
     """One section per task, in pipeline order, then any other task alphabetically."""
     by_task: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -181,7 +208,7 @@ def task_sections(records: Sequence[dict[str, Any]]) -> list[Section]:
     from medvit.config import TASKS
 
     order = [t for t in TASKS if t in by_task] + sorted(t for t in by_task if t not in TASKS)
-    return [task_section(t, by_task[t]) for t in order]
+    return [task_section(t, by_task[t], (figures or {}).get(t, ())) for t in order]
 
 
 def render_page(title: str, meta: dict[str, str], sections: Sequence[Section]) -> str:
@@ -233,5 +260,5 @@ def report_stage(config_path: str | Path, metrics_paths: Sequence[str | Path], o
     commit = (code.get("commit") or "unknown")[:12] + ("-dirty" if code.get("dirty") else "")
     meta = {"study": study["study"], "generated": now_iso(), "code": f"medvit {__version__} ({commit})",
             "results": str(len(records))}
-    page = render_page(f"medvit report: {study['study']}", meta, task_sections(records))
+    page = render_page(f"medvit report: {study['study']}", meta, task_sections(records, task_figures(study)))
     return atomic_write_text(out_path, page)
