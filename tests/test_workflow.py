@@ -63,6 +63,21 @@ def snakemake(workdir: Path, *args: str, path_first: Path | None = None, env: di
     return proc.returncode, proc.stdout + proc.stderr
 
 
+def fake_runner(workdir: Path, study: Path):
+    """``run(*args)``: snakemake on ``study`` in ``workdir`` with the fake ``medvit`` first on
+    PATH; the fake logs each call to ``workdir/calls.jsonl``."""
+    fake_bin = workdir / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    (fake_bin / "medvit").write_text(FAKE_MEDVIT.format(python=sys.executable))
+    (fake_bin / "medvit").chmod(0o755)
+    env = {"FAKE_MEDVIT_CALLS": str(workdir / "calls.jsonl")}
+
+    def run(*args: str):
+        return snakemake(workdir, "--cores", "2", "--configfile", str(study), *args, path_first=fake_bin, env=env)
+
+    return run
+
+
 def job_counts(output: str) -> dict[str, int]:
     """The first `Job stats:` table of a snakemake run: rule -> number of jobs."""
     table = output.split("Job stats:", 1)[1].split("total", 1)[0]
@@ -205,18 +220,11 @@ def test_two_studies_have_disjoint_outputs(tmp_path):
 
 @pytest.mark.slow
 def test_run_with_fake_stages_and_rerun_only_what_changed(tmp_path):
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "medvit").write_text(FAKE_MEDVIT.format(python=sys.executable))
-    (fake_bin / "medvit").chmod(0o755)
-    calls = tmp_path / "calls.jsonl"
-    env = {"FAKE_MEDVIT_CALLS": str(calls)}
     study = {"study": "mini", "device": "cpu",
              "tasks": {"brain": {"models": ["resnet18"]}, "histo": {"models": ["resnet18", "resnet10t"]}}}
     path = write_study(tmp_path / "mini.yaml", study)
-
-    def run(*args):
-        return snakemake(tmp_path, "--cores", "2", "--configfile", str(path), *args, path_first=fake_bin, env=env)
+    run = fake_runner(tmp_path, path)
+    calls = tmp_path / "calls.jsonl"
 
     rc, out = run()
     assert rc == 0, out
@@ -258,17 +266,10 @@ def test_run_with_fake_stages_and_rerun_only_what_changed(tmp_path):
 
 @pytest.mark.slow
 def test_mae_study_reruns_only_what_a_vit_setting_changes(tmp_path):
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "medvit").write_text(FAKE_MEDVIT.format(python=sys.executable))
-    (fake_bin / "medvit").chmod(0o755)
-    env = {"FAKE_MEDVIT_CALLS": str(tmp_path / "calls.jsonl")}
     study = {"study": "mae", "device": "cpu",
              "tasks": {"xray": {"models": ["densenet121", "vit_tiny", "vit_tiny_mae"], "pretrain": {"patch_size": 8}}}}
     path = write_study(tmp_path / "mae.yaml", study)
-
-    def run(*args):
-        return snakemake(tmp_path, "--cores", "2", "--configfile", str(path), *args, path_first=fake_bin, env=env)
+    run = fake_runner(tmp_path, path)
 
     rc, out = run()
     assert rc == 0, out
