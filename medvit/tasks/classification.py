@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 
 from medvit.config import needs_mae
 from medvit.data.transforms import augment_transforms, randaugment_transforms
-from medvit.engine import Trainer, save_weights, sha256_file
-from medvit.models import count_parameters, create_model
+from medvit.engine import Trainer, sha256_file
+from medvit.models import create_model
 from medvit.models.vit import is_vit, layer_decay_param_groups, load_pretrained
-from medvit.tasks.common import StageContext, TaskSpec, load_context, model_sidecar, read_sidecar, write_predictions
+from medvit.tasks.common import StageContext, TaskSpec, load_context, read_sidecar, write_predictions
 from medvit.tasks.pretrain import recipe_unchanged
 from medvit.tasks.training import fit_and_save, load_for_inference, seeded_train_config, split_dataset
 
@@ -135,17 +135,13 @@ def _train_vit(ctx: StageContext, model_name: str, split_path: str | Path, out_d
     def loss_fn(outputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return loss(outputs, batch["label"])
 
-    trainer = FinetuneTrainer(model, train_ds, val_ds, cfg, out_dir, loss_fn=loss_fn,
-                              val_metric_fn=validation_metric(ctx.spec), param_groups=groups,
-                              mixup=ft["mixup"], num_classes=ctx.spec.num_outputs)
     recipe = {"finetune": ft, **kwargs, **init}
-    result = trainer.fit(resume=recipe_unchanged(out_dir, recipe))
-    params, trainable = count_parameters(model)
-    meta = model_sidecar(ctx, model_name, split_path, params=params, trainable_params=trainable,
-                         train_seconds=result.train_seconds, best_epoch=result.best_epoch,
-                         best_val_metric=result.best_metric, train=ctx.tcfg["train"], finetune=ft, layer_decay_applied=layer_decay,
-                         in_chans=in_chans, image_size=kwargs["img_size"], patch_size=kwargs["patch_size"], **init)
-    return save_weights(Path(out_dir) / "model.safetensors", model, meta)
+    return fit_and_save(ctx, model_name, split_path, out_dir, cfg, model, train_ds, val_ds, loss_fn,
+                        validation_metric(ctx.spec), trainer_cls=FinetuneTrainer,
+                        trainer_kwargs={"param_groups": groups, "mixup": ft["mixup"],
+                                        "num_classes": ctx.spec.num_outputs},
+                        resume=recipe_unchanged(out_dir, recipe), finetune=ft, layer_decay_applied=layer_decay,
+                        in_chans=in_chans, image_size=kwargs["img_size"], patch_size=kwargs["patch_size"], **init)
 
 
 def _build(ctx: StageContext, model_name: str, in_chans: int, meta: dict[str, Any] | None = None) -> nn.Module:

@@ -42,11 +42,15 @@ def split_dataset(ctx: StageContext, splits: str | list[str], spatial_size: Sequ
 def fit_and_save(ctx: StageContext, model_name: str, split_path: str | Path, out_dir: str | Path,
                  cfg: TrainConfig, model: nn.Module, train_ds: SampleDataset, val_ds: SampleDataset,
                  loss_fn: Callable[[Any, dict[str, Any]], torch.Tensor],
-                 val_metric_fn: Callable[[Any, Any], float], **card: Any) -> Path:
-    """Train (resuming from ``out_dir/checkpoints`` when present), keep the best epoch on
-    validation, write ``model.safetensors`` + ``model.json`` (``card`` adds fields to it)."""
-    trainer = Trainer(model, train_ds, val_ds, cfg, out_dir, loss_fn=loss_fn, val_metric_fn=val_metric_fn)
-    result = trainer.fit(resume=True)
+                 val_metric_fn: Callable[[Any, Any], float], trainer_cls: type[Trainer] = Trainer,
+                 trainer_kwargs: dict[str, Any] | None = None, resume: bool = True, **card: Any) -> Path:
+    """Train (resuming from ``out_dir/checkpoints`` when present and ``resume``), keep the best
+    epoch on validation, write ``model.safetensors`` + ``model.json`` (``card`` adds fields to
+    it). ``trainer_cls``/``trainer_kwargs`` select a Trainer subclass and its extra arguments
+    (e.g. optimizer ``param_groups``)."""
+    trainer = trainer_cls(model, train_ds, val_ds, cfg, out_dir, loss_fn=loss_fn, val_metric_fn=val_metric_fn,
+                          **(trainer_kwargs or {}))
+    result = trainer.fit(resume=resume)
     params, trainable = count_parameters(model)
     meta = model_sidecar(ctx, model_name, split_path, params=params, trainable_params=trainable,
                          train_seconds=result.train_seconds, best_epoch=result.best_epoch,
