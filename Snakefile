@@ -26,6 +26,10 @@ validate(config, "workflows/schemas/study.schema.yaml", set_default=True)
 include: "workflows/rules/data.smk"
 include: "workflows/rules/train.smk"
 include: "workflows/rules/xray.smk"
+include: "workflows/rules/dvpt.smk"
+include: "workflows/rules/brain.smk"
+include: "workflows/rules/prostate.smk"
+include: "workflows/rules/histo.smk"
 include: "workflows/rules/report.smk"
 
 
@@ -36,3 +40,4 @@ rule all:
     input:
         f"{OUT}/report/index.html",
         all_metrics(),
+        EXTRA_TARGETS,

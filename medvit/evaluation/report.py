@@ -176,13 +176,36 @@ def figure_html(caption: str, png: Path) -> str:
 
 
 def task_section(task: str, records: Sequence[dict[str, Any]],
-                 figures: Sequence[tuple[str, Path]] = ()) -> Section:
+                 figures: Sequence[tuple[str, Path]] = (), parts: Sequence[str] = ()) -> Section:
     """One task: the patient-level table (rows = models) with the sample-level table beside
-    it, then the task's figures (``(caption, png)`` pairs)."""
-    body = (_settings_line(records[0])
-            + f'<div class="pair">{_metrics_table(records, "patient")}{_metrics_table(records, "sample")}</div>'
-            + _notes(records) + "".join(figure_html(c, p) for c, p in figures))
+    it, then the task's figures (``(caption, png)`` pairs) and its stage-specific ``parts``
+    (HTML fragments, see :data:`PART_BUILDERS`)."""
+    tables = ""
+    if records:
+        tables = (_settings_line(records[0])
+                  + f'<div class="pair">{_metrics_table(records, "patient")}{_metrics_table(records, "sample")}</div>'
+                  + _notes(records))
+    body = tables + "".join(figure_html(c, p) for c, p in figures) + "".join(parts)
     return Section(f"Task: {task}", body, anchor=f"task-{task}")
+
+
+PART_BUILDERS: tuple[str, ...] = ()
+"""Task-specific report parts, as ``"module:function"``. Each function takes the validated
+study dict and returns ``{task: [html fragment, ...]}`` built from the files its stage wrote
+under the study folder (tables escaped with :func:`html_table`, figures inlined with
+:func:`figure_html`); it returns nothing for a task whose files are absent."""
+
+
+def task_parts(study: dict[str, Any]) -> dict[str, list[str]]:
+    """The fragments of every builder in :data:`PART_BUILDERS`, per task."""
+    import importlib
+
+    parts: dict[str, list[str]] = {}
+    for spec in PART_BUILDERS:
+        module, _, name = spec.partition(":")
+        for task, fragments in getattr(importlib.import_module(module), name)(study).items():
+            parts.setdefault(task, []).extend(fragments)
+    return parts
 
 
 def task_figures(study: dict[str, Any]) -> dict[str, list[tuple[str, Path]]]:
@@ -200,15 +223,18 @@ def task_figures(study: dict[str, Any]) -> dict[str, list[tuple[str, Path]]]:
 
 
 def task_sections(records: Sequence[dict[str, Any]],
-                  figures: dict[str, Sequence[tuple[str, Path]]] | None = None) -> list[Section]:
+                  figures: dict[str, Sequence[tuple[str, Path]]] | None = None,
+                  parts: dict[str, Sequence[str]] | None = None) -> list[Section]:
     """One section per task, in pipeline order, then any other task alphabetically."""
     by_task: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_task.setdefault(str(r.get("task", "?")), []).append(r)
+    for t in parts or {}:
+        by_task.setdefault(t, [])
     from medvit.config import TASKS
 
     order = [t for t in TASKS if t in by_task] + sorted(t for t in by_task if t not in TASKS)
-    return [task_section(t, by_task[t], (figures or {}).get(t, ())) for t in order]
+    return [task_section(t, by_task[t], (figures or {}).get(t, ()), (parts or {}).get(t, ())) for t in order]
 
 
 def render_page(title: str, meta: dict[str, str], sections: Sequence[Section]) -> str:
@@ -260,5 +286,5 @@ def report_stage(config_path: str | Path, metrics_paths: Sequence[str | Path], o
     commit = (code.get("commit") or "unknown")[:12] + ("-dirty" if code.get("dirty") else "")
     meta = {"study": study["study"], "generated": now_iso(), "code": f"medvit {__version__} ({commit})",
             "results": str(len(records))}
-    page = render_page(f"medvit report: {study['study']}", meta, task_sections(records, task_figures(study)))
+    page = render_page(f"medvit report: {study['study']}", meta, task_sections(records, task_figures(study), task_parts(study)))
     return atomic_write_text(out_path, page)

@@ -35,8 +35,15 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, spatial_dims: 
 
 
 def _ensure_loaded() -> None:
-    # importing the family modules runs their @register_model decorators
-    from medvit.models import densenet, resnet, unet, vit  # noqa: F401
+    # importing every family module of medvit.models runs its @register_model decorators
+    import importlib
+    import pkgutil
+
+    import medvit.models as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "registry":
+            importlib.import_module(f"medvit.models.{info.name}")
 
 
 def list_models() -> list[str]:

@@ -114,6 +114,11 @@ def train_mem_mb(wildcards):
     return 8000 if wildcards.task == "prostate" else 4000
 
 
+# Outputs of task-specific stages (comparison tables, figures) that the report reads: each
+# task's rule file appends its own, so `rule all` builds them and the report waits for them.
+EXTRA_TARGETS = []
+
+
 def all_metrics():
     """Every metrics.json of the study: one per (task, model)."""
     return [

@@ -29,6 +29,7 @@ rule evaluate:
 rule report:
     input:
         metrics=all_metrics(),
+        extras=EXTRA_TARGETS,
     output:
         html=f"{OUT}/report/index.html",
     params:

@@ -1,0 +1,1 @@
+# DVPT prompt tuning of a frozen ViT and the adaptation-method comparison (issue 6).

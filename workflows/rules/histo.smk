@@ -1,0 +1,1 @@
+# Histopathology: DCT-HistoTransformer and lightweight peers with measured compute (issue 9).
