@@ -593,3 +593,18 @@ def _main(out: str, device: str, bf16: str, step_sleep: str) -> None:
 
 if __name__ == "__main__":
     _main(*sys.argv[1:5])
+
+
+def test_count_flops_matches_hand_count_and_latency_is_measured():
+    from medvit.engine.compute import count_flops, measure_latency
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    x = torch.randn(3, 8)
+    # (3x8)@(8x4) + (3x4)@(4x2): 2*M*K*N each
+    assert count_flops(model, x) == 2 * 3 * 8 * 4 + 2 * 3 * 4 * 2
+    # backward adds the gradients of both weight matrices and of the hidden activation
+    assert count_flops(model, x, backward=True) > count_flops(model, x)
+    assert model.training
+    timing = measure_latency(model, x, warmup=1, repeats=3)
+    assert timing["batch"] == 3 and timing["median_s"] > 0
+    assert timing["throughput"] == pytest.approx(3 / timing["median_s"])
