@@ -174,7 +174,7 @@ def test_unreadable_image_quarantined_only_when_files_checked(study: Path) -> No
     ("label", "effusion|nodule", "invalid value"),
     ("labels", "effusion, nodule", "separated by '|'"),
     ("labels", "effusion||nodule", "invalid value"),
-    ("split", "training", "split must be train, val, test or empty"),
+    ("split", "training", "split must be train, val, test, unlabeled or empty"),
     ("patient_id", "", "every row needs a patient_id"),
     ("image", "", "every row needs an image path"),
 ])

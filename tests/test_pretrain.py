@@ -181,3 +181,55 @@ def test_recipe_change_starts_over_instead_of_resuming(study, tmp_path):
     log = (out / "train.log").read_text()
     assert log.count(" start: ") == 2 and " resume: " not in log
     assert json.loads((out / "model.json").read_text())["finetune"]["drop_path"] == 0.2
+
+
+def test_unlabeled_rows_reach_pretraining_only(tmp_path):
+    """Rows with split `unlabeled` (empty labels allowed) are read by pretraining, kept out of
+    fine-tuning, and their patients can never be validation or test patients."""
+    config = write_study(tmp_path / "study.yaml")
+    manifest = synthesize("xray", n_patients=14, out_dir=tmp_path / "data", seed=1, image_size=32)
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    unlabeled = sorted(df["patient_id"].unique())[:3]
+    mark = df["patient_id"].isin(unlabeled)
+    df.loc[mark, "split"], df.loc[mark, "labels"] = "unlabeled", ""
+    df.loc[~mark, "split"] = ""
+    df.to_csv(manifest, index=False)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["tasks"]["xray"]["manifest"] = str(manifest)
+    config.write_text(yaml.safe_dump(cfg))
+
+    split = split_stage(config, "xray", tmp_path / "xray" / "split.csv")
+    out = pd.read_csv(split, dtype=str, keep_default_na=False)
+    assert set(out.loc[out["patient_id"].isin(unlabeled), "split"]) == {"unlabeled"}
+    assert set(out.loc[~out["patient_id"].isin(unlabeled), "split"]) == {"train", "val", "test"}
+    assert json.loads(split.with_suffix(".json").read_text())["splits"]["unlabeled"]["patients"] == 3
+
+    ctx = load_context(config, "xray", split)
+    rows = pretraining_rows(ctx)
+    assert set(rows["split"]) == {"train", "unlabeled"} and set(unlabeled) <= set(rows["patient_id"])
+    encoder = pretrain_stage(config, "xray", split, tmp_path / "xray" / "mae")
+    card = json.loads(encoder.with_suffix(".json").read_text())
+    assert card["splits_seen"] == ["train", "unlabeled"] and card["train_samples"] == len(rows)
+
+    # fine-tuning trains on the labelled training rows only and still predicts val + test
+    weights = train_stage(config, "xray", "vit_tiny_mae", split, tmp_path / "xray" / "vit_tiny_mae")
+    preds = pd.read_csv(predict_stage(config, "xray", "vit_tiny_mae", split, weights,
+                                      tmp_path / "xray" / "vit_tiny_mae" / "predictions.csv"))
+    assert set(preds["split"]) == {"val", "test"} and not set(preds["patient_id"]) & set(unlabeled)
+
+    # an unlabeled patient with a test row is a leak, refused before anything runs
+    out.loc[out.index[out["patient_id"] == unlabeled[0]][0], "split"] = "test"
+    out.to_csv(split, index=False)
+    with pytest.raises(LeakageError, match=unlabeled[0]):
+        load_context(config, "xray", split)
+
+
+def test_empty_label_is_allowed_on_unlabeled_rows_only(tmp_path):
+    from medvit.data.manifest import validate_manifest
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "m.csv").write_text("patient_id,image,label,split\nP1,a.png,,unlabeled\nP2,a.png,,train\n"
+                                    "P3,a.png,tumor,\n")
+    report = validate_manifest(tmp_path / "m.csv", check_files=False)
+    assert [(p.row, p.column) for p in report.problems] == [(2, "label")]
+    assert "mark images without a label with split `unlabeled`" in report.problems[0].reason

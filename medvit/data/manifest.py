@@ -37,7 +37,11 @@ logger = logging.getLogger(__name__)
 
 #: The per-row JSON Schema (kept with the workflow so Snakemake rules can use it too).
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflows" / "schemas" / "manifest.schema.yaml"
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "unlabeled")
+"""Values of the ``split`` column. ``unlabeled`` rows are read by self-supervised pretraining
+only (never trained on with labels, validated or tested); a patient has one split, so an
+unlabeled patient never reaches validation or test either."""
+SUPERVISED_SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("patient_id",)
 KNOWN_COLUMNS = ("patient_id", "sample_id", "study_id", "image", "label", "labels", "mask", "boxes", "split")
 CHANNEL_RE = re.compile(r"^image_.+$")  # as medvit.data.io.read_sample reads them
@@ -589,7 +593,7 @@ def finding_names(df: pd.DataFrame) -> list[str]:
 
 
 __all__ = [
-    "Manifest", "Problem", "ValidationReport", "SPLITS", "SCHEMA_PATH", "load_manifest", "validate_manifest",
+    "Manifest", "Problem", "ValidationReport", "SPLITS", "SUPERVISED_SPLITS", "SCHEMA_PATH", "load_manifest", "validate_manifest",
     "format_report", "manifest_summary", "class_names", "finding_names", "finding_sets", "image_columns",
     "channel_columns", "check_boxes_file", "leakage_problems", "leaking_patients", "manifest_schema",
 ]

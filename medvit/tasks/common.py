@@ -121,7 +121,7 @@ def load_context(config_path: str | Path, task: str, split_path: str | Path) -> 
     if "split" not in manifest.df.columns:
         raise ManifestError(f"{split_path} has no `split` column: make it with `medvit split`")
     check_no_leakage(manifest.df)
-    spec = task_spec(task, tcfg, manifest.df)
+    spec = task_spec(task, tcfg, labeled_rows(manifest.df))
     return StageContext(study, Path(config_path), task, tcfg, manifest, spec)
 
 
@@ -145,7 +145,7 @@ def split_stage(config_path: str | Path, task: str, out_path: str | Path) -> Pat
     tcfg = task_config(study, task)
     manifest = load_manifest(task_manifest_path(study, task), check_files=True)
     df = manifest.df
-    spec = task_spec(task, tcfg, df)
+    spec = task_spec(task, tcfg, labeled_rows(df))
     split_cfg = tcfg.get("split", {})
     df = assign_splits(df, seed=study["seed"], val_fraction=split_cfg.get("val_fraction", 0.2),
                        test_fraction=split_cfg.get("test_fraction", 0.2), stratify=True)
@@ -178,10 +178,20 @@ def _resample_brain(df: pd.DataFrame, spec: TaskSpec, tcfg: dict, seed: int) -> 
     return pd.concat(parts).sort_values("_row").reset_index(drop=True), achieved
 
 
+def labeled_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows with a supervised role: all but ``split == "unlabeled"`` (pretraining-only images)."""
+    return df[df["split"] != "unlabeled"] if "split" in df.columns else df
+
+
 def records(ctx: StageContext, df: pd.DataFrame) -> list[dict[str, Any]]:
-    """One dict per sample for :class:`medvit.data.datasets.SampleDataset`."""
+    """One dict per sample for :class:`medvit.data.datasets.SampleDataset`. ``target`` is the
+    row's truth (:meth:`TaskSpec.targets`); on ``unlabeled`` rows, which only pretraining
+    reads, it is NaN (class index -1 for multiclass)."""
+    labeled = (df["split"] != "unlabeled").to_numpy() if "split" in df.columns else np.ones(len(df), bool)
+    known = ctx.spec.targets(df[labeled])
+    targets = np.full((len(df), *known.shape[1:]), -1 if known.dtype.kind == "i" else np.nan, dtype=known.dtype)
+    targets[labeled] = known
     recs = []
-    targets = ctx.spec.targets(df)
     for i, row in enumerate(df.to_dict("records")):
         recs.append({"row": row, "patient_id": str(row["patient_id"]), "sample_id": str(row["sample_id"]),
                      "target": targets[i]})

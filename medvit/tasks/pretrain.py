@@ -1,8 +1,8 @@
 """MAE pretraining stage (Medical MAE, Xiao et al. 2023) for a task's ViT encoder.
 
 ``medvit pretrain --config C --task xray --split S --out DIR`` trains a
-:class:`medvit.models.mae.MaskedAutoencoder` on the split's **training rows only** (the
-patients of ``split == "train"``; validation and test images are never read, so the
+:class:`medvit.models.mae.MaskedAutoencoder` on the split's **training and unlabeled rows only**
+(``split`` ``train`` or ``unlabeled``; validation and test images are never read, so the
 encoder cannot have seen the patients it is later evaluated on), with random-resized crops
 of ``pretrain.crop_scale`` of the image area. It writes into ``DIR``:
 
@@ -34,19 +34,24 @@ from medvit.tasks.common import StageContext, load_context, model_sidecar
 from medvit.tasks.training import split_dataset
 
 
+PRETRAINING_SPLITS = ["train", "unlabeled"]
+"""Splits a self-supervised stage reads: the training images and the manifest's unlabeled ones."""
+
+
 def pretraining_rows(ctx: StageContext) -> pd.DataFrame:
-    """The rows MAE pretraining may read: the training split, and only patients that appear
-    in no other split (guaranteed by the leakage guard; checked again here because a leak
-    would silently inflate the fine-tuned model's test metrics).
+    """The rows a self-supervised pretraining stage may read: the ``train`` and ``unlabeled``
+    splits, and only patients that appear in no validation or test row (guaranteed by the
+    leakage guard; checked again here because a leak would silently inflate the fine-tuned
+    model's test metrics).
 
     Raises:
-        LeakageError: a training patient also has validation or test rows.
+        LeakageError: a training or unlabeled patient also has validation or test rows.
     """
-    rows = ctx.rows("train")
-    others = set(ctx.df.loc[ctx.df["split"] != "train", "patient_id"].astype(str))
+    rows = ctx.rows(PRETRAINING_SPLITS)
+    others = set(ctx.df.loc[~ctx.df["split"].isin(PRETRAINING_SPLITS), "patient_id"].astype(str))
     shared = sorted(set(rows["patient_id"].astype(str)) & others)
     if shared:
-        raise LeakageError(shared, "MAE pretraining would see validation/test patients")
+        raise LeakageError(shared, "pretraining would see validation/test patients")
     return rows
 
 
@@ -103,8 +108,8 @@ def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, o
     out_dir = Path(out_dir)
     size = [ctx.tcfg["image_size"]] * 2
     rows = pretraining_rows(ctx)
-    dataset = split_dataset(ctx, "train", size, augment=random_resized_crop(size, pcfg["crop_scale"]))
-    assert len(dataset) == len(rows)  # split_dataset("train") reads exactly these rows
+    dataset = split_dataset(ctx, PRETRAINING_SPLITS, size, augment=random_resized_crop(size, pcfg["crop_scale"]))
+    assert len(dataset) == len(rows)  # split_dataset reads exactly these rows
     in_chans = int(dataset[0]["image"].shape[0])
     mae = build_mae(pcfg["model"], in_chans=in_chans, img_size=size[0], patch_size=pcfg["patch_size"],
                     mask_ratio=pcfg["mask_ratio"], decoder_dim=pcfg["decoder_dim"],
@@ -116,7 +121,7 @@ def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, o
     trainer = Trainer(mae, dataset, None, cfg, out_dir, loss_fn=loss_fn)
     recipe = {k: v for k, v in pcfg.items() if k not in ("train", "figures")}
     result = trainer.fit(resume=recipe_unchanged(out_dir, {**recipe, "image_size": size[0], "in_chans": in_chans}))
-    figure = save_reconstructions(mae.cpu(), split_dataset(ctx, "train", size, cache=False),
+    figure = save_reconstructions(mae.cpu(), split_dataset(ctx, PRETRAINING_SPLITS, size, cache=False),
                                   out_dir / "reconstructions.png", n=pcfg["figures"], seed=cfg.seed)
     meta = model_sidecar(ctx, pcfg["model"], split_path, stage="mae_pretrain", in_chans=in_chans,
                          image_size=size[0], patch_size=pcfg["patch_size"], pretrain=pcfg,
