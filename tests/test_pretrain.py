@@ -90,7 +90,7 @@ def test_pretraining_rows_are_training_patients_only(study):
     leaked = ctx.df.copy()
     leaked.loc[leaked.index[leaked["split"] == "val"][0], "patient_id"] = rows["patient_id"].iloc[0]
     ctx.manifest.df = leaked
-    with pytest.raises(LeakageError, match="MAE pretraining"):
+    with pytest.raises(LeakageError, match="pretraining would see validation/test patients"):
         pretraining_rows(ctx)
 
 
