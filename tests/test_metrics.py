@@ -202,3 +202,14 @@ def test_hd95_spacing_and_empty_masks():
         M.dice_score(a, a[:4])
     # 2D works too.
     assert M.dice_score(a[3], b[3]) == 1.0
+
+
+def test_expected_calibration_error_by_hand():
+    from medvit.evaluation.metrics import calibration_bins, expected_calibration_error
+
+    # bin [0.1, 0.2): probs .15 .15, truth 0 1 -> |0.5 - 0.15| ; bin [0.9, 1]: probs .95 1.0, truth 1 1 -> |1 - .975|
+    y, p = [0, 1, 1, 1], [0.15, 0.15, 0.95, 1.0]
+    assert expected_calibration_error(y, p) == pytest.approx(0.5 * 0.35 + 0.5 * 0.025)
+    b = calibration_bins(y, p)
+    assert b["count"].tolist() == [0, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert expected_calibration_error([0, 1], [0.0, 1.0]) == 0.0

@@ -93,3 +93,34 @@ def test_holm_and_pairwise_tables():
     good_weak = rows[1]
     assert good_weak["n_patients"] == 40 and good_weak["difference"] > 0 and good_weak["p_value"] < 0.01
     assert good_weak["p_holm"] >= good_weak["p_value"]
+
+
+def test_paired_bootstrap_of_macro_auroc():
+    from medvit.evaluation.paired import macro_auroc, paired_bootstrap_test
+
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 2, (80, 3))
+    good = truth + rng.normal(scale=0.5, size=truth.shape)
+    weak = truth + rng.normal(scale=3.0, size=truth.shape)
+    res = paired_bootstrap_test(truth, good, weak, n_boot=300)
+    assert res["difference"] == pytest.approx(macro_auroc(truth, good) - macro_auroc(truth, weak))
+    assert res["difference"] > 0 and res["ci95"][0] > 0 and res["p_value"] < 0.01
+    same = paired_bootstrap_test(truth, good, good, n_boot=100)
+    assert same["difference"] == 0 and same["p_value"] == 1.0
+    # with one class it agrees with DeLong's test on a large sample
+    y = truth[:, :1]
+    delong = delong_test(y[:, 0], good[:, 0], weak[:, 0])
+    boot = paired_bootstrap_test(y, good[:, :1], weak[:, :1], n_boot=1000)
+    assert boot["difference"] == pytest.approx(delong.difference)
+    assert abs(boot["ci95"][0] - delong.ci95[0]) < 0.06 and abs(boot["ci95"][1] - delong.ci95[1]) < 0.06
+
+
+def test_macro_auroc_matches_sklearn():
+    from medvit.evaluation.paired import macro_auroc
+
+    rng = np.random.default_rng(4)
+    truth = rng.integers(0, 2, (30, 3)).astype(float)
+    truth[:, 2] = 1  # a column without negatives is left out
+    scores = np.round(rng.random((30, 3)), 1)
+    expected = np.mean([roc_auc_score(truth[:, j], scores[:, j]) for j in range(2)])
+    assert macro_auroc(truth, scores) == pytest.approx(expected)

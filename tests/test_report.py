@@ -66,7 +66,9 @@ def test_report_contains_table_values(report):
     parser = _Collector()
     parser.feed(report)
     parser.close()
-    assert parser.tags.count("table") == 4  # patient + sample table per task
+    # patient + sample table per task (plus summary, data, provenance and model-card tables)
+    assert report.count("<caption>Patient level (test)</caption>") == 2
+    assert report.count("<caption>Sample level (test)</caption>") == 2
     assert "0.812 [0.701, 0.862]" in parser.cells
     assert "0.700 [0.600, 0.800]" in parser.cells
     assert "0.500 [0.400, 0.600]" in parser.cells  # per-finding column of the xray table

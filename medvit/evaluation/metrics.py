@@ -416,3 +416,37 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = 
         value = compute_hausdorff_distance(_mask_tensor(pred), _mask_tensor(truth), include_background=True,
                                            percentile=95, spacing=None if spacing is None else list(spacing))
     return float(value[0, 0])
+
+
+def calibration_bins(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """Reliability-diagram statistics over ``n_bins`` equal-width probability bins.
+
+    Args:
+        y_true: (N,) 0/1 truth.
+        y_prob: (N,) predicted probabilities in [0, 1].
+        n_bins: number of bins over [0, 1] (the last bin includes 1).
+
+    Returns:
+        ``count`` (N per bin), ``confidence`` (mean probability) and ``frequency`` (fraction
+        positive), NaN for empty bins; ``edges`` (n_bins + 1).
+    """
+    y = _as_binary(y_true).astype(float)
+    p = np.clip(np.asarray(y_prob, dtype=float), 0.0, 1.0)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1], right=False), 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.bincount(idx, weights=p, minlength=n_bins) / count
+        frequency = np.bincount(idx, weights=y, minlength=n_bins) / count
+    return {"count": count, "confidence": confidence, "frequency": frequency, "edges": edges}
+
+
+def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = 10) -> float:
+    """ECE (Naeini et al., AAAI 2015): sum over bins of (N_bin / N) * |frequency - confidence|,
+    with ``n_bins`` equal-width bins; NaN without samples."""
+    b = calibration_bins(y_true, y_prob, n_bins)
+    n = b["count"].sum()
+    if n == 0:
+        return float("nan")
+    filled = b["count"] > 0
+    return float(np.sum(b["count"][filled] / n * np.abs(b["frequency"][filled] - b["confidence"][filled])))

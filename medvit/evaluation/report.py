@@ -31,11 +31,14 @@ figure{margin:1rem 0} figure img{max-width:100%;image-rendering:pixelated} figca
 h1{margin-bottom:.2rem} h2{margin-top:2.2rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem}
 .meta{color:#57606a;font-size:.9rem} .meta span{margin-right:1.5rem}
 .pair{display:flex;flex-wrap:wrap;gap:2rem;align-items:flex-start}
-table{border-collapse:collapse;font-size:.88rem;margin:.6rem 0}
+table{border-collapse:collapse;font-size:.88rem;margin:.6rem 0;display:block;overflow-x:auto;max-width:100%}
 caption{text-align:left;font-weight:600;padding:.3rem 0}
 th,td{border:1px solid #d0d7de;padding:.3rem .55rem;text-align:right;white-space:nowrap}
-th{background:#f6f8fa} td:first-child,th:first-child{text-align:left}
+th{background:#f6f8fa} td:first-child,th:first-child,td.t,th.t{text-align:left}
 .settings,.notes{color:#57606a;font-size:.85rem} .notes li{margin:.1rem 0}
+.card table td{white-space:normal;text-align:left;max-width:60rem} .card{margin:.8rem 0}
+nav.toc{font-size:.9rem} nav.toc a{margin-right:1rem}
+details pre{background:#f6f8fa;padding:.6rem;overflow:auto;font-size:.8rem}
 """
 
 
@@ -100,10 +103,17 @@ def format_seconds(seconds: Any) -> str:
     return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 
-def html_table(headers: Sequence[str], rows: Iterable[Sequence[str]], caption: str = "") -> str:
-    """A table from plain-text cells (every cell and header is escaped here)."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+def html_table(headers: Sequence[str], rows: Iterable[Sequence[str]], caption: str = "",
+               text_columns: Sequence[int] = ()) -> str:
+    """A table from plain-text cells (every cell and header is escaped here). Cells are
+    right-aligned (numbers) except the first column and ``text_columns`` (indices)."""
+    left = set(text_columns)
+
+    def cell(tag: str, j: int, value: Any) -> str:
+        return f'<{tag} class="t">{esc(value)}</{tag}>' if j in left else f"<{tag}>{esc(value)}</{tag}>"
+
+    head = "".join(cell("th", j, h) for j, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(cell("td", j, c) for j, c in enumerate(row)) + "</tr>" for row in rows)
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -189,7 +199,12 @@ def task_section(task: str, records: Sequence[dict[str, Any]],
     return Section(f"Task: {task}", body, anchor=f"task-{task}")
 
 
-PART_BUILDERS: tuple[str, ...] = ()
+PART_BUILDERS: tuple[str, ...] = (
+    "medvit.tasks.compare:report_parts",
+    "medvit.evaluation.brain_report:brain_parts",
+    "medvit.tasks.adapt:report_parts",
+    "medvit.tasks.segmentation:report_parts",
+)
 """Task-specific report parts, as ``"module:function"``. Each function takes the validated
 study dict and returns ``{task: [html fragment, ...]}`` built from the files its stage wrote
 under the study folder (tables escaped with :func:`html_table`, figures inlined with
@@ -280,11 +295,29 @@ def report_stage(config_path: str | Path, metrics_paths: Sequence[str | Path], o
     from medvit.config import load_study
     from medvit.provenance import git_version, now_iso
 
+    from medvit.config import study_dir
+    from medvit.evaluation import report_sections as rs
+
     study = load_study(config_path)
     records = load_metrics(metrics_paths)
     code = git_version()
     commit = (code.get("commit") or "unknown")[:12] + ("-dirty" if code.get("dirty") else "")
     meta = {"study": study["study"], "generated": now_iso(), "code": f"medvit {__version__} ({commit})",
             "results": str(len(records))}
-    page = render_page(f"medvit report: {study['study']}", meta, task_sections(records, task_figures(study), task_parts(study)))
+    root = study_dir(study)
+    figures_dir = Path(out_path).parent / "figures"
+    results = rs.load_task_results(records, [Path(p) for p in metrics_paths], root)
+    comparisons = rs.task_comparisons(results)
+    parts: dict[str, list[str]] = {}
+    eces: dict[str, dict[str, float]] = {}
+    for task, tr in results.items():
+        html_figs, eces[task] = rs.task_figures_html(tr, figures_dir)
+        parts[task] = [html_figs, rs.ece_html(eces[task]), rs.comparisons_html(comparisons.get(task, []))]
+    for task, fragments in task_parts(study).items():
+        parts.setdefault(task, []).extend(fragments)
+    sections = [rs.summary_section(study, results, comparisons),
+                *task_sections(records, task_figures(study), parts),
+                rs.data_section(results), rs.model_cards_section(study, results, eces),
+                rs.provenance_section(study, records, root)]
+    page = render_page(f"medvit report: {study['study']}", meta, [s for s in sections if s is not None])
     return atomic_write_text(out_path, page)

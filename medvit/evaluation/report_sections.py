@@ -1,0 +1,404 @@
+"""The parts of the evaluation report beyond the metric tables: the summary a reader sees
+first, per-task figures (ROC/PR with the validation operating point, calibration, confusion
+matrices, cost comparison) and paired tests, the data section, provenance and model cards.
+
+Everything is computed from files the pipeline wrote under ``results/<study>/``: each
+model's ``metrics.json`` and the ``predictions.csv`` beside it, each task's ``split.json`` /
+``split.csv``, the rule benchmarks. Only pseudonymous patient ids exist in those files; the
+report shows counts, never a patient id, and strips file paths from quarantine reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from medvit.evaluation.aggregate import aggregate_patients
+from medvit.evaluation.evaluate import read_predictions
+from medvit.evaluation.figures import comparison_figure, confusion_figure, reliability_figure, roc_pr_figure
+from medvit.evaluation.paired import paired_auroc_comparisons
+from medvit.evaluation.report import (Section, esc, figure_html, format_count, format_metric, format_seconds,
+                                      format_value, html_table, metric_label)
+
+# Headline metric of a task, first present wins (patient level).
+HEADLINE = ("auroc_macro", "auroc", "balanced_accuracy", "accuracy", "dice")
+INTENDED_USE = ("Research use only: a model trained by an automated pipeline for method comparison. It is "
+                "not a medical device and has not been validated for clinical decisions.")
+
+
+@dataclass
+class TaskResults:
+    """What the report knows about one task: its metrics records, patient-level test tables
+    per model and the split summary."""
+
+    task: str
+    records: list[dict[str, Any]]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    split: dict[str, Any] = field(default_factory=dict)
+    split_csv: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        return str(self.records[0].get("kind", "binary")) if self.records else "binary"
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.records[0].get("classes", [])) if self.records else []
+
+    def thresholds(self) -> dict[str, dict[str, float]]:
+        """model -> class -> patient-level threshold chosen on validation."""
+        return {r["model"]: {c: float(v) for c, v in ((r.get("threshold") or {}).get("patient") or {}).items()
+                             if isinstance(v, (int, float))} for r in self.records}
+
+
+def headline(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(metric name, entry) of the record's headline patient-level metric."""
+    metrics = record.get("metrics") or {}
+    for name in HEADLINE:
+        entry = metrics.get(name)
+        if entry and isinstance(entry.get("value"), (int, float)) and math.isfinite(entry["value"]):
+            return name, entry
+    return None
+
+
+def load_task_results(records: Sequence[dict[str, Any]], metrics_paths: Sequence[Path],
+                      study_root: Path) -> dict[str, TaskResults]:
+    """Group records by task and read each model's predictions beside its metrics.json into a
+    patient-level test table (aggregated as the evaluation did)."""
+    out: dict[str, TaskResults] = {}
+    for record, path in zip(records, metrics_paths):
+        task = str(record.get("task", "?"))
+        tr = out.setdefault(task, TaskResults(task, []))
+        tr.records.append(record)
+        predictions = Path(path).parent / "predictions.csv"
+        if predictions.is_file():
+            df = read_predictions(predictions)
+            agg = record.get("aggregate") or {}
+            patients = aggregate_patients(df, agg.get("method") or "max", agg.get("top_k") or 3, record.get("kind"))
+            tr.tables[str(record["model"])] = patients[patients["split"] == "test"].reset_index(drop=True)
+    from medvit.config import TASKS
+
+    out = {t: out[t] for t in [t for t in TASKS if t in out] + sorted(t for t in out if t not in TASKS)}
+    for task, tr in out.items():
+        split_json = study_root / task / "split.json"
+        if split_json.is_file():
+            tr.split = json.loads(split_json.read_text(encoding="utf-8"))
+            tr.split_csv = split_json.with_suffix(".csv")
+    return out
+
+
+# ------------------------------------------------------------------------ summary
+def best_record(tr: TaskResults) -> tuple[dict[str, Any], str, dict[str, Any]] | None:
+    scored = [(r, *h) for r in tr.records if (h := headline(r))]
+    if not scored:
+        return None
+    # the headline metric shared by most records, then the highest value
+    names = [s[1] for s in scored]
+    common = max(set(names), key=names.count)
+    return max((s for s in scored if s[1] == common), key=lambda s: s[2]["value"])
+
+
+def summary_section(study: dict[str, Any], results: dict[str, TaskResults],
+                    comparisons: dict[str, list[dict[str, Any]]]) -> Section:
+    """What a reader sees first: per task the data size and the best model with its headline
+    patient-level metric, CI, and whether a paired test backs it against the runner-up."""
+    rows = []
+    for task, tr in results.items():
+        splits = tr.split.get("splits", {})
+        patients = sum(s.get("patients", 0) for s in splits.values())
+        samples = sum(s.get("samples", 0) for s in splits.values())
+        best = best_record(tr)
+        if best is None:
+            rows.append([task, format_count(patients), format_count(samples), "n/a", "", "", ""])
+            continue
+        record, name, entry = best
+        backed = _backing(record["model"], tr, comparisons.get(task, []))
+        rows.append([task, format_count(patients), format_count(samples), record["model"],
+                     f"{metric_label(name)} {format_metric(entry)}", format_count(record.get("n_patients")), backed])
+    table = html_table(["task", "patients", "samples", "best model", "patient-level test metric [95% CI]",
+                        "test patients", "against the runner-up (paired test on the same patients)"], rows,
+                       text_columns=(3, 6))
+    links = [(f"task-{t}", f"Task: {t}") for t in results] + [("data", "Data"), ("model-cards", "Model cards"),
+                                                               ("provenance", "Provenance")]
+    nav = '<nav class="toc">' + "".join(f'<a href="#{esc(a)}">{esc(t)}</a>' for a, t in links) + "</nav>"
+    origin = ", ".join(f"{t}: {_origin(study, t)}" for t in results)
+    intro = (f'<p>Study <b>{esc(study["study"])}</b>, seed {esc(study["seed"])}; data {esc(origin)}. '
+             "All headline numbers are patient level on the held-out test patients, with 95% percentile "
+             "bootstrap intervals over patients. A model is called better only where the paired test "
+             "column says so.</p>")
+    return Section("Summary", intro + table + nav, anchor="summary")
+
+
+def _origin(study: dict[str, Any], task: str) -> str:
+    from medvit.config import manifest_origin
+
+    try:
+        return manifest_origin(study, task)
+    except Exception:  # noqa: BLE001 - a task missing from the config is reported as unknown
+        return "unknown"
+
+
+def _backing(model: str, tr: TaskResults, comparisons: list[dict[str, Any]]) -> str:
+    """Runner-up comparison for the summary: DeLong's test for a binary task, a paired
+    bootstrap of the macro AUROC otherwise (on the patients both models scored)."""
+    from medvit.evaluation.paired import paired_bootstrap_test
+
+    others = [r for r in tr.records if r["model"] != model and headline(r)]
+    if not others:
+        return "only model"
+    runner = max(others, key=lambda r: headline(r)[1]["value"])["model"]
+    if tr.kind == "binary":
+        tests = [c for c in comparisons if {c["model_a"], c["model_b"]} == {model, runner}]
+        if not tests:
+            return f"no paired test against {runner}"
+        p, how = tests[0]["p_holm"], "DeLong, Holm-adjusted"
+    else:
+        if model not in tr.tables or runner not in tr.tables:
+            return f"no paired test against {runner}"
+        a, b = tr.tables[model].set_index("patient_id"), tr.tables[runner].set_index("patient_id")
+        common = a.index.intersection(b.index)
+        truth = a.loc[common, [f"true_{c}" for c in tr.classes]].to_numpy()
+        if not np.array_equal(truth, b.loc[common, [f"true_{c}" for c in tr.classes]].to_numpy()):
+            return f"not comparable with {runner} (different truth for the same patients)"
+        res = paired_bootstrap_test(truth, a.loc[common, [f"score_{c}" for c in tr.classes]].to_numpy(),
+                                    b.loc[common, [f"score_{c}" for c in tr.classes]].to_numpy(), n_boot=1000)
+        p, how = res["p_value"], "paired bootstrap of the macro AUROC"
+    if not math.isfinite(p):
+        return f"paired test against {runner} undefined"
+    verdict = "significantly better than" if p < 0.05 else "not significantly different from"
+    return f"{verdict} {runner} ({how}, p={p:.3g})"
+
+
+# ------------------------------------------------------------------------ per task
+def task_figures_html(tr: TaskResults, figures_dir: Path) -> tuple[str, dict[str, float]]:
+    """Curves, calibration, confusion matrices and the cost chart of a task (HTML) and each
+    model's ECE."""
+    if not tr.tables:
+        return "", {}
+    parts: list[str] = []
+    thresholds = tr.thresholds() if tr.kind != "multiclass" else {}
+    roc = roc_pr_figure(tr.tables, tr.classes, thresholds, figures_dir / f"{tr.task}_roc_pr.png")
+    if roc:
+        parts.append(figure_html("ROC and precision-recall curves of the test patients; dots mark the operating "
+                                 "point of the threshold chosen on the validation patients", roc))
+    rel, eces = reliability_figure(tr.tables, tr.classes, figures_dir / f"{tr.task}_calibration.png")
+    conf = confusion_figure(tr.tables, tr.classes, tr.kind, thresholds, figures_dir / f"{tr.task}_confusion.png",
+                            negative=_negative_name(tr))
+    pair = "".join(figure_html(c, p) for c, p in (
+        ("Reliability diagram of the test patients (all classes one-vs-rest); ECE = expected calibration "
+         "error over 10 bins", rel),
+        ("Confusion matrices of the test patients " + ("(argmax class)" if tr.kind == "multiclass" else
+                                                       "at the threshold chosen on validation"), conf)) if p)
+    if pair:
+        parts.append(f'<div class="pair">{pair}</div>')
+    points = []
+    for r in tr.records:
+        h = headline(r)
+        if h:
+            name, entry = h
+            ci = next((v for k, v in entry.items() if k.startswith("ci")), None)
+            points.append({"model": r["model"], "value": entry["value"], "ci": ci, "params": r.get("params"),
+                           "flops": r.get("flops"), "latency_ms": r.get("latency_ms"),
+                           "train_seconds": r.get("train_seconds")})
+    if points:
+        chart = comparison_figure(points, f"{metric_label(headline(tr.records[0])[0]) if headline(tr.records[0]) else 'metric'}"
+                                  " (patient level)", figures_dir / f"{tr.task}_comparison.png")
+        if chart:
+            parts.append(figure_html("Headline patient-level metric (95% CI) against what each model costs", chart))
+    return "".join(parts), eces
+
+
+def _negative_name(tr: TaskResults) -> str:
+    """The negative class of a binary task (the split summary names every class)."""
+    names = {c for s in (tr.split.get("splits") or {}).values() for c in (s.get("classes") or {})}
+    negatives = sorted(names - set(tr.classes))
+    return negatives[0] if len(negatives) == 1 else "negative"
+
+
+def comparisons_html(comparisons: list[dict[str, Any]]) -> str:
+    """The paired DeLong table of a task."""
+    if not comparisons:
+        return ""
+    rows = [[c["model_a"], c["model_b"], c["class"], format_count(c["n_patients"]), format_value(c["auc_a"]),
+             format_value(c["auc_b"]), f"{c['difference']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]",
+             f"{c['p_value']:.3g}", f"{c['p_holm']:.3g}"] for c in comparisons]
+    return html_table(["model A", "model B", "class", "patients", "AUROC A", "AUROC B", "A - B [95% CI]",
+                       "p (DeLong)", "p (Holm)"], rows, text_columns=(1, 2), caption=
+                      "Paired comparison on the same test patients (DeLong's test for correlated AUROCs; Holm "
+                      "adjustment over the task's comparisons)")
+
+
+def ece_html(eces: dict[str, float]) -> str:
+    if not eces:
+        return ""
+    return html_table(["model", "ECE (test patients, 10 bins)"], [[m, format_value(v)] for m, v in eces.items()],
+                      "Calibration")
+
+
+# ------------------------------------------------------------------------ data
+_PATHLIKE = re.compile(r"\S*[/\\]\S*|\S+\.(?:png|jpe?g|tiff?|dcm|nii(?:\.gz)?|npy|txt)\b", re.IGNORECASE)
+
+
+def redact_paths(text: str) -> str:
+    """Replace file paths in a message by ``<file>``: real exports put patient names in paths."""
+    return _PATHLIKE.sub("<file>", text)
+
+
+def data_section(results: dict[str, TaskResults]) -> Section | None:
+    """Patients and samples per split and class, the achieved anomaly ratio, quarantined
+    inputs with reasons, and the leakage check's result, per task."""
+    from medvit.data.manifest import leaking_patients
+
+    parts = []
+    for task, tr in results.items():
+        splits = tr.split.get("splits") or {}
+        if not splits:
+            continue
+        groups = sorted({g for s in splits.values() for g in (s.get("classes") or s.get("findings") or {})})
+        rows = []
+        for name, s in splits.items():
+            per = s.get("classes") or s.get("findings") or {}
+            rows.append([name, format_count(s.get("patients")), format_count(s.get("samples")),
+                         *[f"{format_count(per.get(g, {}).get('patients', 0))} / "
+                           f"{format_count(per.get(g, {}).get('samples', 0))}" for g in groups]])
+        body = html_table(["split", "patients", "samples", *[f"{g} (patients / samples)" for g in groups]], rows,
+                          f"{task}: {tr.split.get('kind', '')} task")
+        anomaly = tr.split.get("anomaly") or {}
+        if anomaly:
+            arows = [[name, a.get("by", ""), format_value(a.get("target_abnormal_fraction")),
+                      format_value(a.get("achieved_patient_fraction")), format_value(a.get("achieved_image_fraction")),
+                      f"{a.get('patients_normal', 0)} : {a.get('patients_abnormal', 0)}",
+                      f"{a.get('images_normal', 0)} : {a.get('images_abnormal', 0)}"] for name, a in anomaly.items()]
+            body += html_table(["split", "resampled by", "target abnormal fraction", "achieved (patients)",
+                                "achieved (images)", "patients normal : abnormal", "images normal : abnormal"], arows,
+                               "Anomaly distribution after resampling")
+        quarantined = tr.split.get("quarantined") or []
+        if quarantined:
+            body += html_table(["row", "column", "reason"], text_columns=(1, 2), rows=
+                               [[format_count(q.get("row")) if q.get("row") else "-", q.get("column") or "-",
+                                 redact_paths(str(q.get("reason", "")))] for q in quarantined],
+                               caption=f"Quarantined inputs ({len(quarantined)}; left out of every stage)")
+        else:
+            body += '<p class="settings">Quarantined inputs: none.</p>'
+        if tr.split_csv and tr.split_csv.is_file():
+            df = pd.read_csv(tr.split_csv, dtype=str, keep_default_na=False)
+            leaks = leaking_patients(df)
+            n = df["patient_id"].nunique()
+            text = (f"Leakage check passed: each of the {n} patients is in exactly one split."
+                    if not leaks else f"Leakage check FAILED: {len(leaks)} patient(s) in more than one split.")
+            body += f'<p class="settings">{esc(text)}</p>'
+        parts.append(body)
+    return Section("Data", "".join(parts), anchor="data") if parts else None
+
+
+# ------------------------------------------------------------------------ provenance
+def stage_times(study_root: Path) -> tuple[list[list[str]], float | None, float | None]:
+    """Per-rule wall time from Snakemake's ``benchmark:`` files: table rows, run start and end
+    (epoch seconds; start = earliest file time minus its duration)."""
+    rows, starts, ends = [], [], []
+    for tsv in sorted((study_root / "benchmarks").glob("*/*.tsv")):
+        try:
+            bench = pd.read_csv(tsv, sep="\t")
+        except (OSError, ValueError, pd.errors.EmptyDataError):
+            continue
+        if bench.empty or "s" not in bench:
+            continue
+        seconds = float(bench["s"].iloc[-1])
+        rss = bench["max_rss"].iloc[-1] if "max_rss" in bench else None
+        mtime = tsv.stat().st_mtime
+        starts.append(mtime - seconds)
+        ends.append(mtime)
+        rows.append([tsv.parent.name, tsv.stem, format_seconds(seconds),
+                     f"{float(rss):,.0f} MB" if isinstance(rss, (int, float)) and math.isfinite(rss) else "n/a"])
+    return rows, (min(starts) if starts else None), (max(ends) if ends else None)
+
+
+def provenance_section(study: dict[str, Any], records: Sequence[dict[str, Any]], study_root: Path) -> Section:
+    """Config as run, code version, manifest hashes, packages, hardware, times per stage."""
+    from datetime import datetime, timezone
+
+    from medvit.provenance import git_version, hardware, package_versions
+
+    code = git_version()
+    facts = [["code", f"git {code.get('commit') or 'unknown'}" + (" (uncommitted changes)" if code.get("dirty") else "")]]
+    prov = next((r.get("provenance") for r in records if r.get("provenance")), {}) or {}
+    if prov.get("config_sha256"):
+        facts.append(["study config", f"{prov.get('config_path', '')} sha256 {prov['config_sha256']}"])
+    for r in records:
+        p = r.get("provenance") or {}
+        if p.get("manifest_sha256"):
+            facts.append([f"split manifest {r.get('task')}/{r.get('model')}", f"sha256 {p['manifest_sha256']}"])
+    hw = hardware()
+    facts.append(["hardware", f"{hw.get('machine')}, {hw.get('cpu_count')} CPU cores, CUDA "
+                              f"{'yes' if hw.get('cuda') else 'no'}, Python {hw.get('python')}"])
+    facts.append(["packages", ", ".join(f"{k} {v}" for k, v in package_versions().items() if v)])
+    rows, start, end = stage_times(study_root)
+    if start is not None:
+        def stamp(t: float) -> str:
+            return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="seconds")
+
+        facts.append(["run", f"first stage started {stamp(start)}, last finished {stamp(end)} "
+                             f"({format_seconds(end - start)} wall time)"])
+    body = html_table(["", ""], facts, text_columns=(1,))
+    if rows:
+        total = sum(float(pd.read_csv(t, sep="\t")["s"].iloc[-1]) for t in (study_root / "benchmarks").glob("*/*.tsv")
+                    if t.stat().st_size)
+        body += html_table(["stage", "job", "wall time", "peak memory"], rows, text_columns=(1,), caption=
+                           f"Wall time per job (Snakemake benchmarks; {format_seconds(total)} summed)")
+    config_text = yaml.safe_dump(study, sort_keys=False)
+    body += f"<details><summary>Study config as run (defaults filled)</summary><pre>{esc(config_text)}</pre></details>"
+    return Section("Provenance", body, anchor="provenance")
+
+
+# ------------------------------------------------------------------------ model cards
+def model_cards_section(study: dict[str, Any], results: dict[str, TaskResults],
+                        eces: dict[str, dict[str, float]]) -> Section | None:
+    """One card per trained model: intended use, data, training, metrics, limits."""
+    cards = []
+    for task, tr in results.items():
+        splits = tr.split.get("splits") or {}
+        data = ", ".join(f"{n}: {s.get('patients', 0)} patients / {s.get('samples', 0)} samples"
+                         for n, s in splits.items())
+        for r in tr.records:
+            h = headline(r)
+            metric = f"{metric_label(h[0])} {format_metric(h[1])}" if h else "n/a"
+            limits = []
+            if _origin(study, task) == "synthetic":
+                limits.append("trained and tested on synthetic images: the numbers test the pipeline, not a clinical claim")
+            n_test = r.get("n_patients") or 0
+            if n_test and n_test < 100:
+                limits.append(f"only {n_test} test patients: wide confidence intervals")
+            ece = eces.get(task, {}).get(r["model"])
+            if ece is not None and math.isfinite(ece) and ece > 0.1:
+                limits.append(f"poorly calibrated (ECE {ece:.2f}): scores are rankings, not probabilities")
+            limits.extend(str(n) for n in r.get("notes") or [])
+            limits.append("single site/dataset: performance on other scanners and populations is unknown")
+            rows = [["intended use", f"{INTENDED_USE} Task: {task} ({r.get('kind', '')}: {', '.join(tr.classes)})."],
+                    ["data", data or "n/a"],
+                    ["training", f"{format_count(r.get('params'))} parameters ({format_count(r.get('trainable_params'))} "
+                                 f"trainable), trained {format_seconds(r.get('train_seconds'))}"],
+                    ["test metric (patient level)", metric],
+                    ["limits", "; ".join(limits)]]
+            caption = f"Model card: {task} / {r['model']}"
+            cards.append(f'<div class="card">{html_table(["", ""], rows, caption)}</div>')
+    return Section("Model cards", "".join(cards), anchor="model-cards") if cards else None
+
+
+def task_comparisons(results: dict[str, TaskResults]) -> dict[str, list[dict[str, Any]]]:
+    """Paired DeLong tests per task over its models' common test patients."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for task, tr in results.items():
+        if len(tr.tables) >= 2:
+            try:
+                out[task] = paired_auroc_comparisons(tr.tables, tr.classes)
+            except ValueError:  # models evaluated on different truths: not comparable
+                out[task] = []
+    return out
