@@ -14,6 +14,10 @@ min_version("9.0")
 configfile: "workflows/studies/demo.yaml"
 
 
+# `snakemake --report report.zip` after a run: Snakemake's own report with the key figures.
+report: "workflows/report/workflow.rst"
+
+
 # Loads the study file with medvit.config (all errors at once, naming key, value and what is
 # allowed) and replaces `config` with the validated, default-filled study.
 include: "workflows/rules/common.smk"

@@ -106,3 +106,15 @@ def test_deleting_one_model_reruns_only_it(tiny_run):
     assert jobs == {"train": 1, "predict": 1, "evaluate": 1, "report": 1, "all": 1}, out
     wildcards = [line.strip() for line in out.splitlines() if line.strip().startswith("wildcards:")]
     assert len(wildcards) == 3 and all("task=histo" in w and "model=resnet10t" in w for w in wildcards), out
+
+
+def test_snakemake_report_zip_has_the_figures(tiny_run):
+    import zipfile
+
+    workdir, study = tiny_run
+    archive = workdir / "report.zip"
+    run_snakemake(workdir, study, "--report", str(archive))
+    names = zipfile.ZipFile(archive).namelist()
+    assert any(n.endswith("index.html") and "/data/raw/" in n or n.endswith("/index.html") for n in names)
+    for task in TINY["tasks"]:
+        assert any(n.endswith(f"{task}_roc_pr.png") for n in names), names

@@ -305,7 +305,8 @@ def report_stage(config_path: str | Path, metrics_paths: Sequence[str | Path], o
     meta = {"study": study["study"], "generated": now_iso(), "code": f"medvit {__version__} ({commit})",
             "results": str(len(records))}
     root = study_dir(study)
-    figures_dir = Path(out_path).parent / "figures"
+    figures_dir = Path(out_path).parent / "figures"  # PNGs also kept as files (Snakemake's --report lists them)
+    figures_dir.mkdir(parents=True, exist_ok=True)
     results = rs.load_task_results(records, [Path(p) for p in metrics_paths], root)
     comparisons = rs.task_comparisons(results)
     parts: dict[str, list[str]] = {}

@@ -31,7 +31,13 @@ rule report:
         metrics=all_metrics(),
         extras=EXTRA_TARGETS,
     output:
-        html=f"{OUT}/report/index.html",
+        html=report(f"{OUT}/report/index.html", caption="../report/evaluation_report.rst", category="Report"),
+        figures=report(
+            directory(f"{OUT}/report/figures"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
     params:
         study=STUDY_FILE,
         evaluation=json.dumps(config["evaluation"], sort_keys=True),

@@ -10,7 +10,11 @@ rule pretrain:
     output:
         encoder=f"{OUT}/xray/mae/encoder.safetensors",
         card=f"{OUT}/xray/mae/encoder.json",
-        figure=f"{OUT}/xray/mae/reconstructions.png",
+        figure=report(
+            f"{OUT}/xray/mae/reconstructions.png",
+            caption="../report/mae_reconstructions.rst",
+            category="Chest X-ray",
+        ),
     params:
         study=STUDY_FILE,
         settings=lambda w: settings(
