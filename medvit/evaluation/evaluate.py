@@ -340,8 +340,9 @@ def evaluate_stage(config_path: str | Path, task: str, model: str, predictions_p
     """Evaluate one model's predictions.csv with the study's settings -> metrics.json.
 
     Reads ``evaluation`` (bootstrap, ci, aggregate, top_k, threshold) and ``seed`` from the
-    study, and ``params``, ``trainable_params``, ``train_seconds`` and ``split_manifest`` from
-    the ``model.json`` written by training beside predictions.csv (null when absent).
+    study, and ``params``, ``trainable_params``, ``train_seconds``, ``flops`` (per sample),
+    ``latency_ms`` (per sample, batch 1, on ``latency_device``) and ``split_manifest`` from the
+    ``model.json`` written by training beside predictions.csv (null when absent).
 
     Returns:
         ``out_path``.
@@ -367,5 +368,7 @@ def evaluate_stage(config_path: str | Path, task: str, model: str, predictions_p
     prov["predictions_sha256"] = sha256_file(predictions_path)
     record = {"study": study["study"], "task": task, "model": model, **result,
               "params": meta.get("params"), "trainable_params": meta.get("trainable_params"),
-              "train_seconds": meta.get("train_seconds"), "notes": notes, "provenance": prov}
+              "train_seconds": meta.get("train_seconds"), "flops": meta.get("flops"),
+              "latency_ms": meta.get("latency_ms"), "latency_device": meta.get("latency_device"),
+              "notes": notes, "provenance": prov}
     return write_json(out_path, record)

@@ -54,8 +54,31 @@ def fit_and_save(ctx: StageContext, model_name: str, split_path: str | Path, out
     params, trainable = count_parameters(model)
     meta = model_sidecar(ctx, model_name, split_path, params=params, trainable_params=trainable,
                          train_seconds=result.train_seconds, best_epoch=result.best_epoch,
-                         best_val_metric=result.best_metric, train=ctx.tcfg["train"], **card)
+                         best_val_metric=result.best_metric, train=ctx.tcfg["train"],
+                         **inference_cost(model, (val_ds if len(val_ds) else train_ds)[0]["image"], cfg.device),
+                         **card)
     return save_weights(Path(out_dir) / "model.safetensors", model, meta)
+
+
+def inference_cost(model: nn.Module, image: torch.Tensor, device: str = "auto") -> dict[str, Any]:
+    """FLOPs and latency of one sample (batch 1) through ``model``, measured the same way for
+    every model (:mod:`medvit.engine.compute`), for the report's metric-vs-cost charts.
+
+    Args:
+        model: the trained network (left on its device, restored to its mode).
+        image: one sample without batch axis, (C, H, W) or (C, D, H, W).
+        device: the study's device setting.
+
+    Returns:
+        ``flops`` (per sample), ``latency_ms`` (median of a few calls) and ``latency_device``.
+    """
+    from medvit.engine.compute import count_flops, measure_latency
+
+    dev = resolve_device(device)
+    model = model.to(dev)
+    example = image[None].to(dev)
+    timing = measure_latency(model, example, warmup=2, repeats=5)
+    return {"flops": count_flops(model, example), "latency_ms": timing["per_sample_ms"], "latency_device": dev.type}
 
 
 def load_for_inference(ctx: StageContext, weights: str | Path,
