@@ -7,7 +7,7 @@ CORES  ?= 2
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-slurm studies test-all lint clean bench bench-quick
 
 setup: $(STAMP)
 
@@ -21,8 +21,33 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/snakemake --cores $(CORES) --profile workflows/profiles/local
 
+# The SLURM integration test needs root (it installs and starts a one-node SLURM): CI runs
+# it with `make test-slurm`; `make test` leaves it out.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slurm"
+
+test-slurm: setup
+	$(BIN)/python -m pytest -q -m slurm tests/test_slurm.py
+
+# Several studies at once, one Snakemake per study, all in parallel in this directory:
+#   make studies STUDIES="workflows/studies/a.yaml workflows/studies/b.yaml" PROFILE=workflows/profiles/slurm
+# Each study writes only under results/<study>/ (distinct names are checked first), so the
+# runs cannot touch each other's files; --nolock because Snakemake's lock folder is shared by
+# every run in a directory and the first run to finish would delete the others' locks.
+STUDIES ?=
+PROFILE ?= workflows/profiles/local
+SNAKEMAKE_ARGS ?=
+studies: setup
+	@test -n "$(STUDIES)" || { echo "error: set STUDIES to one or more study files"; exit 2; }
+	$(BIN)/python -c "import sys; from medvit.config import load_study; n = [load_study(f)['study'] for f in sys.argv[1:]]; d = sorted({x for x in n if n.count(x) > 1}); sys.exit('error: two studies are named ' + ', '.join(d) + ': both would write results/<study>/' if d else 0)" $(STUDIES)
+	printf '%s\n' $(STUDIES) | xargs -P 0 -I{} $(BIN)/snakemake --profile $(PROFILE) --nolock $(SNAKEMAKE_ARGS) --configfile {}
+
+# Every benchmark in one run -> benchmarks/RESULTS.md (docs/performance.md); bench-quick: minutes.
+bench: setup
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
+
+bench-quick: setup
+	$(BIN)/python benchmarks/run_all.py --quick $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/snakemake --lint --cores 1

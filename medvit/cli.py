@@ -65,7 +65,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from medvit.tasks import train_stage
 
-    train_stage(args.config, args.task, args.model, args.split, args.out)
+    train_stage(args.config, args.task, args.model, args.split, args.out, seed=args.seed)
     return 0
 
 
@@ -91,10 +91,102 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from medvit.tasks.compare import compare_stage
+
+    print(f"wrote {compare_stage(args.config, args.task, args.out)}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from medvit.evaluation.report import report_stage
 
     report_stage(args.config, args.metrics, args.out)
+    return 0
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from medvit.tasks.detection import detect_stage
+
+    print(f"wrote {detect_stage(args.config, args.task, args.split, args.out)}")
+    return 0
+
+
+def _cmd_ptp(args: argparse.Namespace) -> int:
+    from medvit.evaluation.ptp import ptp_stage
+
+    print(f"wrote {ptp_stage(args.config, args.task, args.predictions, args.out, section=args.section)}")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from medvit.tasks.distill import distill_stage
+
+    print(f"wrote {distill_stage(args.config, args.task, args.role, args.split, args.out, args.teacher, args.reuse)}")
+    return 0
+
+
+def _cmd_distill_compare(args: argparse.Namespace) -> int:
+    from medvit.tasks.distill import compare_stage
+
+    print(f"wrote {compare_stage(args.config, args.task, args.distill_dir, args.out)}")
+    return 0
+
+
+def _cmd_cascade(args: argparse.Namespace) -> int:
+    from medvit.tasks.cascade import cascade_stage
+
+    print(f"wrote {cascade_stage(args.config, args.task, args.split, args.detector, args.classifier, args.out)}")
+    return 0
+
+
+def _cmd_ssl_pretrain(args: argparse.Namespace) -> int:
+    from medvit.tasks.ssl import ssl_stage
+
+    print(f"wrote {ssl_stage(args.config, args.task, args.split, args.fold, args.out)}")
+    return 0
+
+
+def _cmd_cv_fold(args: argparse.Namespace) -> int:
+    from medvit.tasks.segmentation import cv_fold_stage
+
+    print(f"wrote {cv_fold_stage(args.config, args.task, args.model, args.split, args.fold, args.out, args.init)}")
+    return 0
+
+
+def _cmd_cv_pool(args: argparse.Namespace) -> int:
+    from medvit.tasks.segmentation import cv_pool_stage
+
+    print(f"wrote {cv_pool_stage(args.config, args.task, args.model, args.split, args.folds, args.out)}")
+    return 0
+
+
+def _cmd_external_test(args: argparse.Namespace) -> int:
+    from medvit.tasks.segmentation import external_stage
+
+    print(f"wrote {external_stage(args.config, args.task, args.model, args.split, args.weights, args.out)}")
+    return 0
+
+
+def _cmd_cv_summary(args: argparse.Namespace) -> int:
+    from medvit.tasks.segmentation import cv_summary_stage
+
+    print(f"wrote {cv_summary_stage(args.config, args.task, args.split, args.out)}")
+    return 0
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from medvit.tasks.adapt import adapt_stage
+
+    for path in adapt_stage(args.config, args.task, args.method, args.split, args.out, args.fraction):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_adapt_compare(args: argparse.Namespace) -> int:
+    from medvit.tasks.adapt import compare_stage
+
+    print(f"wrote {compare_stage(args.config, args.task, args.adapt_dir, args.out)}")
     return 0
 
 
@@ -152,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True)
     train.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     train.add_argument("--out", type=Path, required=True, help="model folder (checkpoints, weights, log)")
+    train.add_argument("--seed", type=int, default=None,
+                       help="training seed replacing the study's (repeated runs for mean ± sd; classification tasks)")
 
     pretrain = stage("pretrain", "MAE pretraining of a task's ViT encoder on its training split", _cmd_pretrain)
     pretrain.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
@@ -164,10 +258,88 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--weights", type=Path, required=True, help="model.safetensors from `medvit train`")
     predict.add_argument("--out", type=Path, required=True, help="predictions.csv to write")
 
+    compare = stage("compare", "compare a task's models: accuracy (mean ± sd over seeds) against params, FLOPs "
+                               "and CPU latency", _cmd_compare)
+    compare.add_argument("--out", type=Path, required=True,
+                         help="folder for comparison.json and accuracy_vs_flops.png")
+
     evaluate = stage("evaluate", "patient- and sample-level metrics with bootstrap CIs", _cmd_evaluate)
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--predictions", type=Path, required=True)
     evaluate.add_argument("--out", type=Path, required=True, help="metrics.json to write")
+
+    detect = stage("detect", "train, validate and run the YOLOv8 detector (offline) on a task's split", _cmd_detect)
+    detect.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
+    detect.add_argument("--out", type=Path, required=True, help="detector folder (weights, predictions.csv, mAP)")
+
+    ptp = stage("ptp", "patient-to-patient evaluation of slice detections (docs/brain.md)", _cmd_ptp)
+    ptp.add_argument("--predictions", type=Path, required=True, help="slice predictions.csv of the detector or cascade")
+    ptp.add_argument("--section", choices=["detection", "cascade"], default="detection",
+                     help="config block whose threshold flags a slice (detection.conf or cascade.threshold)")
+    ptp.add_argument("--out", type=Path, required=True, help="ptp.json to write")
+
+    distill = stage("distill", "train, predict and evaluate the CNN teacher or a DeiT student", _cmd_distill)
+    distill.add_argument("role", choices=["teacher", "student", "student_distilled"])
+    distill.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
+    distill.add_argument("--teacher", type=Path, default=None,
+                         help="the teacher's model.safetensors (required for student_distilled)")
+    distill.add_argument("--reuse", type=Path, default=None,
+                         help="teacher only: model.safetensors of the same model already trained by `medvit train`")
+    distill.add_argument("--out", type=Path, required=True, help="the role's folder")
+
+    dcompare = stage("distill-compare", "teacher vs distilled vs plain student: metrics, params, CPU latency",
+                     _cmd_distill_compare)
+    dcompare.add_argument("--distill-dir", type=Path, required=True, help="folder holding the three role folders")
+    dcompare.add_argument("--out", type=Path, required=True, help="comparison.json to write")
+
+    cascade = stage("cascade", "detection then classification of the flagged slices, evaluated per patient",
+                    _cmd_cascade)
+    cascade.add_argument("--split", type=Path, required=True)
+    cascade.add_argument("--detector", type=Path, required=True, help="the detector folder (predictions.csv, boxes.csv)")
+    cascade.add_argument("--classifier", type=Path, required=True, help="the classifier's model.safetensors")
+    cascade.add_argument("--out", type=Path, required=True, help="cascade folder")
+
+    # prostate: self-supervised pretraining and patient-level cross-validation (docs/prostate.md)
+    ssl = stage("ssl-pretrain", "multi-task self-supervised pretraining of the CSwin encoder on one fold",
+                _cmd_ssl_pretrain)
+    ssl.add_argument("--split", type=Path, required=True)
+    ssl.add_argument("--fold", type=int, required=True, help="0-based cross-validation fold")
+    ssl.add_argument("--out", type=Path, required=True, help="folder for encoder.safetensors, inpainting.png")
+    cv_fold = stage("cv-fold", "train one segmentation model on one fold and predict its held-out volumes",
+                    _cmd_cv_fold)
+    cv_fold.add_argument("--model", required=True)
+    cv_fold.add_argument("--split", type=Path, required=True)
+    cv_fold.add_argument("--fold", type=int, required=True, help="0-based cross-validation fold")
+    cv_fold.add_argument("--init", type=Path, default=None, help="SSL encoder.safetensors (cswin_unet_ssl)")
+    cv_fold.add_argument("--out", type=Path, required=True, help="the fold folder")
+    cv_pool = stage("cv-pool", "pool a model's folds: out-of-fold predictions.csv and the fold ensemble",
+                    _cmd_cv_pool)
+    cv_pool.add_argument("--model", required=True)
+    cv_pool.add_argument("--split", type=Path, required=True)
+    cv_pool.add_argument("--folds", type=Path, nargs="+", required=True, help="the fold folders, in fold order")
+    cv_pool.add_argument("--out", type=Path, required=True, help="the model folder")
+    external = stage("external-test", "evaluate a trained model on the external cohort", _cmd_external_test)
+    external.add_argument("--model", required=True)
+    external.add_argument("--split", type=Path, required=True)
+    external.add_argument("--weights", type=Path, required=True, help="the model's model.safetensors")
+    external.add_argument("--out", type=Path, required=True, help="folder for predictions.csv, metrics.json, maps/")
+    cv_summary = stage("cv-summary", "fold table, FLOPs, inference time and overlays of every model",
+                       _cmd_cv_summary)
+    cv_summary.add_argument("--split", type=Path, required=True)
+    cv_summary.add_argument("--out", type=Path, required=True, help="cv_summary.json (overlays.png beside it)")
+
+    # DVPT and the other ways to adapt a frozen ViT (docs/dvpt.md)
+    adapt = stage("adapt", "adapt the frozen backbone with one method (linear, vpt, dvpt, full) at each "
+                           "fraction of the training patients: adapter, predictions, metrics", _cmd_adapt)
+    adapt.add_argument("--method", required=True, choices=["linear", "vpt", "dvpt", "full"])
+    adapt.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
+    adapt.add_argument("--fraction", type=float, nargs="+", default=None,
+                       help="fractions of the training patients (default: the study's adapt.fractions)")
+    adapt.add_argument("--out", type=Path, required=True, help="the task's adapt folder (<method>_p<percent>/ inside)")
+    acompare = stage("adapt-compare", "every adaptation run side by side: comparison.json, label_efficiency.png",
+                     _cmd_adapt_compare)
+    acompare.add_argument("--adapt-dir", type=Path, required=True, help="the task's adapt folder")
+    acompare.add_argument("--out", type=Path, required=True, help="comparison.json to write")
 
     report = sub.add_parser("report", help="write the HTML evaluation report")
     report.add_argument("--config", type=Path, required=True)

@@ -43,6 +43,15 @@ _TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a strin
                "null": "null", "array": "a list", "object": "a mapping of keys"}
 # YAML 1.1 (PyYAML) reads `1e-3` as a string; it needs a dot (`1.0e-3`) to be a float.
 _FLOAT_LIKE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+# JSON Schema patterns are searched, and `$` also matches before a final newline ("demo\n"):
+# the study name is checked again in full.
+_STUDY_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# results_dir is part of every output path, which Snakemake puts unquoted into shell commands.
+_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+@:,=][A-Za-z0-9_./+@:,=-]*")
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest study file read (a study is a few hundred lines)."""
+MAX_YAML_NODES = 100_000
+"""Most YAML nodes a study may expand to once aliases are followed (refuses "billion laughs")."""
 
 
 # ---------------------------------------------------------------------------------- schema
@@ -196,6 +205,15 @@ def _format_error(error: ValidationError, root: Mapping) -> list[str]:
 def _semantic_errors(study: Mapping) -> list[str]:
     """Checks a JSON Schema cannot express (run on the default-filled config; type-guarded)."""
     errors: list[str] = []
+    name = study.get("study")
+    if isinstance(name, str) and re.search("^[A-Za-z0-9_-]+$", name) and not _STUDY_NAME.fullmatch(name):
+        errors.append(f"study: got {_show(name)} (it ends in a line break); allowed: a string of "
+                      f"{_PATTERN_WORDS['^[A-Za-z0-9_-]+$']} (pattern ^[A-Za-z0-9_-]+$)")
+    results_dir = study.get("results_dir")
+    if isinstance(results_dir, str) and results_dir and not _SAFE_PATH.fullmatch(results_dir):
+        errors.append(f"results_dir: got {_show(results_dir)}; allowed: a path of letters, digits and _ . / + @ : , = - "
+                      "(not starting with '-'; no spaces or shell metacharacters: it is part of every output path "
+                      "in the workflow's shell commands)")
     tasks = study.get("tasks")
     if not isinstance(tasks, dict):
         return errors
@@ -206,6 +224,8 @@ def _semantic_errors(study: Mapping) -> list[str]:
         if isinstance(manifest, str) and manifest and not Path(manifest).is_file():
             errors.append(f"tasks.{name}.manifest: file not found: {manifest} "
                           f"(paths are relative to the working directory {Path.cwd()})")
+        elif isinstance(manifest, str) and manifest:
+            errors.extend(_manifest_root_errors(name, manifest))
         source = task.get("source")
         if source is not None and manifest is not None:
             errors.append(f"tasks.{name}: got both manifest {_show(manifest)} and source {_show(source)}; "
@@ -225,6 +245,23 @@ def _semantic_errors(study: Mapping) -> list[str]:
                           "allowed: [] (findings apply to label_column 'labels')")
         errors.extend(_vit_errors(name, task))
     return errors
+
+
+def _manifest_root_errors(task: str, manifest: str) -> list[str]:
+    """Paths of a given manifest that leave its allowed roots (checked before any job runs;
+    an unreadable manifest is left to the split stage, which says why in detail)."""
+    from medvit.data.manifest import _read, allowed_roots, outside_root_problems
+    from medvit.errors import ManifestError
+
+    try:
+        df, _ = _read(manifest)
+    except ManifestError:
+        return []
+    problems = outside_root_problems(df, Path(manifest).resolve().parent, allowed_roots(manifest))
+    shown = [f"tasks.{task}.manifest: {manifest} {p}" for p in problems[:10]]
+    if len(problems) > 10:
+        shown.append(f"tasks.{task}.manifest: ... and {len(problems) - 10} more paths outside the allowed roots")
+    return shown
 
 
 def _vit_errors(name: str, task: Mapping) -> list[str]:
@@ -325,7 +362,13 @@ def load_study(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"study config not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"study config {path} is {size} bytes; allowed: at most {MAX_CONFIG_BYTES} "
+                              "(a study is a short YAML file)")
+        raw = _safe_yaml(path.read_text(encoding="utf-8"), path)
+    except RecursionError:
+        raise ConfigError(f"study config {path} is nested too deeply to be a study") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -339,6 +382,38 @@ def load_study(path: str | Path) -> dict:
         raise ConfigError(f"study config {path} must be a mapping of keys (e.g. `study: demo`), "
                           f"got {_type_of(raw)}: {_show(raw)}")
     return validate_study(raw, source=path)
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], active: set[int], path: Path) -> int:
+    """Nodes ``node`` becomes once every alias is copied out (shared nodes counted per use)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise ConfigError(f"study config {path} has a recursive alias (an anchor used inside itself)")
+    active.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_nodes(child, memo, active, path) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_nodes(k, memo, active, path) + _expanded_nodes(v, memo, active, path)
+                     for k, v in node.value)
+    active.discard(key)
+    memo[key] = total
+    return total
+
+
+def _safe_yaml(text: str, path: Path) -> Any:
+    """``yaml.safe_load`` that first refuses documents expanding to more than
+    :data:`MAX_YAML_NODES` nodes (anchors re-used exponentially, a "billion laughs" bomb):
+    PyYAML shares aliased objects, but validation and the workflow walk them in full."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is not None:
+        size = _expanded_nodes(node, {}, set(), path)
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f"study config {path} expands to {size} YAML nodes through its anchors and aliases; "
+                              f"allowed: at most {MAX_YAML_NODES} (is it a YAML bomb?)")
+    return yaml.safe_load(text)
 
 
 def study_dir(study: Mapping[str, Any]) -> Path:

@@ -57,11 +57,31 @@ class SampleDataset(Dataset):
         """Select the augmentation stream of ``epoch`` (called by the trainer each epoch)."""
         self.epoch = int(epoch)
 
-    def warm_cache(self, desc: str = "loading") -> None:
-        """Decode every sample now, with a progress bar (so the first epoch is not a surprise)."""
-        if self.cache:
-            for i in tqdm(range(len(self)), desc=desc, unit="sample", leave=False, disable=len(self) < 50):
+    def warm_cache(self, desc: str = "loading", num_workers: int = 0) -> None:
+        """Decode every sample not cached yet, with a progress bar.
+
+        The trainer calls it before DataLoader workers start: samples a worker decodes stay in
+        that worker and die with it at the end of the epoch, so without this every epoch would
+        decode again. ``num_workers`` > 0 decodes in that many threads (image decoders release
+        the GIL; MONAI's CacheDataset does the same).
+        """
+        if not self.cache:
+            return
+        todo = [i for i, cached in enumerate(self._cached) if cached is None]
+        if not todo:
+            return
+        bar = tqdm(total=len(todo), desc=desc, unit="sample", leave=False, disable=len(todo) < 50)
+        if num_workers > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(num_workers) as pool:
+                for _ in pool.map(self._loaded, todo):
+                    bar.update()
+        else:
+            for i in todo:
                 self._loaded(i)
+                bar.update()
+        bar.close()
 
     def _loaded(self, index: int) -> dict[str, Any]:
         if self.cache and self._cached[index] is not None:

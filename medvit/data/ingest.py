@@ -419,7 +419,11 @@ class _Builder:
         self.n_volumes_failed = 0
 
     def _ids(self, f: _File, sample_src: str) -> tuple[str, str, str]:
-        return self.pseudo("patient", f.patient), self.pseudo("study", f.study), self.pseudo("sample", sample_src)
+        # The sample pseudonym is scoped by the group (patient, study, series): copies of one SOP
+        # instance that disagree on those (edited or damaged headers) must not share a sample_id
+        # or overwrite each other's link.
+        return (self.pseudo("patient", f.patient), self.pseudo("study", f.study),
+                self.pseudo("sample", f"{f.patient}\x00{f.study}\x00{f.series}\x00{sample_src}"))
 
     def _row(self, ids: tuple[str, str, str], link: Path, img: ImageData, f: _File, n_files: int) -> _Row:
         return _Row(

@@ -392,13 +392,32 @@ def _read_pillow(p: Path, fmt: str) -> ImageData:
 
 def _check_png_end(p: Path) -> None:
     """Pillow decodes a PNG cut after its image data without complaint; the mandatory IEND
-    chunk tells a complete file from a truncated one."""
+    chunk tells a complete file from a truncated one. Pillow also skips the CRC of image data
+    chunks, so a flipped bit in IDAT would decode to wrong pixels: every chunk's CRC is checked."""
+    import zlib
+
     with open(p, "rb") as fh:
         fh.seek(0, os.SEEK_END)
         fh.seek(max(0, fh.tell() - 65536))
         tail = fh.read()
     if b"IEND\xaeB`\x82" not in tail:
         raise ImageReadError(p, "truncated PNG (no IEND chunk at the end)")
+    with open(p, "rb") as fh:
+        fh.seek(8)  # after the signature, which Pillow has checked
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ImageReadError(p, "corrupt PNG (chunks end before IEND)")
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            data = fh.read(length)
+            crc = fh.read(4)
+            if len(data) < length or len(crc) < 4:
+                raise ImageReadError(p, f"corrupt PNG (chunk {kind!r} runs past the end of the file)")
+            if zlib.crc32(data, zlib.crc32(kind)) != int.from_bytes(crc, "big"):
+                raise ImageReadError(p, f"corrupt PNG (CRC mismatch in chunk {kind.decode('latin-1')!r}: "
+                                        "damaged file)")
+            if kind == b"IEND":
+                return
 
 
 def _pil_to_array(p: Path, im) -> np.ndarray:

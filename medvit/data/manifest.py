@@ -18,10 +18,13 @@ Row numbers are 1-based data rows: row 1 is the first line after the header.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import math
+import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -48,6 +51,9 @@ CHANNEL_RE = re.compile(r"^image_.+$")  # as medvit.data.io.read_sample reads th
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 #: Columns medvit adds; a CSV must not bring its own.
 RESERVED_COLUMNS = ("_row",)
+#: Environment variable listing extra folders (``os.pathsep``-separated) that manifest paths may
+#: point into, besides the manifest's own folder (docs/security.md).
+ROOTS_ENV = "MEDVIT_DATA_ROOTS"
 
 
 @dataclass
@@ -314,15 +320,19 @@ def check_boxes_file(path: Path) -> str | None:
     return None
 
 
-def _file_problems(df: pd.DataFrame, root: Path, check_files: bool) -> list[Problem]:
+def _file_problems(df: pd.DataFrame, root: Path, check_files: bool,
+                   pixels: dict[int, str] | None = None) -> list[Problem]:
     """Missing files always; with ``check_files`` also unreadable images, grid mismatches, bad boxes.
 
     Images are read with :func:`medvit.data.io.read_sample` -- the reader training uses -- so a
-    row that passes here is a row the datasets can load (channels stacked, one grid).
+    row that passes here is a row the datasets can load (channels stacked, one grid). With
+    ``pixels``, the SHA-256 of every non-constant image's decoded array is stored there by row
+    (to find the same image under two patient ids, whatever its file header says).
     """
     img_cols = image_columns(df)
     extra = [c for c in ("mask", "boxes") if c in df.columns]
     problems: list[Problem] = []
+    layouts: dict[int, tuple[int, int]] = {}  # row -> (channels, spatial dims)
     records = df[["_row"] + img_cols + extra].to_dict("records")
     if check_files:
         from tqdm import tqdm
@@ -350,13 +360,25 @@ def _file_problems(df: pd.DataFrame, root: Path, check_files: bool) -> list[Prob
                 problems.append(Problem(row, _column_of(exc.path, rec, img_cols, root), f"unreadable: {exc.reason}"))
             except Exception as exc:  # noqa: BLE001 -- one odd file must not stop the run; the reason is reported
                 problems.append(Problem(row, img_cols[0], f"unreadable: {type(exc).__name__}: {exc}"))
+            if sample is not None and pixels is not None and np.ptp(sample.array) > 0:  # blank images are not evidence
+                pixels[row] = hashlib.sha256(str(sample.shape).encode() + sample.array.tobytes()).hexdigest()
+            if sample is not None:
+                layouts[row] = (sample.shape[0], len(sample.shape) - 1)
         if "mask" in extra and "mask" not in absent:
             try:
                 mask = read_image(root / rec["mask"])
             except ImageReadError as exc:
                 problems.append(Problem(row, "mask", f"unreadable: {exc.reason}"))
             else:
-                if sample is not None and (mask.shape[1:] != sample.shape[1:]
+                values = np.unique(mask.array)
+                bad = values[(values < 0) | (values != np.round(values))]
+                if mask.shape[0] != 1:
+                    problems.append(Problem(row, "mask", f"mask has {mask.shape[0]} channels; expected one channel "
+                                                         "of integer labels"))
+                elif bad.size:
+                    problems.append(Problem(row, "mask", f"mask holds {bad.size} value(s) that are not labels "
+                                                         f"(non-negative integers), e.g. {float(bad[0]):g}"))
+                elif sample is not None and (mask.shape[1:] != sample.shape[1:]
                                            or not np.allclose(mask.spacing, sample.spacing, rtol=1e-3, atol=1e-4)):
                     problems.append(Problem(row, "mask", f"mask grid {mask.shape[1:]} (spacing {mask.spacing}) differs "
                                                          f"from image grid {sample.shape[1:]} (spacing {sample.spacing})"))
@@ -364,7 +386,21 @@ def _file_problems(df: pd.DataFrame, root: Path, check_files: bool) -> list[Prob
             reason = check_boxes_file(root / rec["boxes"])
             if reason:
                 problems.append(Problem(row, "boxes", reason))
-    return problems
+    return problems + _layout_problems(layouts, img_cols[0])
+
+
+def _layout_problems(layouts: dict[int, tuple[int, int]], column: str) -> list[Problem]:
+    """Rows whose image differs in channels or dimensionality from most rows (a 4D series
+    among 3D volumes, an RGB image among grayscale ones): one model cannot take both."""
+    if not layouts:
+        return []
+    counts: dict[tuple[int, int], int] = {}
+    for layout in layouts.values():
+        counts[layout] = counts.get(layout, 0) + 1
+    (channels, dims), _ = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
+    return [Problem(row, column, f"image has {c} channel(s) and {d} spatial dimensions, but most rows have "
+                                 f"{channels} channel(s) and {dims}; one model cannot take both")
+            for row, (c, d) in sorted(layouts.items()) if (c, d) != (channels, dims)]
 
 
 def _column_of(path: Path, rec: dict[str, Any], columns: list[str], root: Path) -> str:
@@ -373,6 +409,108 @@ def _column_of(path: Path, rec: dict[str, Any], columns: list[str], root: Path) 
         if rec[col] and Path(path) == root / rec[col]:
             return col
     return columns[0]
+
+
+# --------------------------------------------------------------------------- allowed roots
+
+
+def path_columns(df: pd.DataFrame) -> list[str]:
+    """Columns holding file paths: the image column(s), ``mask`` and ``boxes``."""
+    return image_columns(df) + [c for c in ("mask", "boxes") if c in df.columns]
+
+
+def allowed_roots(manifest: str | Path, extra: Iterable[str | Path] = ()) -> list[Path]:
+    """Folders a manifest's paths may point into: its own folder, the folders listed in
+    ``$MEDVIT_DATA_ROOTS`` (``os.pathsep``-separated) and ``extra``. Absolute, normalised."""
+    env = [r for r in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if r.strip()]
+    roots = [Path(manifest).resolve().parent, *(Path(r) for r in env), *(Path(r) for r in extra)]
+    return list(dict.fromkeys(Path(os.path.abspath(r)) for r in roots))
+
+
+def _inside(candidate: str, roots: Sequence[Path]) -> bool:
+    for root in roots:
+        for form in {os.path.normpath(str(root)), os.path.realpath(root)}:
+            if candidate == form or candidate.startswith(form.rstrip(os.sep) + os.sep):
+                return True
+    return False
+
+
+def outside_root_problems(df: pd.DataFrame, root: Path, roots: Sequence[Path]) -> list[Problem]:
+    """One problem per path cell that leaves the allowed roots.
+
+    A path is normalised lexically (``..`` removed, symbolic links not followed) after joining
+    it to ``root`` (the manifest's folder), so ``../../etc/passwd`` and ``/etc/passwd`` leave
+    the roots while the link tree of ``medvit ingest`` stays inside. Nothing is opened.
+    """
+    problems: list[Problem] = []
+    cols = [c for c in path_columns(df) if c in df.columns]
+    if not cols or not len(df):
+        return problems
+    shown = ", ".join(str(r) for r in roots)
+    for rec in df[["_row", *cols]].to_dict("records"):
+        for col in cols:
+            value = rec[col]
+            if not isinstance(value, str) or value == "":
+                continue
+            if "\x00" in value:
+                problems.append(Problem(int(rec["_row"]), col, f"path {value!r} contains a NUL character"))
+                continue
+            candidate = os.path.normpath(os.path.join(str(root), value))
+            if not _inside(candidate, roots):
+                problems.append(Problem(int(rec["_row"]), col,
+                                        f"path {value!r} resolves to {candidate}, outside the allowed roots "
+                                        f"({shown}); paths must stay inside the manifest's folder, or list the "
+                                        f"data folder in ${ROOTS_ENV}"))
+    return problems
+
+
+def _raise_outside(path: Path, problems: list[Problem]) -> None:
+    shown = "\n  ".join(str(p) for p in problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise ManifestError(f"manifest {path}: {len(problems)} path(s) point outside the allowed roots; nothing was "
+                        f"read from them:\n  {shown}{more}")
+
+
+# --------------------------------------------------------------------------- duplicate images
+
+
+def duplicate_image_problems(df: pd.DataFrame, fingerprints: dict[int, str],
+                             column: str = "split") -> tuple[list[Problem], list[str]]:
+    """Identical images under different patient ids (the same patient entered twice?).
+
+    Args:
+        df: manifest rows with ``patient_id`` and ``_row``.
+        fingerprints: ``{row: content hash}`` (the pixel hashes ``check_files`` computes).
+        column: the split column; identical images of different patients in different splits
+            are leakage.
+
+    Returns:
+        (one manifest-wide problem per group of identical images naming its patients and rows,
+        the sorted patients whose identical images sit in different splits).
+    """
+    groups: dict[str, list[int]] = {}
+    for row, digest in fingerprints.items():
+        groups.setdefault(digest, []).append(row)
+    by_row = df.set_index("_row")
+    has_split = column in df.columns
+    problems, leaking = [], set()
+    for rows in groups.values():
+        patients = sorted({str(by_row.at[r, "patient_id"]) for r in rows})
+        if len(patients) < 2:
+            continue
+        rows = sorted(rows)
+        splits = sorted({str(by_row.at[r, column]) for r in rows} - {""}) if has_split else []
+        where = ", ".join(f"row {r} ({by_row.at[r, 'patient_id']}"
+                          + (f", {by_row.at[r, column]}" if has_split and by_row.at[r, column] else "") + ")"
+                          for r in rows[:10])
+        crosses = len(splits) > 1
+        if crosses:
+            leaking.update(patients)
+        problems.append(Problem(None, "image", f"identical image content under {len(patients)} patient ids "
+                                               f"{', '.join(patients[:10])}: {where}; the same patient entered "
+                                               "under two ids?" + (" They are in different splits: leakage"
+                                                                   if crosses else "")))
+    return problems, sorted(leaking)
 
 
 def leakage_problems(df: pd.DataFrame, column: str = "split") -> list[Problem]:
@@ -391,12 +529,19 @@ def leakage_problems(df: pd.DataFrame, column: str = "split") -> list[Problem]:
     return problems
 
 
-def _collect_problems(df: pd.DataFrame, root: Path, check_files: bool, read_problems: list[Problem]) -> list[Problem]:
+def _collect_problems(df: pd.DataFrame, root: Path, check_files: bool, read_problems: list[Problem],
+                      roots: Sequence[Path] | None = None, pixels: dict[int, str] | None = None) -> list[Problem]:
     columns = list(df.columns)
-    row_problems = (read_problems + _schema_problems(df) + _duplicate_problems(df)
-                    + _file_problems(df, root, check_files))
+    # Paths outside the allowed roots are reported and never opened (not even checked for existence).
+    outside = outside_root_problems(df, root, roots) if roots is not None else []
+    inside = df[~df["_row"].isin({p.row for p in outside})]
+    pixels = {} if pixels is None else pixels
+    row_problems = (read_problems + _schema_problems(df) + _duplicate_problems(df) + outside
+                    + _file_problems(inside, root, check_files, pixels if check_files else None))
     row_problems.sort(key=lambda p: (p.row, columns.index(p.column) if p.column in columns else -1))
-    return row_problems + leakage_problems(df)
+    bad = {p.row for p in row_problems}
+    duplicates, _ = duplicate_image_problems(df, {r: d for r, d in pixels.items() if r not in bad})
+    return row_problems + leakage_problems(df) + duplicates
 
 
 def _add_sample_id(df: pd.DataFrame) -> pd.DataFrame:
@@ -408,7 +553,8 @@ def _add_sample_id(df: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------- public API
 
 
-def load_manifest(path: str | Path, check_files: bool = False, min_rows: int = 1) -> Manifest:
+def load_manifest(path: str | Path, check_files: bool = False, min_rows: int = 1,
+                  confine: bool | None = None) -> Manifest:
     """Load a manifest, quarantining bad rows.
 
     Args:
@@ -416,17 +562,28 @@ def load_manifest(path: str | Path, check_files: bool = False, min_rows: int = 1
         check_files: also open every image and mask (``medvit.data.io.read_image``) and parse
             every box file; without it only their existence is checked.
         min_rows: fewest usable rows accepted.
+        confine: refuse paths outside :func:`allowed_roots` before any file is touched.
+            Default: ``check_files``, i.e. where a user's manifest enters the pipeline
+            (``medvit split``); the split manifests medvit writes under ``results/`` point
+            back into that checked manifest's folder.
 
     Returns:
-        The :class:`Manifest`; ``problems`` lists every quarantined row with its reason.
+        The :class:`Manifest`; ``problems`` lists every quarantined row with its reason, and
+        (manifest-wide, with ``check_files``; also logged as warnings) identical images found
+        under different patient ids, marked as leakage when they sit in different splits.
 
     Raises:
-        ManifestError: the manifest is unusable or fewer than ``min_rows`` rows remain.
+        ManifestError: the manifest is unusable, a path leaves the allowed roots (``confine``),
+            or fewer than ``min_rows`` rows remain.
         LeakageError: a ``split`` column puts a patient in more than one split.
     """
     path = Path(path)
     df, read_problems = _read(path)
     root = path.resolve().parent
+    if check_files if confine is None else confine:
+        outside = outside_root_problems(df, root, allowed_roots(path))
+        if outside:
+            _raise_outside(path, outside)
     problems = _collect_problems(df, root, check_files, read_problems)
     leaking = leaking_patients(df)
     if leaking:
@@ -434,6 +591,9 @@ def load_manifest(path: str | Path, check_files: bool = False, min_rows: int = 1
     bad_rows = {p.row for p in problems if p.row is not None}
     n_rows = len(df) + len({p.row for p in read_problems})
     keep = df[~df["_row"].isin(bad_rows)].reset_index(drop=True)
+    for p in problems:
+        if p.row is None and p.column == "image":  # identical images under several ids: flagged, not refused
+            logger.warning("manifest %s: %s", path, p)
     if bad_rows:
         logger.warning("manifest %s: quarantined %d of %d rows", path, len(bad_rows), n_rows)
         for p in problems:
@@ -472,7 +632,7 @@ def validate_manifest(path: str | Path, check_files: bool = True) -> ValidationR
         df, read_problems = _read(path)
     except ManifestError as exc:
         return ValidationReport(path=path, ok=False, problems=[Problem(None, None, str(exc))], summary={})
-    problems = _collect_problems(df, path.resolve().parent, check_files, read_problems)
+    problems = _collect_problems(df, path.resolve().parent, check_files, read_problems, roots=allowed_roots(path))
     bad_rows = {p.row for p in problems if p.row is not None}
     usable = _add_sample_id(df[~df["_row"].isin(bad_rows)].reset_index(drop=True))
     n_rows = len(df) + len({p.row for p in read_problems})
@@ -596,4 +756,5 @@ __all__ = [
     "Manifest", "Problem", "ValidationReport", "SPLITS", "SUPERVISED_SPLITS", "SCHEMA_PATH", "load_manifest", "validate_manifest",
     "format_report", "manifest_summary", "class_names", "finding_names", "finding_sets", "image_columns",
     "channel_columns", "check_boxes_file", "leakage_problems", "leaking_patients", "manifest_schema",
+    "ROOTS_ENV", "allowed_roots", "outside_root_problems", "path_columns", "duplicate_image_problems",
 ]

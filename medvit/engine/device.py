@@ -11,6 +11,10 @@ only switch. Whether it pays depends on the hardware:
 * CPUs without them: bf16 is emulated and far slower (a 1024^2 bf16 matmul limited to AVX2
   ran at about 1 GFLOP/s against 190 GFLOP/s in fp32; a ResNet-18 step took 4.0 s instead
   of 0.16 s), so ``bf16: auto`` leaves it off there.
+
+Native support is not the whole story (a busy or small core can still run bf16 slower), so
+``bf16: auto`` also measures: a bf16 versus fp32 matmul, once per machine, cached
+(:func:`medvit.engine.speed.probe_bf16`).
 """
 
 from __future__ import annotations
@@ -109,7 +113,9 @@ def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
     """Decide whether to autocast to bf16.
 
     Args:
-        setting: ``True``, ``False`` or ``"auto"`` (on where :func:`bf16_supported`).
+        setting: ``True``, ``False`` or ``"auto"``: on where :func:`bf16_supported` and a
+            bf16 matmul measured faster than fp32 (:func:`medvit.engine.speed.probe_bf16`,
+            measured once per machine and cached).
         device: the training device.
 
     Raises:
@@ -118,7 +124,13 @@ def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
         ConfigError: ``setting`` is none of the allowed values.
     """
     if setting == "auto":
-        return bf16_supported(device)
+        # Native support is necessary, not sufficient (e.g. a small GPU/CPU where bf16 matmuls
+        # still run slower): the probe measures it once per machine and caches the verdict.
+        if not bf16_supported(device):
+            return False
+        from medvit.engine.speed import probe_bf16
+
+        return probe_bf16(device).use_bf16
     if setting is True:
         if device.type == "cuda" and not bf16_supported(device):
             raise DeviceError(f"bf16: true, but {torch.cuda.get_device_name(device)} has no bf16 support; "

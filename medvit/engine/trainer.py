@@ -20,14 +20,28 @@ What every run gets:
   killed run from the next epoch and ends with the same weights as a run that was not
   interrupted (same seed, machine and settings).
 * Progress bars with ETA on stderr and ``train.log`` in the output folder.
+* Preemption: a SIGTERM (SLURM preempting the job or reaching ``--signal=TERM@<s>`` before
+  its time limit) is acted on at the next optimizer step: the trainer writes
+  ``checkpoints/last`` with the position inside the epoch and raises
+  :class:`TrainingInterrupted`; ``fit(resume=True)`` continues from that very step and ends
+  with the same weights as an uninterrupted run.
+* Several processes under ``torchrun`` (see :mod:`medvit.engine.distributed`):
+  DistributedDataParallel (gloo on CPUs, NCCL on GPUs), ``batch_size`` is the global batch,
+  split across the processes; rank 0 alone writes checkpoints and ``train.log`` and draws
+  the progress bars. The result equals a single-process run with the same global batch
+  (up to float rounding), except for BatchNorm statistics on CPU (per process; on GPU the
+  model's BatchNorm layers become SyncBatchNorm).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,6 +49,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -50,7 +65,19 @@ from medvit.engine.checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
-from medvit.engine.device import autocast_context, check_device_name, resolve_bf16, resolve_device
+from medvit.engine.device import (
+    autocast_context,
+    check_device_name,
+    resolve_bf16,
+    resolve_device,
+)
+from medvit.engine.distributed import (
+    GlobalBatchSampler,
+    all_reduce_sum,
+    any_process,
+    barrier,
+    setup_distributed,
+)
 from medvit.engine.seed import (
     derive_seed,
     get_rng_state,
@@ -59,6 +86,7 @@ from medvit.engine.seed import (
     set_rng_state,
     worker_init_fn,
 )
+from medvit.engine.speed import apply_channels_last, channels_last_input, compile_model
 from medvit.errors import CheckpointError, ConfigError, MedvitError
 
 logger = logging.getLogger("medvit.train")
@@ -71,6 +99,23 @@ RESUME_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "m
 
 class TrainingError(MedvitError):
     """Training cannot go on (empty training set, non-finite loss, malformed batches)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """A SIGTERM stopped training; ``checkpoints/last`` holds the step it stopped at.
+
+    Attributes:
+        checkpoint: the checkpoint written on the signal (``.../checkpoints/last``).
+        epoch: 0-based epoch it stopped in.
+        batch: micro-batches of that epoch already trained.
+    """
+
+    def __init__(self, checkpoint: Path, epoch: int, batch: int, signum: int):
+        self.checkpoint, self.epoch, self.batch = checkpoint, epoch, batch
+        name = signal.Signals(signum).name
+        where = f"epoch {epoch + 1}, after batch {batch}" if batch else f"the end of epoch {epoch}"
+        super().__init__(f"training stopped by {name} at {where}; checkpoint saved to {checkpoint}. "
+                         "Run the same command again to resume from it")
 
 
 # --------------------------------------------------------------------------------- config
@@ -110,6 +155,11 @@ class TrainConfig:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<index>``.
         log_every: write a step line to ``train.log`` every this many optimizer steps (0: only
             the per-epoch lines).
+        channels_last: channels-last memory layout for the model's conv weights and the input
+            batches (:func:`medvit.engine.speed.apply_channels_last`); same results, faster
+            convolutions on some devices (docs/performance.md).
+        compile: ``torch.compile`` the model in place before training (compiles at the first
+            step; pays on long runs).
     """
 
     epochs: int = 5
@@ -126,6 +176,8 @@ class TrainConfig:
     deterministic: bool = True
     device: str = "auto"
     log_every: int = 50
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         def fail(key: str, allowed: str) -> None:
@@ -165,6 +217,9 @@ class TrainConfig:
         check_device_name(self.device)
         if not _is_int(self.log_every) or self.log_every < 0:
             fail("log_every", "an integer >= 0")
+        for key in ("channels_last", "compile"):
+            if not isinstance(getattr(self, key), bool):
+                fail(key, "true, false")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -330,9 +385,23 @@ class Trainer:
                  collate_fn: Callable[[list[Any]], Any] | None = None,
                  param_groups: Sequence[Mapping[str, Any]] | None = None, progress: bool = True):
         self.config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
-        self.device = resolve_device(self.config.device)
+        self.dist, self.device = setup_distributed(resolve_device(self.config.device))
         self.bf16 = resolve_bf16(self.config.bf16, self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            # BatchNorm statistics over the global batch, as in a single-process run
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
+        if self.config.channels_last:
+            apply_channels_last(self.model)
+        compile_model(self.model, self.config.compile)
+        self._ddp: DistributedDataParallel | None = None
+        if self.dist.enabled:
+            if self.config.batch_size < self.dist.world_size:
+                raise ConfigError(f"train.batch_size: {self.config.batch_size} is the global batch and must be at "
+                                  f"least the number of processes ({self.dist.world_size})")
+            self._ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.ddp_find_unused_parameters)
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         self.out_dir = Path(out_dir)
@@ -353,7 +422,10 @@ class Trainer:
         # A last batch of one sample breaks BatchNorm in training mode: drop it (one sample
         # per epoch, a different one each epoch since the order is shuffled).
         self.drop_last = n_train % self.config.batch_size == 1 and n_train > 1
-        micro = n_train // self.config.batch_size if self.drop_last else math.ceil(n_train / self.config.batch_size)
+        micro = len(GlobalBatchSampler(n_train, self.config.batch_size, 0, drop_last=self.drop_last,
+                                       world_size=self.dist.world_size))
+        if micro == 0:
+            raise TrainingError(f"{n_train} training samples make no batch for {self.dist.world_size} processes")
         self.micro_batches_per_epoch = micro
         self.steps_per_epoch = math.ceil(micro / self.config.accumulate)
         self.total_steps = self.steps_per_epoch * self.config.epochs
@@ -375,6 +447,14 @@ class Trainer:
         self._max_epochs_this_run: int | None = None
         self._run_start = 0.0
         self._run_steps = 0
+        self._resume_batch = 0         # micro-batches of epoch `epochs_done` done before a SIGTERM
+        self._resume_partial: dict[str, float] = {}
+        self._signal: int | None = None
+        self._epoch_t0 = 0.0
+
+    # Set True in a subclass whose model leaves some trainable parameters unused in a forward
+    # pass (DistributedDataParallel then looks for them every step, which costs time).
+    ddp_find_unused_parameters = False
 
     # ------------------------------------------------------------------ building blocks
 
@@ -436,16 +516,32 @@ class Trainer:
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-    def build_dataloader(self, dataset: Dataset, train: bool, epoch: int) -> DataLoader:
-        """A DataLoader whose order and worker seeds depend only on (seed, train/val, epoch)."""
+    def build_dataloader(self, dataset: Dataset, train: bool, epoch: int, start_batch: int = 0) -> DataLoader:
+        """A DataLoader whose order and worker seeds depend only on (seed, train/val, epoch).
+
+        Training batches come from a :class:`GlobalBatchSampler`: the epoch's order is the
+        same for any number of processes, and this process gets its share of each global
+        batch; ``start_batch`` skips the global batches a preempted run already trained.
+        Validation batches are the whole validation set, in order, on every process.
+        """
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         cfg = self.config
+        if cfg.num_workers > 0 and callable(getattr(dataset, "warm_cache", None)):
+            # Workers are new processes each epoch: whatever they decode is lost when they end.
+            # Decoding once here, before they fork, is what makes later epochs decode nothing.
+            dataset.warm_cache(num_workers=cfg.num_workers)
         generator = make_generator(derive_seed(cfg.seed, "train-loader" if train else "val-loader", epoch))
-        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train, drop_last=train and self.drop_last,
-                          num_workers=cfg.num_workers, collate_fn=self.collate_fn,
-                          pin_memory=self.device.type == "cuda",
-                          worker_init_fn=worker_init_fn if cfg.num_workers > 0 else None, generator=generator)
+        common: dict[str, Any] = {"num_workers": cfg.num_workers, "collate_fn": self.collate_fn,
+                                  "pin_memory": self.device.type == "cuda", "generator": generator,
+                                  "worker_init_fn": worker_init_fn if cfg.num_workers > 0 else None}
+        if not train:
+            return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, **common)
+        sampler = GlobalBatchSampler(len(dataset), cfg.batch_size,  # type: ignore[arg-type]
+                                     derive_seed(cfg.seed, "train-order", epoch), shuffle=True,
+                                     drop_last=self.drop_last, rank=self.dist.rank, world_size=self.dist.world_size,
+                                     start_batch=start_batch)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
 
     # ---------------------------------------------------------------------------- steps
 
@@ -465,7 +561,10 @@ class Trainer:
         if not isinstance(batch, Mapping) or "image" not in batch:
             got = f"a dict with keys {list(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
             raise TrainingError(f"a batch must be a dict with an 'image' entry (and 'label'); got {got}")
-        return self._to_device(dict(batch))
+        batch = self._to_device(dict(batch))
+        if self.config.channels_last and isinstance(batch["image"], torch.Tensor):
+            batch["image"] = channels_last_input(batch["image"])
+        return batch
 
     def forward(self, batch: dict[str, Any]) -> Any:
         """The model's outputs for a batch (default: ``model(batch["image"])``)."""
@@ -514,35 +613,74 @@ class Trainer:
         """A progress bar on stderr. In a log file (stderr not a terminal) only the epoch bar
         is drawn, at most every 30 s: step bars would add two lines per epoch."""
         interactive = sys.stderr.isatty()
-        return tqdm(file=sys.stderr, disable=not self.progress or (inner and not interactive), dynamic_ncols=True,
+        disable = not self.progress or (inner and not interactive) or not self.dist.is_main
+        return tqdm(file=sys.stderr, disable=disable, dynamic_ncols=True,
                     mininterval=0.1 if interactive else 30.0, **kwargs)
 
+    @contextlib.contextmanager
+    def _parallel_model(self, sync: bool) -> Any:
+        """In a distributed run, make ``self.model`` the DistributedDataParallel wrapper for a
+        training step (its gradients are then averaged across processes in the backward pass;
+        ``sync=False`` skips that for a micro-batch whose gradients are accumulated)."""
+        if self._ddp is None:
+            yield
+            return
+        raw = self.model
+        self.model = self._ddp  # type: ignore[assignment]
+        try:
+            with contextlib.nullcontext() if sync else self._ddp.no_sync():
+                yield
+        finally:
+            self.model = raw
+
     def train_epoch(self, epoch: int) -> float:
-        """Train one epoch; return its mean training loss over samples."""
+        """Train one epoch (from micro-batch ``start`` when resuming a preempted run); return
+        its mean training loss over samples (over all processes).
+
+        Raises:
+            TrainingInterrupted: a SIGTERM arrived; ``checkpoints/last`` holds this step.
+        """
         assert self.optimizer is not None
         cfg = self.config
-        self.model.train()
-        loader = self.build_dataloader(self.train_dataset, train=True, epoch=epoch)
-        n = len(loader)
-        loss_sum, samples = 0.0, 0
+        start, partial = self._resume_batch, self._resume_partial
+        self._resume_batch, self._resume_partial = 0, {}
+        (self._ddp or self.model).train()
+        loader = self.build_dataloader(self.train_dataset, train=True, epoch=epoch, start_batch=start)
+        global_sizes = loader.batch_sampler.global_sizes()  # type: ignore[union-attr]
+        n = start + len(loader)
+        # the sums over all processes of the batches trained before a SIGTERM, counted once
+        loss_sum = float(partial.get("loss_sum", 0.0)) if self.dist.is_main else 0.0
+        samples = float(partial.get("samples", 0)) if self.dist.is_main else 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        with self._bar(inner=True, total=n, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False) as bar:
-            for i, raw in enumerate(loader):
+        with self._bar(inner=True, total=n, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                       leave=False) as bar:
+            for j, raw in enumerate(loader):
+                i = start + j
                 batch = self.prepare_batch(raw)
-                group_start = i - i % cfg.accumulate
-                loss = self.train_step(batch, scale=1.0 / min(cfg.accumulate, n - group_start))
                 size = int(batch["image"].shape[0]) if isinstance(batch["image"], torch.Tensor) else 1
+                group_start = i - i % cfg.accumulate
+                scale = 1.0 / min(cfg.accumulate, n - group_start)
+                if self.dist.enabled:
+                    # DDP averages gradients over processes: weighting by this process's share
+                    # of the global batch makes that the gradient of the global mean loss.
+                    scale *= size * self.dist.world_size / global_sizes[j]
+                sync = (i + 1) % cfg.accumulate == 0 or i + 1 == n
+                with self._parallel_model(sync):
+                    loss = self.train_step(batch, scale=scale)
                 value = float(loss)
                 loss_sum += value * size
                 samples += size
-                if (i + 1) % cfg.accumulate == 0 or i + 1 == n:
+                if sync:
                     self.optimizer_step()
                     self.global_step += 1
                     self._run_steps += 1
                     if cfg.log_every and self.global_step % cfg.log_every == 0:
                         self._log_step(epoch, i + 1, n, value)
+                    if i + 1 < n and self._signal_pending():
+                        self._save_on_signal(epoch, i + 1, loss_sum, samples)
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+        loss_sum, samples = all_reduce_sum([loss_sum, samples], self.dist)
         return loss_sum / max(samples, 1)
 
     @torch.no_grad()
@@ -610,7 +748,9 @@ class Trainer:
         if present:
             logger.warning("no valid checkpoint in %s: starting from scratch; the unusable files were renamed "
                            "to *.corrupt", self.checkpoint_dir)
-            self._set_aside(("last", "prev", "best", "best_prev"))
+            barrier(self.dist)  # every process has read them before rank 0 renames them
+            if self.dist.is_main:
+                self._set_aside(("last", "prev", "best", "best_prev"))
         return None
 
     def _check_compatible(self, ckpt: LoadedCheckpoint) -> None:
@@ -634,6 +774,8 @@ class Trainer:
         self.best_epoch = state["best_epoch"]
         self.best_metric = state["best_metric"]
         self.train_seconds = float(state["train_seconds"])
+        self._resume_batch = int(state.get("batch", 0))
+        self._resume_partial = dict(state.get("partial") or {})
         set_rng_state(state["rng"])
         self._last_valid = name == "last"
         self._best_valid = self._recover_best()
@@ -652,7 +794,7 @@ class Trainer:
                 logger.warning("checkpoint %s is unusable: %s", name, exc)
                 continue
             if ckpt.state.get("epoch") == self.best_epoch:
-                if name == "best_prev":
+                if name == "best_prev" and self.dist.is_main:
                     copy_checkpoint(self._stem("best_prev"), self._stem("best"))
                 return True
         logger.warning("the best checkpoint (epoch %s) is lost; the best will be selected again from the "
@@ -663,7 +805,13 @@ class Trainer:
     def _save(self, improved: bool) -> None:
         """Checkpoint the finished epoch. ``best`` is written before ``last``, and each is
         copied to its ``*prev`` before being replaced, so whatever instant a crash hits,
-        a valid ``last`` or ``prev`` and the best of the run survive."""
+        a valid ``last`` or ``prev`` and the best of the run survive. Rank 0 writes, the other
+        processes wait for it."""
+        if not self.dist.is_main:
+            self._best_valid = self._best_valid or improved
+            self._last_valid = True
+            barrier(self.dist)
+            return
         if improved:
             if self._best_valid:
                 copy_checkpoint(self._stem("best"), self._stem("best_prev"))
@@ -674,6 +822,48 @@ class Trainer:
             copy_checkpoint(self._stem("last"), self._stem("prev"))
         save_checkpoint(self._stem("last"), self.model, self.optimizer, self.scheduler, self.checkpoint_state())
         self._last_valid = True
+        barrier(self.dist)
+
+    # ------------------------------------------------------------------- preemption
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is None:
+            logger.warning("received %s: checkpointing at the next optimizer step, then stopping",
+                           signal.Signals(signum).name)
+        self._signal = signum
+
+    def _signal_pending(self) -> bool:
+        """Whether a SIGTERM reached this process or (distributed) any other one."""
+        return any_process(self._signal is not None, self.dist)
+
+    def _save_on_signal(self, epoch: int, batch: int, loss_sum: float, samples: float) -> None:
+        """Write ``checkpoints/last`` at micro-batch ``batch`` of epoch ``epoch`` (0-based) and
+        raise :class:`TrainingInterrupted`."""
+        loss_sum, samples = all_reduce_sum([loss_sum, samples], self.dist)
+        seconds = time.perf_counter() - self._epoch_t0
+        if self.dist.is_main:
+            if self._last_valid:
+                copy_checkpoint(self._stem("last"), self._stem("prev"))
+            state = {**self.checkpoint_state(), "batch": batch,
+                     "partial": {"loss_sum": loss_sum, "samples": samples, "seconds": seconds}}
+            save_checkpoint(self._stem("last"), self.model, self.optimizer, self.scheduler, state)
+            logger.info("SIGTERM: saved checkpoints/last at epoch %d, batch %d of %d (step %d)", epoch + 1, batch,
+                        self.micro_batches_per_epoch, self.global_step)
+        barrier(self.dist)
+        raise TrainingInterrupted(self._stem("last"), epoch, batch, self._signal or signal.SIGTERM)
+
+    @contextlib.contextmanager
+    def _signal_handler(self) -> Any:
+        """Catch SIGTERM while training (only possible in the main thread)."""
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def _load_best(self) -> None:
         if self.best_epoch is None or self.best_epoch == self.epochs_done:
@@ -692,6 +882,9 @@ class Trainer:
                     batch, n, self.global_step, loss, self.optimizer.param_groups[0]["lr"], _fmt_seconds(eta))
 
     def _open_log(self) -> list[logging.Handler]:
+        if not self.dist.is_main:  # rank 0 keeps the log; the others report warnings only
+            logger.setLevel(logging.WARNING)
+            return []
         self.out_dir.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(self.out_dir / "train.log", mode="a", encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -713,19 +906,25 @@ class Trainer:
             if found is not None:
                 name, ckpt = found
                 self._restore(name, ckpt)
-                logger.info("resumed from %s (epoch %d of %d)%s", ckpt.path.relative_to(self.out_dir),
-                            self.epochs_done, self.config.epochs,
+                within = f", batch {self._resume_batch} of epoch {self.epochs_done + 1}" if self._resume_batch else ""
+                logger.info("resumed from %s (epoch %d of %d%s)%s", ckpt.path.relative_to(self.out_dir),
+                            self.epochs_done, self.config.epochs, within,
                             "; checkpoints/last was unusable" if name == "prev" else "")
+                barrier(self.dist)
                 return self.epochs_done
         # A fresh start: checkpoints of an earlier run must not mix with this one's, and a
         # Trainer that already trained starts its optimizer, schedule and records anew.
-        for name in ("last", "prev", "best", "best_prev"):
-            remove_checkpoint(self._stem(name))
+        barrier(self.dist)  # no process is still reading them
+        if self.dist.is_main:
+            for name in ("last", "prev", "best", "best_prev"):
+                remove_checkpoint(self._stem(name))
         self.optimizer = self.scheduler = None
         self.initialize()
         self.epochs_done = self.global_step = 0
         self.history, self.best_epoch, self.best_metric, self.train_seconds = [], None, None, 0.0
         self._last_valid = self._best_valid = False
+        self._resume_batch, self._resume_partial = 0, {}
+        barrier(self.dist)
         return None
 
     def fit(self, resume: bool = True, max_epochs_this_run: int | None = None) -> TrainResult:
@@ -744,7 +943,9 @@ class Trainer:
             a :class:`TrainResult`.
         """
         handlers = self._open_log()
+        stack = contextlib.ExitStack()
         try:
+            stack.enter_context(self._signal_handler())
             self.initialize()
             self._max_epochs_this_run = max_epochs_this_run
             self._epochs_run = 0
@@ -766,6 +967,7 @@ class Trainer:
             logger.error("%s", exc)   # the CLI prints it too; the log keeps it beside the epochs
             raise
         finally:
+            stack.close()
             for h in handlers:
                 logger.removeHandler(h)
                 h.close()
@@ -790,10 +992,10 @@ class Trainer:
                     break
                 self.epoch = epoch
                 self.on_epoch_start(epoch)
-                t0 = time.perf_counter()
+                self._epoch_t0 = time.perf_counter() - float(self._resume_partial.get("seconds", 0.0))
                 train_loss = self.train_epoch(epoch)
                 metric = self.validate()
-                seconds = time.perf_counter() - t0
+                seconds = time.perf_counter() - self._epoch_t0
                 assert self.optimizer is not None
                 record = {"epoch": epoch + 1, "train_loss": train_loss, "val_metric": metric,
                           "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds}
@@ -817,3 +1019,6 @@ class Trainer:
                 bar.set_postfix(loss=f"{train_loss:.4f}", val="n/a" if metric is None else f"{metric:.4f}",
                                 refresh=False)
                 self.on_epoch_end(epoch, record)
+                if epoch + 1 < cfg.epochs and self._signal_pending():
+                    # the epoch's checkpoint is written: stop here, a rerun starts the next epoch
+                    raise TrainingInterrupted(self._stem("last"), epoch + 1, 0, self._signal or signal.SIGTERM)

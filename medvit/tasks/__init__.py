@@ -14,8 +14,10 @@ def _module(task: str) -> ModuleType:
     return segmentation if task in SEGMENTATION_TASKS else classification
 
 
-def train_stage(config_path: str | Path, task: str, model: str, split_path: str | Path, out_dir: str | Path) -> Path:
-    """Train one model of a task -> ``<out_dir>/model.safetensors`` (+ model.json, checkpoints/, train.log)."""
+def train_stage(config_path: str | Path, task: str, model: str, split_path: str | Path, out_dir: str | Path,
+                seed: int | None = None) -> Path:
+    """Train one model of a task -> ``<out_dir>/model.safetensors`` (+ model.json, checkpoints/, train.log).
+    ``seed`` (classification tasks) replaces the study seed for this run."""
     from medvit.models import model_spatial_dims
     from medvit.tasks.common import SEGMENTATION_TASKS
     from medvit.errors import ConfigError
@@ -24,7 +26,12 @@ def train_stage(config_path: str | Path, task: str, model: str, split_path: str 
     if model_spatial_dims(model) != expected:
         raise ConfigError(f"tasks.{task}.models: {model!r} is a {model_spatial_dims(model)}D model; "
                           f"task {task!r} needs a {expected}D one")
-    return _module(task).train(config_path, task, model, split_path, out_dir)
+    if seed is None:
+        return _module(task).train(config_path, task, model, split_path, out_dir)
+    if task in SEGMENTATION_TASKS:
+        raise ConfigError(f"a training seed other than the study's is supported for classification tasks, "
+                          f"not {task!r}")
+    return _module(task).train(config_path, task, model, split_path, out_dir, seed=seed)
 
 
 def predict_stage(config_path: str | Path, task: str, model: str, split_path: str | Path,

@@ -70,8 +70,9 @@ def finetune_config(ctx: StageContext) -> dict[str, Any]:
 
 
 def vit_kwargs(ctx: StageContext, image_size: int | None = None) -> dict[str, Any]:
-    """Builder arguments of the task's ViTs: image size and the MAE stage's patch size."""
-    patch = (ctx.tcfg.get("pretrain") or {}).get("patch_size", 16)
+    """Builder arguments of the task's ViTs: image size and the MAE stage's patch size (else
+    the task's own ``patch_size``, else 16)."""
+    patch = (ctx.tcfg.get("pretrain") or {}).get("patch_size", ctx.tcfg.get("patch_size", 16))
     return {"img_size": image_size or ctx.tcfg["image_size"], "patch_size": patch}
 
 
@@ -154,9 +155,13 @@ def _build(ctx: StageContext, model_name: str, in_chans: int, meta: dict[str, An
     return create_model(model_name, in_chans=in_chans, num_classes=ctx.spec.num_outputs, **kwargs)
 
 
-def train(config_path: str | Path, task: str, model_name: str, split_path: str | Path, out_dir: str | Path) -> Path:
-    """Train ``model_name`` on the split's train rows, select on val; write model.safetensors + model.json."""
+def train(config_path: str | Path, task: str, model_name: str, split_path: str | Path, out_dir: str | Path,
+          seed: int | None = None) -> Path:
+    """Train ``model_name`` on the split's train rows, select on val; write model.safetensors + model.json.
+    ``seed`` replaces the study seed for this run (initialisation, data order, augmentation)."""
     ctx = load_context(config_path, task, split_path)
+    if seed is not None:
+        ctx.study["seed"] = int(seed)
     if is_vit(model_name):
         return _train_vit(ctx, model_name, split_path, out_dir)
     cfg = seeded_train_config(ctx)

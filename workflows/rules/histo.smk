@@ -1,1 +1,189 @@
 # Histopathology: DCT-HistoTransformer and lightweight peers with measured compute (issue 9).
+#
+# Seeds: `tasks.<task>.compare.seeds` = n trains every model n times on the same split, with
+# the seeds seed, seed + 1, ..., seed + n - 1. The run with the study seed is the generic one
+# (rules/train.smk, rules/report.smk: <task>/<model>/); the others live one level down, in
+# <task>/<model>/seed<s>/, made by the three rules below with the same `medvit train/predict/
+# evaluate` calls (`--seed s` replaces the study seed for training). The `model` wildcard only
+# matches model names, so the generic rules never see the seed folders.
+#
+# Comparison: when a task has two or more models (or seeds), `medvit compare` gathers every
+# run's metrics.json, measures each architecture (params, FLOPs, CPU latency) and writes
+# <task>/comparison.json + accuracy_vs_flops.png, which the report shows. Only the histo task
+# has a `compare` block so far; the rules are written for any 2D classification task.
+
+# `compare` is read by the rules below only: leave it out of every other stage's settings
+# (rules/common.smk: settings), so adding a seed or changing the timing never retrains a model.
+VIT_KEYS = tuple(VIT_KEYS) + ("compare",)
+
+COMPARE_TASKS = [
+    t
+    for t in TASKS
+    if "compare" in config["tasks"][t]
+    and (len(config["tasks"][t]["models"]) > 1 or config["tasks"][t]["compare"]["seeds"] > 1)
+]
+
+
+def extra_seeds(task):
+    """Seeds beyond the study's that each model of `task` is trained with."""
+    n = config["tasks"][task].get("compare", {}).get("seeds", 1)
+    return [config["seed"] + k for k in range(1, n)]
+
+
+def _seed_settings(wildcards):
+    # the generic training settings of this (task, model) plus the run's own seed
+    cfg = json.loads(train_settings(wildcards))
+    cfg["train_seed"] = int(wildcards.seed)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def _dvpt_inputs(wildcards):
+    """The adaptation comparison when the task runs DVPT, so the comparison includes it."""
+    adapt = config["tasks"][wildcards.task].get("adapt") or {}
+    if adapt.get("enabled") and "dvpt" in adapt.get("methods", []):
+        return [f"{study_dir(config)}/{wildcards.task}/adapt/comparison.json"]
+    return []
+
+
+def comparison_inputs(wildcards):
+    """Every run's metrics.json (and model.json) of a task's models, over its seeds."""
+    root = f"{study_dir(config)}/{wildcards.task}"
+    folders = [
+        f"{root}/{m}" + (f"/seed{s}" if s != config["seed"] else "")
+        for m in config["tasks"][wildcards.task]["models"]
+        for s in [config["seed"], *extra_seeds(wildcards.task)]
+    ]
+    return {
+        "metrics": [f"{f}/metrics.json" for f in folders],
+        "cards": [f"{f}/model.json" for f in folders],
+        "dvpt": _dvpt_inputs(wildcards),
+    }
+
+
+SEED_TASKS = [t for t in COMPARE_TASKS if extra_seeds(t)]
+
+
+rule train_seed:
+    input:
+        split=f"{OUT}/{{task}}/split.csv",
+    output:
+        weights=f"{OUT}/{{task}}/{{model}}/seed{{seed}}/model.safetensors",
+        card=f"{OUT}/{{task}}/{{model}}/seed{{seed}}/model.json",
+    wildcard_constraints:
+        task=_alternation(SEED_TASKS),
+        seed=r"\d+",
+    params:
+        study=STUDY_FILE,
+        settings=_seed_settings,
+        model_dir=lambda w, output: os.path.dirname(output.weights),
+    log:
+        f"{OUT}/logs/train/{{task}}_{{model}}_seed{{seed}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/train/{{task}}_{{model}}_seed{{seed}}.tsv"
+    threads: 4
+    resources:
+        mem_mb=train_mem_mb,
+        runtime=240,
+        gpu=GPU,
+    conda:
+        CONDA_ENV
+    shell:
+        "medvit train --config {params.study} --task {wildcards.task} --model {wildcards.model}"
+        " --split {input.split} --out {params.model_dir} --seed {wildcards.seed} > {log} 2>&1"
+
+
+rule predict_seed:
+    input:
+        split=f"{OUT}/{{task}}/split.csv",
+        weights=f"{OUT}/{{task}}/{{model}}/seed{{seed}}/model.safetensors",
+    output:
+        predictions=f"{OUT}/{{task}}/{{model}}/seed{{seed}}/predictions.csv",
+    wildcard_constraints:
+        task=_alternation(SEED_TASKS),
+        seed=r"\d+",
+    params:
+        study=STUDY_FILE,
+        settings=lambda w: settings(w.task, drop=("models", "train"), extra=("device",)),
+    log:
+        f"{OUT}/logs/predict/{{task}}_{{model}}_seed{{seed}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/predict/{{task}}_{{model}}_seed{{seed}}.tsv"
+    threads: 4
+    resources:
+        mem_mb=train_mem_mb,
+        runtime=60,
+        gpu=GPU,
+    conda:
+        CONDA_ENV
+    shell:
+        "medvit predict --config {params.study} --task {wildcards.task} --model {wildcards.model}"
+        " --split {input.split} --weights {input.weights} --out {output.predictions} > {log} 2>&1"
+
+
+rule evaluate_seed:
+    input:
+        predictions=f"{OUT}/{{task}}/{{model}}/seed{{seed}}/predictions.csv",
+    output:
+        metrics=f"{OUT}/{{task}}/{{model}}/seed{{seed}}/metrics.json",
+    wildcard_constraints:
+        task=_alternation(SEED_TASKS),
+        seed=r"\d+",
+    params:
+        study=STUDY_FILE,
+        settings=lambda w: settings(w.task, drop=("models", "train"), extra=("seed", "evaluation")),
+    log:
+        f"{OUT}/logs/evaluate/{{task}}_{{model}}_seed{{seed}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/evaluate/{{task}}_{{model}}_seed{{seed}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+        gpu=0,
+    conda:
+        CONDA_ENV
+    shell:
+        "medvit evaluate --config {params.study} --task {wildcards.task} --model {wildcards.model}"
+        " --predictions {input.predictions} --out {output.metrics} > {log} 2>&1"
+
+
+# CPU timing: the job asks for the threads it times with (compare.cpu_threads) and no GPU.
+rule compare:
+    input:
+        unpack(comparison_inputs),
+    output:
+        comparison=f"{OUT}/{{task}}/comparison.json",
+        figure=f"{OUT}/{{task}}/accuracy_vs_flops.png",
+    wildcard_constraints:
+        task=_alternation(COMPARE_TASKS),
+    params:
+        study=STUDY_FILE,
+        settings=lambda w: json.dumps(
+            {
+                "compare": config["tasks"][w.task]["compare"],
+                "models": config["tasks"][w.task]["models"],
+                "seed": config["seed"],
+            },
+            sort_keys=True,
+        ),
+        out_dir=lambda w, output: os.path.dirname(output.comparison),
+    log:
+        f"{OUT}/logs/compare/{{task}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/compare/{{task}}.tsv"
+    threads: lambda w: config["tasks"][w.task]["compare"]["cpu_threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=0,
+    conda:
+        CONDA_ENV
+    shell:
+        "medvit compare --config {params.study} --task {wildcards.task} --out {params.out_dir} > {log} 2>&1"
+
+
+EXTRA_TARGETS += [
+    f"{study_dir(config)}/{t}/{name}"
+    for t in COMPARE_TASKS
+    for name in ("comparison.json", "accuracy_vs_flops.png")
+]

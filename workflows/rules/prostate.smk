@@ -1,1 +1,235 @@
 # Prostate bpMRI: CSwin-UNet, self-supervised pretraining, patient-level cross-validation (issue 8).
+#
+#   split.csv -> [ssl/fold<i>/encoder.safetensors]          (cswin_unet_ssl only)
+#             -> <model>/fold<i>/{model.safetensors, predictions.csv, maps/}   (one job per model and fold)
+#             -> <model>/{model.safetensors (fold ensemble), predictions.csv (out-of-fold)} -> metrics.json
+#             -> [<model>/external/{predictions.csv, metrics.json}]   (external cohort, when configured)
+#             -> cv_summary.json + overlays.png -> report
+#
+# The pooled <model>/model.safetensors and predictions.csv are also what the generic `train`
+# and `predict` rules would make; the ruleorder below hands them to the cross-validation rules
+# for this task. Its log is logs/train/prostate_<model>.log: the ensemble of the fold models
+# is the task's trained model. docs/prostate.md describes the outputs.
+
+# As in medvit.tasks.segmentation (not imported here: it would load torch at parse time).
+CSWIN_MODELS = ("cswin_unet", "cswin_unet_ssl")
+SSL_MODELS = ("cswin_unet_ssl",)
+
+
+def _external_manifest(tcfg):
+    """medvit.tasks.segmentation.external_manifest_path: the given manifest, the synthetic
+    external cohort, or None."""
+    if tcfg["external_manifest"]:
+        return tcfg["external_manifest"]
+    if tcfg["external_synthetic"]["patients"] > 0:
+        return f"{study_dir(config)}/data/prostate_external/manifest.csv"
+    return None
+
+
+if "prostate" in TASKS:
+    _PROSTATE = config["tasks"]["prostate"]
+    PROSTATE_FOLDS = list(range(_PROSTATE["folds"]))
+    PROSTATE_EXTERNAL = _external_manifest(_PROSTATE)
+    # keys that only some prostate jobs read: left out of the others' settings (and named in
+    # `keep` where read, for when common.smk lists them among its stage-only keys), so that
+    # editing them reruns only the jobs they affect
+    _PROSTATE_LOCAL = ("models", "figures", "external_manifest", "external_synthetic")
+    _PDIR = f"{study_dir(config)}/prostate"  # concrete paths for input functions (OUT is a pattern)
+
+    def prostate_fold_settings(wildcards):
+        cswin = wildcards.model in CSWIN_MODELS
+        drop = _PROSTATE_LOCAL + ("ssl",) + (() if cswin else ("cswin",))
+        return settings("prostate", drop=drop, keep=("cswin",) if cswin else (),
+                        extra=("seed", "device", "deterministic"))
+
+    def prostate_fold_inputs(wildcards):
+        inputs = {"split": f"{_PDIR}/split.csv"}
+        if wildcards.model in SSL_MODELS:
+            inputs["init"] = f"{_PDIR}/ssl/fold{wildcards.fold}/encoder.safetensors"
+        return inputs
+
+    def prostate_fold_files(name):
+        return lambda w: [f"{_PDIR}/{w.model}/fold{i}/{name}" for i in PROSTATE_FOLDS]
+
+    rule prostate_ssl:
+        input:
+            split=f"{OUT}/prostate/split.csv",
+        output:
+            encoder=f"{OUT}/prostate/ssl/fold{{fold}}/encoder.safetensors",
+            card=f"{OUT}/prostate/ssl/fold{{fold}}/encoder.json",
+        wildcard_constraints:
+            fold=r"\d+",
+        params:
+            study=STUDY_FILE,
+            settings=settings("prostate", drop=_PROSTATE_LOCAL + ("train",), keep=("ssl", "cswin"),
+                              extra=("seed", "device", "deterministic")),
+            out_dir=lambda w, output: os.path.dirname(output.encoder),
+        log:
+            f"{OUT}/logs/ssl/prostate_fold{{fold}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/ssl/prostate_fold{{fold}}.tsv"
+        threads: 4
+        resources:
+            mem_mb=8000,
+            runtime=240,
+            gpu=GPU,
+        conda:
+            CONDA_ENV
+        shell:
+            "medvit ssl-pretrain --config {params.study} --task prostate --split {input.split}"
+            " --fold {wildcards.fold} --out {params.out_dir} > {log} 2>&1"
+
+    rule prostate_fold:
+        input:
+            unpack(prostate_fold_inputs),
+        output:
+            weights=f"{OUT}/prostate/{{model}}/fold{{fold}}/model.safetensors",
+            card=f"{OUT}/prostate/{{model}}/fold{{fold}}/model.json",
+            predictions=f"{OUT}/prostate/{{model}}/fold{{fold}}/predictions.csv",
+            split=f"{OUT}/prostate/{{model}}/fold{{fold}}/split.csv",
+        wildcard_constraints:
+            fold=r"\d+",
+        params:
+            study=STUDY_FILE,
+            settings=prostate_fold_settings,
+            init=lambda w, input: f"--init {input.init}" if "init" in input.keys() else "",
+            out_dir=lambda w, output: os.path.dirname(output.weights),
+        log:
+            f"{OUT}/logs/train/prostate_{{model}}_fold{{fold}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/train/prostate_{{model}}_fold{{fold}}.tsv"
+        threads: 4
+        resources:
+            mem_mb=8000,
+            runtime=240,
+            gpu=GPU,
+        conda:
+            CONDA_ENV
+        shell:
+            "medvit cv-fold --config {params.study} --task prostate --model {wildcards.model}"
+            " --split {input.split} --fold {wildcards.fold} {params.init} --out {params.out_dir} > {log} 2>&1"
+
+    rule prostate_cv_pool:
+        input:
+            split=f"{OUT}/prostate/split.csv",
+            weights=prostate_fold_files("model.safetensors"),
+            predictions=prostate_fold_files("predictions.csv"),
+        output:
+            weights=f"{OUT}/prostate/{{model}}/model.safetensors",
+            card=f"{OUT}/prostate/{{model}}/model.json",
+            predictions=f"{OUT}/prostate/{{model}}/predictions.csv",
+        params:
+            study=STUDY_FILE,
+            settings=lambda w: settings("prostate", drop=_PROSTATE_LOCAL + ("ssl", "train", "cswin")),
+            folds=lambda w, input: " ".join(os.path.dirname(p) for p in input.weights),
+            model_dir=lambda w, output: os.path.dirname(output.weights),
+        log:
+            f"{OUT}/logs/train/prostate_{{model}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/train/prostate_{{model}}.tsv"
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=30,
+            gpu=0,
+        conda:
+            CONDA_ENV
+        shell:
+            "medvit cv-pool --config {params.study} --task prostate --model {wildcards.model}"
+            " --split {input.split} --folds {params.folds} --out {params.model_dir} > {log} 2>&1"
+
+    ruleorder: prostate_cv_pool > train
+    ruleorder: prostate_cv_pool > predict
+
+    if PROSTATE_EXTERNAL is not None:
+        if _PROSTATE["external_manifest"] is None:
+
+            rule prostate_external_synth:
+                output:
+                    manifest=str(PROSTATE_EXTERNAL),
+                params:
+                    patients=_PROSTATE["external_synthetic"]["patients"],
+                    seed=_PROSTATE["external_synthetic"]["seed"],
+                    image_size=_PROSTATE["synthetic"]["image_size"],
+                    out_dir=lambda w, output: os.path.dirname(output.manifest),
+                log:
+                    f"{OUT}/logs/synth/prostate_external.log",
+                benchmark:
+                    f"{OUT}/benchmarks/synth/prostate_external.tsv"
+                threads: 1
+                resources:
+                    mem_mb=2000,
+                    runtime=30,
+                    gpu=0,
+                conda:
+                    CONDA_ENV
+                shell:
+                    "medvit synth prostate --patients {params.patients} --image-size {params.image_size}"
+                    " --seed {params.seed} --out {params.out_dir} > {log} 2>&1"
+
+        rule prostate_external:
+            input:
+                split=f"{OUT}/prostate/split.csv",
+                weights=f"{OUT}/prostate/{{model}}/model.safetensors",
+                manifest=str(PROSTATE_EXTERNAL),
+            output:
+                predictions=f"{OUT}/prostate/{{model}}/external/predictions.csv",
+                metrics=f"{OUT}/prostate/{{model}}/external/metrics.json",
+            params:
+                study=STUDY_FILE,
+                settings=lambda w: settings("prostate", drop=("models", "figures", "ssl", "train", "cswin"),
+                                            keep=("external_manifest", "external_synthetic"),
+                                            extra=("seed", "device", "evaluation")),
+                out_dir=lambda w, output: os.path.dirname(output.metrics),
+            log:
+                f"{OUT}/logs/external/prostate_{{model}}.log",
+            benchmark:
+                f"{OUT}/benchmarks/external/prostate_{{model}}.tsv"
+            threads: 2
+            resources:
+                mem_mb=4000,
+                runtime=60,
+                gpu=GPU,
+            conda:
+                CONDA_ENV
+            shell:
+                "medvit external-test --config {params.study} --task prostate --model {wildcards.model}"
+                " --split {input.split} --weights {input.weights} --out {params.out_dir} > {log} 2>&1"
+
+    def prostate_summary_inputs(wildcards):
+        models = _PROSTATE["models"]
+        inputs = {
+            "split": f"{_PDIR}/split.csv",
+            "metrics": [f"{_PDIR}/{m}/metrics.json" for m in models],
+            "folds": [f"{_PDIR}/{m}/fold{i}/predictions.csv" for m in models for i in PROSTATE_FOLDS],
+        }
+        if PROSTATE_EXTERNAL is not None:
+            inputs["external"] = [f"{_PDIR}/{m}/external/metrics.json" for m in models]
+        return inputs
+
+    rule prostate_cv_summary:
+        input:
+            unpack(prostate_summary_inputs),
+        output:
+            summary=f"{OUT}/prostate/cv_summary.json",
+        params:
+            study=STUDY_FILE,
+            settings=lambda w: settings("prostate", drop=("ssl", "train"),
+                                        keep=("cswin", "figures", "external_manifest", "external_synthetic"),
+                                        extra=("seed",)),
+        log:
+            f"{OUT}/logs/cv_summary/prostate.log",
+        benchmark:
+            f"{OUT}/benchmarks/cv_summary/prostate.tsv"
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=30,
+            gpu=0,
+        conda:
+            CONDA_ENV
+        shell:
+            "medvit cv-summary --config {params.study} --task prostate --split {input.split}"
+            " --out {output.summary} > {log} 2>&1"
+
+    EXTRA_TARGETS.append(f"{_PDIR}/cv_summary.json")

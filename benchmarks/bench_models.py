@@ -1,0 +1,90 @@
+"""Per model: training and inference throughput (samples/s), achieved FLOP/s as a fraction of a
+matmul peak measured in the same run (fp32 and bf16 autocast), and peak memory of a training step.
+
+    python benchmarks/bench_models.py [--device auto] [--quick] [--models vit_tiny,cswin_unet]
+
+fp32 and bf16 are timed interleaved (one step of each in turn) so machine load biases neither.
+FLOPs of one training step (forward + backward) come from torch.utils.flop_counter; the
+optimizer's elementwise work counts zero, as usual. Writes benchmarks/results/models_<device>.json.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _util as U  # noqa: E402
+
+# model -> (image side, batch) in quick / full mode (2D models: pixels, 3D: voxels per side)
+SIZES = {"quick": {"2d": (64, 8), "3d": (32, 2)}, "full": {"2d": (64, 32), "3d": (32, 4)}}
+
+
+def bench_model(name: str, device: torch.device, quick: bool, peaks: dict[str, float], rounds: int) -> dict:
+    spec = U.ZOO[name]
+    size, batch = SIZES["quick" if quick else "full"]["3d" if spec["dims"] == 3 else "2d"]
+    model = U.build(name, size, device)
+    x = U.zoo_input(name, size, batch, device)
+    flops = U.train_flops(model, x)
+    fwd_flops = None
+    from medvit.engine.compute import count_flops
+
+    try:
+        fwd_flops = count_flops(model, x[:1]) * batch if not name.startswith("mae") else None
+    except Exception:  # noqa: BLE001  (an output the counter cannot sum; inference FLOPs then unknown)
+        fwd_flops = None
+    mem = U.train_step_memory(model, x, device)
+    steps = {f"train_{p}": U.train_step_fn(model, x, device, p == "bf16") for p in ("fp32", "bf16")}
+    steps.update({f"infer_{p}": U.infer_fn(model, x, device, p == "bf16") for p in ("fp32", "bf16")})
+    med = U.interleaved(steps, device, rounds=rounds)
+    row = {"model": name, "input": list(x.shape[1:]), "batch": batch, "params": sum(p.numel() for p in model.parameters()),
+           "train_gflop_per_sample": round(flops / batch / 1e9, 4), "peak_train_memory_mib": mem["peak_mib"], "activations_mib": mem["activations_mib"],
+           "memory_method": mem["method"]}
+    for p in ("fp32", "bf16"):
+        tps = batch / med[f"train_{p}"]
+        row[f"train_samples_per_s_{p}"] = round(tps, 2)
+        row[f"train_fraction_of_peak_{p}"] = round(flops / med[f"train_{p}"] / peaks[p], 4)
+        row[f"infer_samples_per_s_{p}"] = round(batch / med[f"infer_{p}"], 2)
+        if fwd_flops:
+            row[f"infer_fraction_of_peak_{p}"] = round(fwd_flops / med[f"infer_{p}"] / peaks[p], 4)
+    row["bf16_train_speedup"] = round(med["train_fp32"] / med["train_bf16"], 3)
+    return row
+
+
+def main() -> None:
+    p = U.parser(__doc__)
+    p.add_argument("--models", default=",".join(U.ZOO), help="comma-separated subset of " + ", ".join(U.ZOO))
+    args = p.parse_args()
+    device = U.device_of(args.device)
+    from medvit.engine.speed import matmul_peak
+
+    peaks = matmul_peak(device)
+    print(f"{device}: matmul peak fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+    rows, skipped = [], {}
+    out = U.out_path(args, "models", device)
+
+    def save() -> None:  # after every model, so a time limit keeps what was measured
+        U.write_json(out, {**U.header(device, args.quick),
+                           "matmul_peak_gflops": {k: round(v / 1e9, 2) for k, v in peaks.items()},
+                           "results": rows, "skipped": skipped})
+
+    for name in args.models.split(","):
+        try:
+            row = bench_model(name, device, args.quick, peaks, rounds=3 if args.quick else 10)
+        except Exception as exc:  # noqa: BLE001  (record and go on: one broken model must not stop the suite)
+            traceback.print_exc()
+            skipped[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        rows.append(row)
+        print(f"{name:16s} train {row['train_samples_per_s_fp32']:8.1f}/s fp32 {row['train_samples_per_s_bf16']:8.1f}/s bf16"
+              f"  ({100 * row['train_fraction_of_peak_fp32']:.1f}% / {100 * row['train_fraction_of_peak_bf16']:.1f}% of peak)"
+              f"  infer {row['infer_samples_per_s_fp32']:8.1f}/s  mem {row['peak_train_memory_mib']} MiB")
+        save()
+    save()
+
+
+if __name__ == "__main__":
+    main()

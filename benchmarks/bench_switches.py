@@ -1,0 +1,110 @@
+"""The gain each speed switch brings, measured interleaved against the same model without it:
+fused attention (``F.scaled_dot_product_attention``'s fused kernel vs its unfused math path),
+channels-last, bf16 autocast (on / off and what ``bf16: auto`` chose) and ``torch.compile``.
+
+    python benchmarks/bench_switches.py [--device auto] [--quick] [--compile]
+
+Every ratio is "seconds per training step without the switch / with it" (> 1: the switch
+helps), medians of steps taken in turn. ``torch.compile`` is timed with ``--compile`` or
+outside ``--quick`` (its first call compiles for a minute or more on a small CPU).
+Writes benchmarks/results/switches_<device>.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _util as U  # noqa: E402
+
+
+def math_attention(step):
+    def run() -> None:
+        with sdpa_kernel(SDPBackend.MATH):
+            step()
+    return run
+
+
+def switch_rows(device: torch.device, quick: bool, compile_too: bool) -> tuple[list[dict], dict[str, str]]:
+    from medvit.engine.speed import apply_channels_last, channels_last_input
+
+    rows, skipped = [], {}
+    rounds = 3 if quick else 10
+    size2, size3, b2, b3 = (64, 32, 8, 2) if quick else (64, 32, 32, 4)
+    for name, spec in U.ZOO.items():
+        size, batch = (size3, b3) if spec["dims"] == 3 else (size2, b2)
+        try:
+            model = U.build(name, size, device)
+            x = U.zoo_input(name, size, batch, device)
+            if spec["attention"]:
+                fused = U.train_step_fn(model, x, device)
+                med = U.interleaved({"math": math_attention(fused), "fused": fused}, device, rounds)
+                rows.append({"switch": "sdpa_fused", "model": name, "batch": batch, "input": list(x.shape[1:]),
+                             "off_s": round(med["math"], 4), "on_s": round(med["fused"], 4),
+                             "speedup": round(med["math"] / med["fused"], 3)})
+            if spec["conv"]:
+                cl = apply_channels_last(copy.deepcopy(model))
+                med = U.interleaved({"off": U.train_step_fn(model, x, device),
+                                     "on": U.train_step_fn(cl, channels_last_input(x), device)}, device, rounds)
+                rows.append({"switch": "channels_last", "model": name, "batch": batch, "input": list(x.shape[1:]),
+                             "off_s": round(med["off"], 4), "on_s": round(med["on"], 4),
+                             "speedup": round(med["off"] / med["on"], 3)})
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            skipped[name] = f"{type(exc).__name__}: {exc}"
+    if compile_too:
+        for name in ("vit_tiny", "resnet18"):
+            try:
+                model = U.build(name, size2, device)
+                x = U.zoo_input(name, size2, b2, device)
+                compiled = copy.deepcopy(model)
+                compiled.compile()
+                step_c = U.train_step_fn(compiled, x, device)
+                t0 = time.perf_counter()
+                step_c()  # compiles forward and backward
+                U.sync(device)
+                compile_s = time.perf_counter() - t0
+                med = U.interleaved({"off": U.train_step_fn(model, x, device), "on": step_c}, device, rounds)
+                rows.append({"switch": "compile", "model": name, "batch": b2, "input": list(x.shape[1:]),
+                             "off_s": round(med["off"], 4), "on_s": round(med["on"], 4),
+                             "speedup": round(med["off"] / med["on"], 3), "compile_seconds": round(compile_s, 1),
+                             "break_even_steps": (round(compile_s / (med["off"] - med["on"]))
+                                                  if med["off"] > med["on"] else None)})
+            except Exception as exc:  # noqa: BLE001  (no compiler, unsupported op: recorded)
+                traceback.print_exc()
+                skipped[f"compile:{name}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    else:
+        skipped["compile"] = ("not timed in --quick mode: the first call compiles for a minute or more on a small "
+                              "CPU; run with --compile or without --quick")
+    return rows, skipped
+
+
+def main() -> None:
+    p = U.parser(__doc__)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile in --quick mode")
+    args = p.parse_args()
+    device = U.device_of(args.device)
+    from medvit.engine.speed import probe_bf16
+
+    probe = probe_bf16(device, use_cache=False)
+    print(f"bf16 probe on {device}: fp32 {probe.fp32_gflops} GFLOP/s, bf16 {probe.bf16_gflops} GFLOP/s "
+          f"-> bf16: auto chooses {'bf16' if probe.use_bf16 else 'fp32'}")
+    rows, skipped = switch_rows(device, args.quick, args.compile or not args.quick)
+    for r in rows:
+        print(f"{r['switch']:14s} {r['model']:16s} off {r['off_s']:.4f}s on {r['on_s']:.4f}s -> x{r['speedup']}")
+    U.write_json(U.out_path(args, "switches", device), {
+        **U.header(device, args.quick),
+        "bf16_probe": {"fp32_gflops": probe.fp32_gflops, "bf16_gflops": probe.bf16_gflops,
+                       "speedup": probe.speedup, "auto_chooses_bf16": probe.use_bf16},
+        "results": rows, "skipped": skipped})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Speed switches and the measurements that choose them: a matmul peak, a per-device bf16
+probe, channels-last memory layout, ``torch.compile``, activation checkpointing, and worker
+counts sized to the machine.
+
+Each switch is measured, not assumed: whether bf16 pays differs between CPUs (native
+AVX512-BF16/AMX versus emulated) and GPUs, so ``bf16: auto`` runs :func:`probe_bf16` once per
+machine (a bf16 versus fp32 matmul, interleaved so a busy machine biases neither side) and
+caches the verdict in ``$MEDVIT_CACHE_DIR`` (default ``~/.cache/medvit``), so every later run
+on the same machine, torch and device makes the same choice (runs stay reproducible).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+PROBE_MARGIN = 1.1   # bf16 must be at least 10% faster than fp32 to be chosen
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work (no-op on CPU) so wall-clock timings are real."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _default_matmul_size(device: torch.device) -> int:
+    return 4096 if device.type == "cuda" else 1024
+
+
+def matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None,
+                 repeats: int = 5) -> float:
+    """Best achieved FLOP/s of an ``n x n @ n x n`` matmul over ``repeats`` calls (after one warm-up).
+
+    Args:
+        device: where to run it.
+        dtype: ``torch.float32`` or ``torch.bfloat16``.
+        n: matrix side (default 1024 on CPU, 4096 on GPU: large enough to reach the peak).
+        repeats: timed calls; the best one counts (least disturbed by other processes).
+    """
+    device = torch.device(device)
+    n = n or _default_matmul_size(device)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def matmul_peak(device: torch.device | str = "cpu", n: int | None = None, repeats: int = 5) -> dict[str, float]:
+    """Measured matmul peak in FLOP/s: ``{"fp32": ..., "bf16": ...}``, the yardstick of the
+    "fraction of peak" figures (a model cannot beat the best dense matmul of its device)."""
+    return {"fp32": matmul_flops(device, torch.float32, n, repeats),
+            "bf16": matmul_flops(device, torch.bfloat16, n, repeats)}
+
+
+# -------------------------------------------------------------------------------- bf16 probe
+
+
+@dataclass(frozen=True)
+class BF16Probe:
+    """Result of :func:`probe_bf16`.
+
+    Attributes:
+        key: the machine/torch/device the verdict holds for.
+        fp32_gflops, bf16_gflops: measured matmul rates (GFLOP/s).
+        speedup: ``bf16_gflops / fp32_gflops``.
+        use_bf16: the verdict (``speedup >= PROBE_MARGIN``).
+        source: ``"measured"`` now or ``"cache"``.
+    """
+
+    key: str
+    fp32_gflops: float
+    bf16_gflops: float
+    speedup: float
+    use_bf16: bool
+    source: str
+
+
+def device_key(device: torch.device | str) -> str:
+    """A string naming the hardware and software a speed measurement depends on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    if line.lower().startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        name = f"{name} x{torch.get_num_threads()} threads"
+    return f"{device.type}|{name}|torch {torch.__version__}"
+
+
+def cache_dir() -> Path:
+    """Where measured verdicts are kept: ``$MEDVIT_CACHE_DIR``, else ``~/.cache/medvit``."""
+    return Path(os.environ.get("MEDVIT_CACHE_DIR") or Path.home() / ".cache" / "medvit")
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def probe_bf16(device: torch.device | str = "cpu", use_cache: bool = True, n: int | None = None,
+               repeats: int = 6) -> BF16Probe:
+    """Measure whether bf16 matmuls beat fp32 on ``device``; cache the verdict on disk.
+
+    The two precisions alternate call by call (best of ``repeats`` each), so load from other
+    processes affects both alike. The verdict is read back from the cache on later calls (same
+    machine, thread count, torch and device), keeping ``bf16: auto`` stable between runs; delete
+    ``<cache_dir>/bf16_probe.json`` to measure again.
+
+    Args:
+        device: the training device.
+        use_cache: read and write the cache (``False``: always measure, write nothing).
+        n: matrix side (default 1024 CPU / 4096 GPU).
+        repeats: timed calls per precision.
+    """
+    device = torch.device(device)
+    key = device_key(device)
+    path = cache_dir() / "bf16_probe.json"
+    if use_cache:
+        hit = _read_cache(path).get(key)
+        if isinstance(hit, dict):
+            try:
+                return BF16Probe(**{**hit, "key": key, "source": "cache"})
+            except TypeError:
+                pass  # an older format: measure again
+    n = n or _default_matmul_size(device)
+    mats = {dt: (torch.randn(n, n, device=device).to(dt), torch.randn(n, n, device=device).to(dt))
+            for dt in (torch.float32, torch.bfloat16)}
+    best = {dt: float("inf") for dt in mats}
+    for i in range(repeats + 1):
+        for dt, (a, b) in mats.items():
+            sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            sync(device)
+            if i:  # the first round warms up
+                best[dt] = min(best[dt], time.perf_counter() - t0)
+    fp32, bf16 = (2 * n**3 / best[dt] / 1e9 for dt in (torch.float32, torch.bfloat16))
+    result = BF16Probe(key, round(fp32, 2), round(bf16, 2), round(bf16 / fp32, 3), bf16 / fp32 >= PROBE_MARGIN,
+                       "measured")
+    if use_cache:
+        from medvit.fileio import atomic_write_json
+
+        data = _read_cache(path)
+        data[key] = {k: v for k, v in asdict(result).items() if k not in ("key", "source")}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, data)
+        except OSError:
+            pass  # a read-only home: the verdict still holds for this process
+    return result
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def apply_channels_last(model: nn.Module) -> nn.Module:
+    """Put 4-D parameters/buffers (2-D conv weights) in ``channels_last`` and 5-D ones (3-D conv
+    weights) in ``channels_last_3d``, in place; returns ``model``.
+
+    Convolutions on CPU (oneDNN) and on GPU tensor cores prefer channels-last; the model's
+    outputs and ``state_dict`` values are unchanged (only the strides differ).
+    """
+    for module in model.modules():
+        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is None or tensor.dim() not in (4, 5):
+                continue
+            fmt = torch.channels_last if tensor.dim() == 4 else torch.channels_last_3d
+            tensor.data = tensor.data.contiguous(memory_format=fmt)
+    return model
+
+
+def channels_last_input(x: torch.Tensor) -> torch.Tensor:
+    """A (B, C, H, W) or (B, C, D, H, W) batch in channels-last layout (other tensors unchanged)."""
+    if x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+def compile_model(model: nn.Module, enabled: bool = True, **kwargs: Any) -> nn.Module:
+    """``model.compile()`` in place (TorchInductor; CPU and GPU) when ``enabled``; returns ``model``.
+
+    In place, so the parameter names, ``state_dict`` and checkpoints stay those of the eager
+    model. Compilation happens at the first call (tens of seconds); it pays for long runs
+    only, so it is off by default.
+    """
+    if enabled:
+        model.compile(**kwargs)
+    return model
+
+
+def enable_activation_checkpointing(model: nn.Module, block_types: Iterable[type] | None = None) -> int:
+    """Recompute the activations of every block during the backward pass instead of storing them.
+
+    Uses the model's own switch where it has one (timm: ``set_grad_checkpointing``), otherwise
+    wraps the ``forward`` of each module whose type is in ``block_types`` (default: the repeated
+    blocks of timm ViTs, the MAE, CSwin and DCT models) with :func:`torch.utils.checkpoint.checkpoint`.
+
+    Returns:
+        The number of blocks wrapped (0 when none was found; the model is then unchanged).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if block_types is None:
+        block_types = _default_block_types()
+    types = tuple(block_types)
+    count = 0
+    for module in model.modules():
+        if types and isinstance(module, types) and not getattr(module, "_medvit_ckpt", False):
+            original = module.forward
+
+            def wrapped(*args: Any, _f=original, **kw: Any) -> Any:
+                if torch.is_grad_enabled():
+                    return checkpoint(_f, *args, use_reentrant=False, **kw)
+                return _f(*args, **kw)
+
+            module.forward = wrapped  # type: ignore[method-assign]
+            module._medvit_ckpt = True
+            count += 1
+    return count
+
+
+def _default_block_types() -> list[type]:
+    types: list[type] = []
+    try:
+        from timm.models.vision_transformer import Block
+        types.append(Block)
+    except ImportError:
+        pass
+    for module, name in (("medvit.models.cswin", "CSwinBlock"), ("medvit.models.dct", "DCTHistoBlock")):
+        try:
+            types.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return types
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+@functools.lru_cache(maxsize=1)
+def available_cpus() -> int:
+    """CPU cores this process may run on (the affinity mask: SLURM and containers restrict it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def auto_num_workers(device: torch.device | str = "cpu", cpus: int | None = None) -> int:
+    """DataLoader workers sized to the machine.
+
+    With the decoded-image cache, workers only run augmentation. On CPU training they compete
+    with the model's own threads for the same cores, so they pay only on larger machines:
+    a quarter of the cores (at most 4) from 8 cores on, else 0. On a GPU the CPU is otherwise
+    idle: every core but one, at most 8.
+    """
+    cpus = available_cpus() if cpus is None else int(cpus)
+    if torch.device(device).type == "cuda":
+        return max(0, min(8, cpus - 1))
+    return min(4, cpus // 4) if cpus >= 8 else 0
+
+
+def resolve_num_workers(setting: int | str, device: torch.device | str = "cpu") -> int:
+    """``train.num_workers``: an integer as is, ``"auto"`` through :func:`auto_num_workers`."""
+    return auto_num_workers(device) if setting == "auto" else int(setting)

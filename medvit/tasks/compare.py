@@ -1,0 +1,394 @@
+"""Comparison stage: every model of a 2D classification task side by side, accuracy against
+compute (the DCT-HistoTransformer table of the histo task; any classification task works).
+
+For each model of ``tasks.<task>.models`` it reads the ``metrics.json`` of every training
+seed (``compare.seeds`` runs: the study seed in ``<task>/<model>/``, the others in
+``<task>/<model>/seed<s>/``), takes patch (sample) and patient-level accuracy, balanced
+accuracy, macro-F1 and AUROC of the test split and reports their mean and sample standard
+deviation over the seeds. Then it measures each architecture on the CPU at the task's input
+size: parameters, FLOPs of one image (one counter for all models,
+:func:`medvit.engine.compute.count_flops`, attention included via :func:`model_flops`) and
+latency/throughput at the batch sizes of ``compare.latency_batches``. A DVPT-adapted ViT of
+the task (``<task>/adapt/dvpt_p*/``, written by :mod:`medvit.tasks.adapt`) joins the table
+when its files exist.
+
+Outputs: ``<out_dir>/comparison.json`` and ``<out_dir>/accuracy_vs_flops.png``;
+:func:`report_parts` renders them in the report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from medvit.config import load_study, study_dir, task_config
+from medvit.engine.compute import count_flops, measure_latency
+from medvit.errors import ConfigError
+from medvit.evaluation import metrics as M
+
+COMPARE_DEFAULTS = {"seeds": 1, "latency_batches": [1, 32], "latency_repeats": 10, "cpu_threads": 1}
+"""The ``compare`` block of a task when the study has none (schema defaults)."""
+
+METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "auroc")
+"""Metrics of the table (names in comparison.json), each at patch and patient level."""
+
+LEVELS = ("sample", "patient")
+LEVEL_LABELS = {"sample": "patch", "patient": "patient"}
+_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "f1_macro": "macro-F1", "auroc": "AUROC"}
+# metrics.json name of each table metric, per task kind; binary macro-F1 is recomputed (below)
+_SOURCE = {"binary": {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy", "auroc": "auroc"},
+           "multiclass": {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy", "f1_macro": "f1_macro",
+                          "auroc": "auroc_macro"}}
+
+
+# ------------------------------------------------------------------------------ layout
+def compare_config(tcfg: dict[str, Any]) -> dict[str, Any]:
+    """A task's ``compare`` block over :data:`COMPARE_DEFAULTS`."""
+    return {**COMPARE_DEFAULTS, **(tcfg.get("compare") or {})}
+
+
+def training_seeds(study: dict[str, Any], task: str) -> list[int]:
+    """The seeds each model of ``task`` is trained with: ``seed, seed + 1, ...`` (``compare.seeds`` of them)."""
+    n = int(compare_config(task_config(study, task))["seeds"])
+    return [int(study["seed"]) + k for k in range(n)]
+
+
+def run_dir(study: dict[str, Any], task: str, model: str, seed: int) -> Path:
+    """Folder of one training run: ``<task>/<model>/`` for the study seed, ``<task>/<model>/seed<s>/`` otherwise."""
+    base = study_dir(study) / task / model
+    return base if int(seed) == int(study["seed"]) else base / f"seed{int(seed)}"
+
+
+# ------------------------------------------------------------------------------ compute
+def model_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """:func:`~medvit.engine.compute.count_flops` with attention counted.
+
+    PyTorch's FLOP counter has no formula for the fused CPU kernel behind
+    ``F.scaled_dot_product_attention``, so attention would count zero on the CPU; the math
+    backend computes the same attention with two batched matmuls, which it counts
+    (``4 * B * heads * N^2 * head_dim``, the value of its formula for the GPU kernels).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return count_flops(model, *inputs)
+
+
+def measure_compute(model: nn.Module, input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
+                    repeats: int = 10, threads: int | None = 1) -> dict[str, Any]:
+    """Parameters, FLOPs per image and CPU latency/throughput of ``model``.
+
+    Args:
+        model: the network (moved to the CPU here, evaluated in eval mode).
+        input_shape: one image's shape (C, H, W).
+        batches: batch sizes timed.
+        repeats: timed calls per batch size (after 3 warm-up calls).
+        threads: torch CPU threads while timing (restored after); None keeps the current setting.
+
+    Returns:
+        ``{"params", "trainable_params", "flops", "input": [1, C, H, W], "cpu_threads",
+        "latency": {"<batch>": {"batch", "median_s", "per_sample_ms", "throughput"}}}``.
+    """
+    from medvit.models import count_parameters
+
+    model = model.cpu().eval()
+    params, trainable = count_parameters(model)
+    example = torch.zeros(1, *input_shape)
+    flops = model_flops(model, example)
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        gen = torch.Generator().manual_seed(0)
+        latency = {str(b): measure_latency(model, torch.randn(int(b), *input_shape, generator=gen), repeats=repeats)
+                   for b in batches}
+    finally:
+        torch.set_num_threads(previous)
+    return {"params": params, "trainable_params": trainable, "flops": flops, "input": [1, *map(int, input_shape)],
+            "cpu_threads": torch.get_num_threads() if not threads else int(threads), "latency": latency}
+
+
+def build_from_model_card(card: dict[str, Any]) -> nn.Module:
+    """Rebuild (randomly initialised) the architecture described by a ``model.json``."""
+    from medvit.models import create_model
+    from medvit.models.vit import is_vit
+
+    name = card["model"]
+    kwargs: dict[str, Any] = {}
+    if is_vit(name):
+        kwargs = {"img_size": card["image_size"], "patch_size": card.get("patch_size", 16)}
+    return create_model(name, in_chans=int(card["in_chans"]), num_classes=len(card["spec"]["classes"]), **kwargs)
+
+
+# ------------------------------------------------------------------------------ accuracy
+def _binary_macro_f1(record: dict[str, Any], predictions: Path) -> dict[str, float]:
+    """Macro-F1 (mean F1 of both classes) of a binary run at the thresholds its metrics.json
+    chose on validation, per level, recomputed from predictions.csv."""
+    from medvit.evaluation.aggregate import aggregate_patients
+    from medvit.evaluation.evaluate import read_predictions
+
+    df = read_predictions(predictions)
+    (cls,) = record["classes"]
+    thr = record.get("threshold") or {}
+    tables = {"sample": df[df["split"] == "test"],
+              "patient": aggregate_patients(df, (record.get("aggregate") or {}).get("method", "max"),
+                                            (record.get("aggregate") or {}).get("top_k") or 3, "binary")}
+    tables["patient"] = tables["patient"][tables["patient"]["split"] == "test"]
+    out = {}
+    for level, table in tables.items():
+        t = (thr.get(level) or {}).get(cls)
+        if t is None or table.empty:
+            out[level] = math.nan
+            continue
+        y = table[f"true_{cls}"].to_numpy(np.int64)
+        pred = M.binarize(table[f"score_{cls}"].to_numpy(float), t).astype(np.int64)
+        out[level] = M.f1(y, pred, average="macro")
+    return out
+
+
+def run_metrics(metrics_path: str | Path) -> dict[str, dict[str, float]]:
+    """The table metrics of one run: ``{"sample": {metric: value}, "patient": {...}}`` (test
+    split; NaN when undefined) from its metrics.json (and predictions.csv beside it for the
+    macro-F1 of a binary task)."""
+    metrics_path = Path(metrics_path)
+    record = json.loads(metrics_path.read_text(encoding="utf-8"))
+    kind = record.get("kind")
+    if kind not in _SOURCE:
+        raise ConfigError(f"{metrics_path}: a {kind!r} task; the comparison handles binary and multiclass tasks")
+    blocks = {"patient": record.get("metrics") or {}, "sample": (record.get("sample_level") or {}).get("metrics") or {}}
+    out: dict[str, dict[str, float]] = {}
+    for level in LEVELS:
+        values = {}
+        for name in METRICS:
+            src = _SOURCE[kind].get(name)
+            entry = blocks[level].get(src) if src else None
+            value = entry.get("value") if isinstance(entry, dict) else None
+            values[name] = math.nan if value is None else float(value)
+        out[level] = values
+    if kind == "binary":
+        predictions = metrics_path.parent / "predictions.csv"
+        f1 = _binary_macro_f1(record, predictions) if predictions.is_file() else {}
+        for level in LEVELS:
+            out[level]["f1_macro"] = f1.get(level, math.nan)
+    return out
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof 1; null with one value) over the defined values."""
+    defined = [float(v) for v in values if v is not None and not math.isnan(v)]
+    mean = float(np.mean(defined)) if defined else None
+    sd = float(np.std(defined, ddof=1)) if len(defined) > 1 else None
+    return {"mean": mean, "sd": sd, "n": len(defined), "values": [None if v is None or math.isnan(v) else float(v)
+                                                                   for v in values]}
+
+
+def _aggregate_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {level: {name: summarize([r[level][name] for r in runs]) for name in METRICS} for level in LEVELS}
+
+
+# ------------------------------------------------------------------------------ DVPT
+def _dvpt_entry(study: dict[str, Any], task: str, cmp: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
+    """The DVPT-adapted ViT trained on all training patients, if the adaptation stage ran."""
+    adapt_dir = study_dir(study) / task / "adapt"
+    candidates = []
+    for path in sorted(adapt_dir.glob("dvpt_p*/metrics.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        candidates.append((float(record.get("fraction") or 0.0), path, record))
+    if not candidates:
+        notes.append(f"no DVPT-adapted ViT for {task} (no {adapt_dir}/dvpt_p*/metrics.json): not in the table")
+        return None
+    fraction, path, record = max(candidates, key=lambda c: c[0])
+    entry: dict[str, Any] = {"model": "dvpt", "label": f"{record.get('model', 'adapt/dvpt')} (DVPT, frozen ViT)",
+                             "source": str(path), "fraction": fraction, "seeds": [int(study["seed"])],
+                             "runs": [{"seed": int(study["seed"]), "path": str(path), **run_metrics(path)}],
+                             "train_seconds": summarize([record.get("train_seconds") or math.nan])}
+    entry.update(_aggregate_runs(entry["runs"]))
+    try:
+        from medvit.tasks.adapt import build_from_card, read_adapter_card
+
+        card = read_adapter_card(path.parent / "adapter.safetensors")
+        model = build_from_card(card)
+        size = int(card["image_size"])
+        entry["compute"] = measure_compute(model, (int(card["in_chans"]), size, size), cmp["latency_batches"],
+                                           cmp["latency_repeats"], cmp["cpu_threads"])
+        entry["compute"]["trainable_params"] = record.get("trainable_params")
+    except Exception as exc:  # the adaptation stage is optional here: report, never fail
+        notes.append(f"DVPT compute not measured ({type(exc).__name__}: {exc})")
+        entry["compute"] = {"params": record.get("params"), "trainable_params": record.get("trainable_params"),
+                            "flops": None, "latency": {}}
+    return entry
+
+
+# ------------------------------------------------------------------------------ stage
+def compare_stage(config_path: str | Path, task: str, out_dir: str | Path) -> Path:
+    """Compare every model of ``task`` over its seeds -> ``<out_dir>/comparison.json`` (+ figure).
+
+    Raises:
+        ConfigError: a model's metrics.json or model.json is missing (train and evaluate it first).
+    """
+    from medvit.evaluation.evaluate import write_json
+    from medvit.provenance import provenance
+    from medvit.tasks.common import read_sidecar
+
+    study = load_study(config_path)
+    tcfg = task_config(study, task)
+    cmp = compare_config(tcfg)
+    seeds = training_seeds(study, task)
+    notes: list[str] = []
+    entries: list[dict[str, Any]] = []
+    kind = classes = None
+    for model in tcfg["models"]:
+        runs, train_s = [], []
+        for seed in seeds:
+            folder = run_dir(study, task, model, seed)
+            path = folder / "metrics.json"
+            if not path.is_file():
+                raise ConfigError(f"{path} not found: train, predict and evaluate {model} (seed {seed}) first")
+            record = json.loads(path.read_text(encoding="utf-8"))
+            kind, classes = record.get("kind"), record.get("classes")
+            runs.append({"seed": seed, "path": str(path), **run_metrics(path)})
+            train_s.append(record.get("train_seconds") or math.nan)
+        card = read_sidecar(run_dir(study, task, model, seeds[0]) / "model.safetensors")
+        if not card:
+            raise ConfigError(f"model.json of {model} not found beside {run_dir(study, task, model, seeds[0])}")
+        size = int(card["image_size"])
+        compute = measure_compute(build_from_model_card(card), (int(card["in_chans"]), size, size),
+                                  cmp["latency_batches"], cmp["latency_repeats"], cmp["cpu_threads"])
+        entry = {"model": model, "label": model, "seeds": seeds, "runs": runs, "compute": compute,
+                 "train_seconds": summarize(train_s)}
+        if "patch_size" in card:
+            entry["patch_size"] = card["patch_size"]
+        entry.update(_aggregate_runs(runs))
+        entries.append(entry)
+    dvpt = _dvpt_entry(study, task, cmp, notes)
+    if dvpt is not None:
+        entries.append(dvpt)
+    if len(seeds) == 1:
+        notes.append("one training seed per model: no standard deviation (set compare.seeds to 2 or more)")
+    out_dir = Path(out_dir)
+    figure = plot_accuracy_vs_flops(entries, out_dir / "accuracy_vs_flops.png", task)
+    record = {"study": study["study"], "task": task, "kind": kind, "classes": classes,
+              "image_size": tcfg["image_size"], "seeds": seeds, "metrics": list(METRICS), "levels": list(LEVELS),
+              "sd": "sample standard deviation over seeds (ddof 1)", "compare": cmp,
+              "flop_counter": "torch.utils.flop_counter (2 FLOPs per multiply-add of matmuls and convolutions; "
+                              "attention via the SDPA math backend; norms, activations, softmax not counted)",
+              "models": entries, "figure": figure.name, "notes": notes,
+              "provenance": provenance(config=study, config_path=config_path)}
+    return write_json(out_dir / "comparison.json", record)
+
+
+# ------------------------------------------------------------------------------ figure
+def plot_accuracy_vs_flops(entries: Sequence[dict[str, Any]], path: str | Path, task: str,
+                           metric: str = "accuracy") -> Path:
+    """Test ``metric`` (mean ± sd over seeds; patch and patient level) against FLOPs per image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medvit.fileio import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = {"sample": dict(marker="o", linestyle="none"), "patient": dict(marker="s", linestyle="none",
+                                                                          fillstyle="none")}
+    for level in LEVELS:
+        pts = [(e["compute"]["flops"], e[level][metric]) for e in entries if e["compute"].get("flops")]
+        if not pts:
+            continue
+        x = [p[0] / 1e6 for p in pts]
+        y = [np.nan if s["mean"] is None else s["mean"] for _, s in pts]
+        err = [0.0 if s["sd"] is None else s["sd"] for _, s in pts]
+        ax.errorbar(x, y, yerr=err, capsize=3, label=f"{LEVEL_LABELS[level]} level", **styles[level])
+    for e in entries:
+        flops, s = e["compute"].get("flops"), e["sample"][metric]
+        if flops and s["mean"] is not None:
+            ax.annotate(e["label"], (flops / 1e6, s["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs per image (M, log scale)")
+    ax.set_ylabel(f"test {_LABELS[metric]}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    n = max((len(e["runs"]) for e in entries), default=0)
+    ax.set_title(f"{task}: {_LABELS[metric]} against compute (mean ± sd over {n} seed{'s' * (n != 1)})", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------ report
+def format_mean_sd(summary: dict[str, Any] | None, digits: int = 3) -> str:
+    """``{"mean": .8, "sd": .02}`` -> ``"0.800 ± 0.020"`` (``n/a`` when undefined)."""
+    if not summary or summary.get("mean") is None:
+        return "n/a"
+    text = f"{summary['mean']:.{digits}f}"
+    return text + (f" ± {summary['sd']:.{digits}f}" if summary.get("sd") is not None else "")
+
+
+def _mflops(flops: Any) -> str:
+    return f"{flops / 1e6:.1f}" if isinstance(flops, (int, float)) and flops else "n/a"
+
+
+def comparison_tables(comp: dict[str, Any]) -> list[str]:
+    """The accuracy table (mean ± sd, both levels) and the compute table of a comparison.json."""
+    from medvit.evaluation.report import format_count, html_table
+
+    entries = comp["models"]
+    n_seeds = len(comp["seeds"])
+    headers = ["model"] + [f"{LEVEL_LABELS[lv]} {_LABELS[m]}" for lv in LEVELS for m in METRICS] + ["seeds"]
+    rows = [[e["label"], *[format_mean_sd(e[lv][m]) for lv in LEVELS for m in METRICS], str(len(e["runs"]))]
+            for e in entries]
+    classes = comp.get("classes") or []
+    what = (f"binary, positive class {classes[0]}" if comp.get("kind") == "binary" and classes
+            else f"{comp.get('kind')}: {', '.join(classes)}")
+    accuracy = html_table(headers, rows, caption=f"Test accuracy, mean ± sd over {n_seeds} training seed"
+                                                 f"{'s' * (n_seeds != 1)} ({what})")
+    batches = [str(b) for b in comp["compare"]["latency_batches"]]
+    size = comp["image_size"]
+    headers = ["model", "params", "trainable", f"MFLOPs ({size}x{size})"] + \
+              [h for b in batches for h in (f"ms/image (batch {b})", f"images/s (batch {b})")]
+    rows = []
+    for e in entries:
+        c = e["compute"]
+        lat = c.get("latency") or {}
+        rows.append([e["label"], format_count(c.get("params")), format_count(c.get("trainable_params")),
+                     _mflops(c.get("flops")),
+                     *[v for b in batches for v in ((f"{lat[b]['per_sample_ms']:.2f}", f"{lat[b]['throughput']:.0f}")
+                                                     if b in lat else ("n/a", "n/a"))]])
+    threads = comp["compare"]["cpu_threads"]
+    compute = html_table(headers, rows, caption=f"Compute per model (CPU, {threads} thread{'s' * (threads != 1)}; "
+                                                f"latency on a shared machine is indicative)")
+    return [accuracy, compute]
+
+
+def report_parts(study: dict[str, Any]) -> dict[str, list[str]]:
+    """Report part (see :data:`medvit.evaluation.report.PART_BUILDERS`): per task with a
+    ``comparison.json``, the accuracy and compute tables and the accuracy-vs-FLOPs figure."""
+    from medvit.evaluation.report import esc, figure_html
+
+    parts: dict[str, list[str]] = {}
+    for task in study.get("tasks", {}):
+        path = study_dir(study) / task / "comparison.json"
+        if not path.is_file():
+            continue
+        comp = json.loads(path.read_text(encoding="utf-8"))
+        fragments = ["<h3>Model comparison: accuracy and compute</h3>", *comparison_tables(comp)]
+        png = path.parent / comp.get("figure", "accuracy_vs_flops.png")
+        if png.is_file():
+            fragments.append(figure_html("Test accuracy (mean ± sd over seeds) against FLOPs per image", png))
+        if comp.get("notes"):
+            fragments.append('<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in comp["notes"]) + "</ul>")
+        parts[task] = fragments
+    return parts
+

@@ -1,0 +1,264 @@
+"""Speed switches (medvit.engine.speed): each one leaves the numbers unchanged, the bf16 probe
+measures once and caches its verdict, and the decoded-image cache survives worker processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from medvit.data.datasets import SampleDataset
+from medvit.engine import TrainConfig, Trainer, seed_everything
+from medvit.engine import device as device_mod
+from medvit.engine.device import resolve_bf16
+from medvit.engine.speed import (
+    apply_channels_last,
+    auto_num_workers,
+    channels_last_input,
+    compile_model,
+    device_key,
+    enable_activation_checkpointing,
+    matmul_peak,
+    probe_bf16,
+    resolve_num_workers,
+)
+from medvit.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDVIT_CACHE_DIR", str(tmp_path / "cache"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def conv_net(dims: int = 2) -> nn.Module:
+    conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+    # no bias before the norm: its true gradient is 0, and AdamW would turn rounding noise into steps
+    return nn.Sequential(conv(2, 8, 3, padding=1, bias=False), norm(8), nn.ReLU(), conv(8, 4, 3, stride=2, padding=1),
+                         nn.Flatten(), nn.LazyLinear(3))
+
+
+# ------------------------------------------------------------------------------ measures
+
+
+def test_matmul_peak_is_positive_for_both_precisions():
+    peak = matmul_peak("cpu", n=64, repeats=2)
+    assert set(peak) == {"fp32", "bf16"} and all(v > 0 for v in peak.values())
+
+
+def test_bf16_probe_measures_once_then_reads_the_cache(tmp_path):
+    first = probe_bf16("cpu", n=128, repeats=2)
+    assert first.source == "measured" and first.fp32_gflops > 0 and first.bf16_gflops > 0
+    assert first.use_bf16 == (first.bf16_gflops / first.fp32_gflops >= 1.1)
+    cached = json.loads((tmp_path / "cache" / "bf16_probe.json").read_text())
+    assert device_key("cpu") in cached
+    second = probe_bf16("cpu", n=128, repeats=2)
+    assert second.source == "cache" and second.use_bf16 == first.use_bf16
+    assert probe_bf16("cpu", use_cache=False, n=64, repeats=1).source == "measured"
+
+
+@pytest.mark.parametrize("verdict", [True, False])
+def test_bf16_auto_follows_the_measured_verdict(tmp_path, monkeypatch, verdict):
+    monkeypatch.setattr(device_mod, "bf16_supported", lambda device: True)
+    path = tmp_path / "cache" / "bf16_probe.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({device_key("cpu"): {"fp32_gflops": 100.0, "bf16_gflops": 200.0 if verdict else 50.0,
+                                                    "speedup": 2.0 if verdict else 0.5, "use_bf16": verdict}}))
+    assert resolve_bf16("auto", torch.device("cpu")) is verdict
+    # explicit settings are never second-guessed
+    assert resolve_bf16(True, torch.device("cpu")) is True and resolve_bf16(False, torch.device("cpu")) is False
+
+
+def test_bf16_auto_is_off_without_native_support(monkeypatch):
+    monkeypatch.setattr(device_mod, "bf16_supported", lambda device: False)
+    assert resolve_bf16("auto", torch.device("cpu")) is False
+
+
+# ------------------------------------------------------------------------------ layouts
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_gives_the_same_outputs_and_gradients(dims):
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, *([8] * dims))
+    ref = conv_net(dims)
+    ref(x)  # materialise the lazy layer
+    fast = conv_net(dims)
+    fast(x)
+    fast.load_state_dict(ref.state_dict())
+    apply_channels_last(fast)
+    weight = fast[0].weight
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    assert weight.is_contiguous(memory_format=fmt) and not weight.is_contiguous()
+    xl = channels_last_input(x)
+    assert xl.is_contiguous(memory_format=fmt) and torch.equal(xl, x)
+    out_ref, out_fast = ref(x), fast(xl)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-4, atol=1e-5)
+    out_ref.sum().backward()
+    out_fast.sum().backward()
+    torch.testing.assert_close(fast[0].weight.grad, ref[0].weight.grad, rtol=1e-4, atol=1e-4)
+    # the state dict holds the same values (strides differ only)
+    for k, v in fast.state_dict().items():
+        torch.testing.assert_close(v, ref.state_dict()[k])
+
+
+def test_channels_last_input_leaves_other_tensors_alone():
+    t = torch.randn(3, 4)
+    assert channels_last_input(t) is t
+
+
+def test_compile_keeps_outputs_and_parameter_names():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 2))
+    x = torch.randn(4, 6)
+    expected = model(x)
+    names = list(model.state_dict())
+    # aot_eager traces through dynamo and AOTAutograd without the minutes of C++ compilation
+    # that the default inductor backend takes on a 2-core machine (benchmarks time that one)
+    compile_model(model, True, backend="aot_eager")
+    torch.testing.assert_close(model(x), expected)
+    assert list(model.state_dict()) == names
+    plain = nn.Linear(2, 2)
+    assert compile_model(plain, False) is plain and plain._compiled_call_impl is None
+
+
+def test_activation_checkpointing_keeps_gradients():
+    from medvit.models.vit import build_vit
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 32, 32)
+    ref = build_vit("tiny", in_chans=1, num_classes=2, img_size=32, patch_size=8)
+    ckpt = build_vit("tiny", in_chans=1, num_classes=2, img_size=32, patch_size=8)
+    ckpt.load_state_dict(ref.state_dict())
+    assert enable_activation_checkpointing(ckpt) == len(ckpt.blocks)
+    assert enable_activation_checkpointing(ckpt) == 0  # not wrapped twice
+    ref.eval(), ckpt.eval()  # no dropout / drop path differences
+    ref(x).sum().backward()
+    ckpt(x).sum().backward()
+    for (n, a), (_, b) in zip(ref.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_worker_counts_follow_the_machine():
+    assert auto_num_workers("cpu", cpus=2) == 0
+    assert auto_num_workers("cpu", cpus=16) == 4
+    assert auto_num_workers("cuda", cpus=16) == 8 and auto_num_workers("cuda", cpus=2) == 1
+    assert resolve_num_workers(3) == 3 and resolve_num_workers("auto") >= 0
+
+
+# ------------------------------------------------------------------------------ trainer
+
+
+class Blobs(Dataset):
+    def __init__(self, n: int):
+        g = torch.Generator().manual_seed(n)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+        self.x = torch.randn(n, 2, 8, 8, generator=g) + self.y[:, None, None, None].float()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def _fit(tmp_path: Path, **cfg) -> Trainer:
+    seed_everything(0)
+    model = conv_net(2)
+    model(torch.zeros(1, 2, 8, 8))
+    config = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_epochs=0, device="cpu", log_every=0, **cfg)
+    trainer = Trainer(model, Blobs(32), Blobs(16), config, tmp_path,
+                      loss_fn=lambda out, b: nn.functional.cross_entropy(out, b["label"]),
+                      val_metric_fn=lambda out, y: float((out.argmax(1) == y).float().mean()), progress=False)
+    trainer.fit()
+    return trainer
+
+
+def test_trainer_channels_last_trains_like_the_default(tmp_path):
+    plain = _fit(tmp_path / "plain")
+    fast = _fit(tmp_path / "fast", channels_last=True)
+    assert fast.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for (n, a), (_, b) in zip(plain.model.named_parameters(), fast.model.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=n)
+    assert (tmp_path / "fast" / "checkpoints").is_dir()
+
+
+def test_train_config_switches_are_validated():
+    assert TrainConfig().channels_last is False and TrainConfig().compile is False
+    with pytest.raises(ConfigError, match="train.channels_last"):
+        TrainConfig(channels_last="yes")
+    with pytest.raises(ConfigError, match="train.compile"):
+        TrainConfig(compile=1)
+
+
+def _counting_load(log: Path):
+    def load(rec: dict) -> dict:
+        with open(log, "a") as fh:  # appended from any process or thread
+            fh.write(f"{rec['i']}\n")
+        return {"image": np.full((2, 8, 8), float(rec["i"] % 3), dtype=np.float32), "label": rec["i"] % 3}
+    return load
+
+
+def test_warm_cache_decodes_each_sample_once_in_threads(tmp_path):
+    log = tmp_path / "loads.txt"
+    ds = SampleDataset([{"i": i} for i in range(12)], _counting_load(log))
+    ds.warm_cache(num_workers=2)
+    ds.warm_cache(num_workers=2)
+    assert sorted(int(v) for v in log.read_text().split()) == list(range(12))
+    assert all(c is not None for c in ds._cached)
+
+
+def test_epochs_after_the_first_decode_nothing_with_workers(tmp_path):
+    log = tmp_path / "loads.txt"
+    train = SampleDataset([{"i": i} for i in range(16)], _counting_load(log))
+    seed_everything(0)
+    model = conv_net(2)
+    model(torch.zeros(1, 2, 8, 8))
+    config = TrainConfig(epochs=3, batch_size=8, warmup_epochs=0, device="cpu", log_every=0, num_workers=1)
+    Trainer(model, train, None, config, tmp_path / "run",
+            loss_fn=lambda out, b: nn.functional.cross_entropy(out, b["label"]), progress=False).fit()
+    # every sample decoded exactly once over three epochs, although workers are new each epoch
+    assert sorted(int(v) for v in log.read_text().split()) == list(range(16))
+
+
+# ------------------------------------------------------------------------------ benchmarks
+
+
+def _run_all_module():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("medvit_bench_run_all", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rule_times_sum_snakemake_benchmark_files(tmp_path):
+    run_all = _run_all_module()
+    head = "s\th:m:s\tmax_rss\tmax_vms\n"
+    for rule, name, s, rss in (("train", "a", 10.0, 500.0), ("train", "b", 4.0, 800.0), ("split", "x", 1.5, 100.0)):
+        (tmp_path / "benchmarks" / rule).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "benchmarks" / rule / f"{name}.tsv").write_text(head + f"{s}\t0:00:10\t{rss}\t1\n")
+    rows = run_all.rule_times(tmp_path)
+    assert [r["rule"] for r in rows] == ["train", "split"]
+    assert rows[0] == {"rule": "train", "jobs": 2, "total_s": 14.0, "max_s": 10.0, "max_rss_mib": 800.0}
+
+
+def test_results_page_reports_failures_and_missing_parts():
+    run_all = _run_all_module()
+    page = run_all.render({"created": "now", "quick": True, "device_type": "cpu", "note": "under load",
+                           "machine": {"cpu": "X", "cores": 2}, "benchmarks": {}, "rules": {},
+                           "status": {"models": {"ok": False, "seconds": 1.0, "reason": "timed out after 9 s"}}})
+    assert "models (FAILED" in page and "timed out after 9 s" in page and "> under load" in page
+    assert "make demo" in page
