@@ -27,6 +27,7 @@ include: "workflows/rules/common.smk"
 validate(config, "workflows/schemas/study.schema.yaml", set_default=True)
 
 
+include: "workflows/rules/stages.smk"
 include: "workflows/rules/data.smk"
 include: "workflows/rules/train.smk"
 include: "workflows/rules/xray.smk"

@@ -62,7 +62,7 @@ tasks:
     assert xray["source"] is None and xray["label_column"] == "labels"
     prostate = study["tasks"]["prostate"]                             # `prostate:` (null) = all defaults
     assert prostate["synthetic"]["image_size"] == 32 and prostate["roi_size"] == [32, 32, 32]
-    assert prostate["folds"] == 1 and prostate["positive_class"] == "cspca" and prostate["models"] == ["unet3d"]
+    assert prostate["folds"] == 5 and prostate["positive_class"] == "cspca" and prostate["models"] == ["unet3d"]
     assert study["tasks"]["histo"]["models"] == ["resnet10t", "resnet18"]
     assert study["tasks"]["histo"]["train"]["epochs"] == 5
     # filled defaults are independent copies, never shared between tasks or with the schema

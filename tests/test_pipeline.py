@@ -32,7 +32,7 @@ TINY = {
         "brain": {"synthetic": {"patients": 16, "image_size": 32}, "image_size": 32, "anomaly_ratio": 0.3,
                   "resample_by": "image", "models": ["resnet10t"],
                   "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0}},
-        "prostate": {"synthetic": {"patients": 12, "image_size": 16}, "roi_size": [16, 16, 16],
+        "prostate": {"synthetic": {"patients": 12, "image_size": 16}, "roi_size": [16, 16, 16], "folds": 2,
                      "models": ["unet3d"], "train": {"epochs": 1, "batch_size": 2, "warmup_epochs": 0}},
         "histo": {"synthetic": {"patients": 12, "image_size": 32}, "image_size": 32, "models": ["resnet10t"],
                   "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0}},

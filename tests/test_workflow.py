@@ -48,9 +48,15 @@ elif args[0] == "pretrain":
     out.mkdir(parents=True, exist_ok=True)
     for name in ("encoder.safetensors", "encoder.json", "reconstructions.png"):
         (out / name).write_text(name)
+elif args[0] == "compare":
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("comparison.json", "accuracy_vs_flops.png"):
+        (out / name).write_text(name)
 else:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(args[0])
+    if args[0] == "report":
+        (out.parent / "figures").mkdir(exist_ok=True)
 print("fake", args[0])
 """
 
@@ -96,9 +102,18 @@ def test_demo_dry_run_lists_every_stage(tmp_path):
     n_tasks = len(demo["tasks"])
     n_models = sum(len(t.get("models", [1])) for t in demo["tasks"].values())
     n_mae = sum(any(m.endswith("_mae") for m in t.get("models", [])) for t in demo["tasks"].values())
-    expected = {"synth": n_tasks, "split": n_tasks, "train": n_models, "predict": n_models,
-                "evaluate": n_models, "report": 1, "all": 1}
-    assert job_counts(out) == {**expected, **({"pretrain": n_mae} if n_mae else {})}
+    prostate = demo["tasks"]["prostate"]
+    cv_models = len(prostate["models"])
+    jobs = job_counts(out)
+    # the generic train/predict rules serve every task but the cross-validated one
+    expected = {"synth": n_tasks, "split": n_tasks, "train": n_models - cv_models, "predict": n_models - cv_models,
+                "prostate_fold": cv_models * prostate["folds"], "prostate_cv_pool": cv_models, "report": 1, "all": 1,
+                **({"pretrain": n_mae} if n_mae else {})}
+    assert {k: jobs.get(k) for k in expected} == expected
+    assert jobs["evaluate"] >= n_models  # one per model, plus the stages evaluated the same way
+    # each task's own stages are in the run
+    assert {"adapt_xray", "adapt_compare_xray", "brain_detect", "brain_ptp", "brain_distill", "brain_cascade",
+            "prostate_ssl", "prostate_cv_summary", "compare"} <= set(jobs)
     # every job is one `medvit <stage>` call that logs to results/demo/logs/
     shell = [line for line in out.splitlines() if line.startswith("Shell command: medvit")]
     assert len(shell) == sum(job_counts(out).values()) - 1
@@ -235,7 +250,8 @@ def test_run_with_fake_stages_and_rerun_only_what_changed(tmp_path):
         assert (root / rel).is_file(), rel
     assert (root / "logs" / "train" / "histo_resnet18.log").read_text().strip() == "fake train"
     lines = calls.read_text().splitlines()
-    assert len(lines) == 2 + 2 + 3 * 3 + 1  # synth, split, (train, predict, evaluate) x models, report
+    # synth, split, (train, predict, evaluate) x models, the histo model comparison (2 models), report
+    assert len(lines) == 2 + 2 + 3 * 3 + 1 + 1
     # stages get the study file, relative to the working directory when it lies inside it
     assert all('"--config", "mini.yaml"' in line for line in lines if '"synth"' not in line)
 
@@ -250,7 +266,7 @@ def test_run_with_fake_stages_and_rerun_only_what_changed(tmp_path):
     write_study(path, study)
     rc, out = run("-n")
     assert rc == 0, out
-    assert job_counts(out) == {"train": 2, "predict": 2, "evaluate": 2, "report": 1, "all": 1}
+    assert job_counts(out) == {"train": 2, "predict": 2, "evaluate": 2, "compare": 1, "report": 1, "all": 1}
     assert "brain_resnet18" not in out
 
     # adding a model trains just that model; evaluation settings re-evaluate without retraining
@@ -260,7 +276,7 @@ def test_run_with_fake_stages_and_rerun_only_what_changed(tmp_path):
     write_study(path, study)
     rc, out = run("-n")
     assert rc == 0, out
-    assert job_counts(out) == {"train": 1, "predict": 1, "evaluate": 4, "report": 1, "all": 1}
+    assert job_counts(out) == {"train": 1, "predict": 1, "evaluate": 4, "compare": 1, "report": 1, "all": 1}
     assert "logs/train/brain_resnet10t.log" in out and "logs/train/brain_resnet18.log" not in out
 
 
@@ -282,7 +298,7 @@ def test_mae_study_reruns_only_what_a_vit_setting_changes(tmp_path):
     write_study(path, study)
     rc, out = run("-n")
     assert rc == 0, out
-    assert job_counts(out) == {"train": 2, "predict": 2, "evaluate": 2, "report": 1, "all": 1}
+    assert job_counts(out) == {"train": 2, "predict": 2, "evaluate": 2, "compare": 1, "report": 1, "all": 1}
     assert "xray_densenet121" not in out
     rc, out = run()
     assert rc == 0, out

@@ -15,7 +15,7 @@
 # keys, they are left out of every other rule's settings (common.smk `settings`), so editing
 # e.g. detection.epochs does not re-split the data or retrain tasks.brain.models; the rules
 # here name the blocks they read with `keep`.
-VIT_KEYS = tuple(VIT_KEYS) + ("detection", "distill", "cascade")
+# (listed in common.smk STAGE_KEYS)
 
 if "brain" in TASKS:
     _brain = task_config(config, "brain")

@@ -92,9 +92,13 @@ def source_file(name):
     return str(SOURCES[name])
 
 
-# Task keys only some stages read (the MAE stage and the ViT models); a stage's settings leave
-# them out unless it names them in `keep`, so editing them reruns only the jobs they affect.
+# Task keys only some stages read (the MAE stage and the ViT models, DVPT, the brain detector,
+# distillation and cascade, the histo comparison, the prostate CSwin/SSL/external-test stages);
+# a stage's settings leave them out unless it names them in `keep`, so editing one reruns only
+# the jobs that read it (e.g. detection.epochs never re-splits the data or retrains a model).
 VIT_KEYS = ("pretrain", "finetune")
+STAGE_KEYS = VIT_KEYS + ("adapt", "detection", "distill", "cascade", "compare", "cswin", "ssl",
+                         "external_manifest", "external_synthetic", "figures")
 
 
 def settings(task, *, drop=(), extra=(), keep=()):
@@ -103,7 +107,7 @@ def settings(task, *, drop=(), extra=(), keep=()):
     Snakemake's `params` rerun trigger then reruns exactly the jobs whose settings changed:
     editing tasks.xray.train.epochs retrains xray only; adding a model trains just that one.
     """
-    skip = set(drop) | (set(VIT_KEYS) - set(keep))
+    skip = set(drop) | (set(STAGE_KEYS) - set(keep))
     cfg = {k: v for k, v in task_config(config, task).items() if k not in skip}
     cfg.update({k: config[k] for k in extra})
     return json.dumps(cfg, sort_keys=True)

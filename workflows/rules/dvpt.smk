@@ -17,37 +17,8 @@ from medvit.tasks.adapt import percent_label, run_name
 ADAPT_TASKS = [t for t in TASKS if config["tasks"][t].get("adapt", {}).get("enabled")]
 # `adapt` is read by the rules below only: leave it out of every other stage's settings
 # (rules/common.smk: settings), so tuning the comparison never reruns the split or the models.
-VIT_KEYS = tuple(VIT_KEYS) + ("adapt",)
+# (listed in common.smk STAGE_KEYS)
 ADAPT_METHODS = ("linear", "vpt", "dvpt", "full")
-
-
-def adapt_backbone(task):
-    """The shared backbone file: listed as an input so the MAE stage runs first and a changed
-    backbone re-adapts every method."""
-    cfg = config["tasks"][task]["adapt"]
-    return str(mae_encoder_path(config, task)) if cfg["backbone"] == "mae" else cfg["backbone"]
-
-
-def adapt_settings(task, method):
-    """Settings of one method's job: the task config without the other methods' knobs, so adding
-    a method or changing another method's learning rate leaves this one's results alone."""
-    cfg = json.loads(settings(task, drop=("models", "train"), keep=("pretrain", "finetune", "adapt"),
-                              extra=("seed", "device", "deterministic", "evaluation")))
-    adapt = cfg["adapt"]
-    adapt.pop("methods")
-    adapt.pop("enabled")
-    adapt["lr_scale"] = adapt["lr_scale"][method]
-    if method != "dvpt":
-        adapt.pop("dvpt")
-    if method != "vpt":
-        adapt.pop("vpt")
-    if method != "full":
-        cfg.pop("finetune", None)
-    return json.dumps(cfg, sort_keys=True)
-
-
-def adapt_run_files(task, method, name):
-    return [f"{OUT}/{task}/adapt/{run_name(method, f)}/{name}" for f in config["tasks"][task]["adapt"]["fractions"]]
 
 
 for _task in ADAPT_TASKS:
@@ -69,7 +40,7 @@ for _task in ADAPT_TASKS:
             study=STUDY_FILE,
             task=_task,
             settings=lambda w, t=_task: adapt_settings(t, w.method),
-            out_dir=f"{OUT}/{_task}/adapt",
+            out_dir=lambda w, output: os.path.dirname(os.path.dirname(output.adapters[0])),
         log:
             f"{OUT}/logs/adapt/{_task}_{{method}}.log",
         benchmark:
@@ -98,7 +69,7 @@ for _task in ADAPT_TASKS:
             study=STUDY_FILE,
             task=_task,
             settings=lambda w, t=_task: json.dumps(config["tasks"][t]["adapt"], sort_keys=True),
-            adapt_dir=f"{OUT}/{_task}/adapt",
+            adapt_dir=lambda w, output: os.path.dirname(output.comparison),
         log:
             f"{OUT}/logs/adapt/{_task}_compare.log",
         benchmark:

@@ -14,7 +14,7 @@
 
 # `compare` is read by the rules below only: leave it out of every other stage's settings
 # (rules/common.smk: settings), so adding a seed or changing the timing never retrains a model.
-VIT_KEYS = tuple(VIT_KEYS) + ("compare",)
+# (listed in common.smk STAGE_KEYS)
 
 COMPARE_TASKS = [
     t
@@ -22,42 +22,6 @@ COMPARE_TASKS = [
     if "compare" in config["tasks"][t]
     and (len(config["tasks"][t]["models"]) > 1 or config["tasks"][t]["compare"]["seeds"] > 1)
 ]
-
-
-def extra_seeds(task):
-    """Seeds beyond the study's that each model of `task` is trained with."""
-    n = config["tasks"][task].get("compare", {}).get("seeds", 1)
-    return [config["seed"] + k for k in range(1, n)]
-
-
-def _seed_settings(wildcards):
-    # the generic training settings of this (task, model) plus the run's own seed
-    cfg = json.loads(train_settings(wildcards))
-    cfg["train_seed"] = int(wildcards.seed)
-    return json.dumps(cfg, sort_keys=True)
-
-
-def _dvpt_inputs(wildcards):
-    """The adaptation comparison when the task runs DVPT, so the comparison includes it."""
-    adapt = config["tasks"][wildcards.task].get("adapt") or {}
-    if adapt.get("enabled") and "dvpt" in adapt.get("methods", []):
-        return [f"{study_dir(config)}/{wildcards.task}/adapt/comparison.json"]
-    return []
-
-
-def comparison_inputs(wildcards):
-    """Every run's metrics.json (and model.json) of a task's models, over its seeds."""
-    root = f"{study_dir(config)}/{wildcards.task}"
-    folders = [
-        f"{root}/{m}" + (f"/seed{s}" if s != config["seed"] else "")
-        for m in config["tasks"][wildcards.task]["models"]
-        for s in [config["seed"], *extra_seeds(wildcards.task)]
-    ]
-    return {
-        "metrics": [f"{f}/metrics.json" for f in folders],
-        "cards": [f"{f}/model.json" for f in folders],
-        "dvpt": _dvpt_inputs(wildcards),
-    }
 
 
 SEED_TASKS = [t for t in COMPARE_TASKS if extra_seeds(t)]

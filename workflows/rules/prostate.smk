@@ -16,16 +16,6 @@ CSWIN_MODELS = ("cswin_unet", "cswin_unet_ssl")
 SSL_MODELS = ("cswin_unet_ssl",)
 
 
-def _external_manifest(tcfg):
-    """medvit.tasks.segmentation.external_manifest_path: the given manifest, the synthetic
-    external cohort, or None."""
-    if tcfg["external_manifest"]:
-        return tcfg["external_manifest"]
-    if tcfg["external_synthetic"]["patients"] > 0:
-        return f"{study_dir(config)}/data/prostate_external/manifest.csv"
-    return None
-
-
 if "prostate" in TASKS:
     _PROSTATE = config["tasks"]["prostate"]
     PROSTATE_FOLDS = list(range(_PROSTATE["folds"]))
@@ -35,21 +25,6 @@ if "prostate" in TASKS:
     # editing them reruns only the jobs they affect
     _PROSTATE_LOCAL = ("models", "figures", "external_manifest", "external_synthetic")
     _PDIR = f"{study_dir(config)}/prostate"  # concrete paths for input functions (OUT is a pattern)
-
-    def prostate_fold_settings(wildcards):
-        cswin = wildcards.model in CSWIN_MODELS
-        drop = _PROSTATE_LOCAL + ("ssl",) + (() if cswin else ("cswin",))
-        return settings("prostate", drop=drop, keep=("cswin",) if cswin else (),
-                        extra=("seed", "device", "deterministic"))
-
-    def prostate_fold_inputs(wildcards):
-        inputs = {"split": f"{_PDIR}/split.csv"}
-        if wildcards.model in SSL_MODELS:
-            inputs["init"] = f"{_PDIR}/ssl/fold{wildcards.fold}/encoder.safetensors"
-        return inputs
-
-    def prostate_fold_files(name):
-        return lambda w: [f"{_PDIR}/{w.model}/fold{i}/{name}" for i in PROSTATE_FOLDS]
 
     rule prostate_ssl:
         input:
@@ -195,17 +170,6 @@ if "prostate" in TASKS:
             shell:
                 "medvit external-test --config {params.study} --task prostate --model {wildcards.model}"
                 " --split {input.split} --weights {input.weights} --out {params.out_dir} > {log} 2>&1"
-
-    def prostate_summary_inputs(wildcards):
-        models = _PROSTATE["models"]
-        inputs = {
-            "split": f"{_PDIR}/split.csv",
-            "metrics": [f"{_PDIR}/{m}/metrics.json" for m in models],
-            "folds": [f"{_PDIR}/{m}/fold{i}/predictions.csv" for m in models for i in PROSTATE_FOLDS],
-        }
-        if PROSTATE_EXTERNAL is not None:
-            inputs["external"] = [f"{_PDIR}/{m}/external/metrics.json" for m in models]
-        return inputs
 
     rule prostate_cv_summary:
         input:

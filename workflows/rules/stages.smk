@@ -1,0 +1,114 @@
+# Input and settings functions of the task-stage rules (dvpt.smk, histo.smk, prostate.smk),
+# kept apart from the rules (Snakemake's style: no functions beside rules). They read the
+# globals those files define (e.g. ADAPT_METHODS, PROSTATE_FOLDS) when Snakemake calls them.
+
+# ---------------------------------------------------------------- dvpt.smk
+
+def adapt_backbone(task):
+    """The shared backbone file: listed as an input so the MAE stage runs first and a changed
+    backbone re-adapts every method."""
+    cfg = config["tasks"][task]["adapt"]
+    return str(mae_encoder_path(config, task)) if cfg["backbone"] == "mae" else cfg["backbone"]
+
+
+def adapt_settings(task, method):
+    """Settings of one method's job: the task config without the other methods' knobs, so adding
+    a method or changing another method's learning rate leaves this one's results alone."""
+    cfg = json.loads(settings(task, drop=("models", "train"), keep=("pretrain", "finetune", "adapt"),
+                              extra=("seed", "device", "deterministic", "evaluation")))
+    adapt = cfg["adapt"]
+    adapt.pop("methods")
+    adapt.pop("enabled")
+    adapt["lr_scale"] = adapt["lr_scale"][method]
+    if method != "dvpt":
+        adapt.pop("dvpt")
+    if method != "vpt":
+        adapt.pop("vpt")
+    if method != "full":
+        cfg.pop("finetune", None)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def adapt_run_files(task, method, name):
+    return [f"{OUT}/{task}/adapt/{run_name(method, f)}/{name}" for f in config["tasks"][task]["adapt"]["fractions"]]
+
+
+# ---------------------------------------------------------------- histo.smk
+
+def extra_seeds(task):
+    """Seeds beyond the study's that each model of `task` is trained with."""
+    n = config["tasks"][task].get("compare", {}).get("seeds", 1)
+    return [config["seed"] + k for k in range(1, n)]
+
+
+def _seed_settings(wildcards):
+    # the generic training settings of this (task, model) plus the run's own seed
+    cfg = json.loads(train_settings(wildcards))
+    cfg["train_seed"] = int(wildcards.seed)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def _dvpt_inputs(wildcards):
+    """The adaptation comparison when the task runs DVPT, so the comparison includes it."""
+    adapt = config["tasks"][wildcards.task].get("adapt") or {}
+    if adapt.get("enabled") and "dvpt" in adapt.get("methods", []):
+        return [f"{study_dir(config)}/{wildcards.task}/adapt/comparison.json"]
+    return []
+
+
+def comparison_inputs(wildcards):
+    """Every run's metrics.json (and model.json) of a task's models, over its seeds."""
+    root = f"{study_dir(config)}/{wildcards.task}"
+    folders = [
+        os.path.join(root, m, *([f"seed{s}"] if s != config["seed"] else []))
+        for m in config["tasks"][wildcards.task]["models"]
+        for s in [config["seed"], *extra_seeds(wildcards.task)]
+    ]
+    return {
+        "metrics": [f"{f}/metrics.json" for f in folders],
+        "cards": [f"{f}/model.json" for f in folders],
+        "dvpt": _dvpt_inputs(wildcards),
+    }
+
+
+# ---------------------------------------------------------------- prostate.smk
+
+def _external_manifest(tcfg):
+    """medvit.tasks.segmentation.external_manifest_path: the given manifest, the synthetic
+    external cohort, or None."""
+    if tcfg["external_manifest"]:
+        return tcfg["external_manifest"]
+    if tcfg["external_synthetic"]["patients"] > 0:
+        return f"{study_dir(config)}/data/prostate_external/manifest.csv"
+    return None
+
+
+def prostate_fold_settings(wildcards):
+    cswin = wildcards.model in CSWIN_MODELS
+    drop = _PROSTATE_LOCAL + ("ssl",) + (() if cswin else ("cswin",))
+    return settings("prostate", drop=drop, keep=("cswin",) if cswin else (),
+                    extra=("seed", "device", "deterministic"))
+
+
+def prostate_fold_inputs(wildcards):
+    inputs = {"split": f"{_PDIR}/split.csv"}
+    if wildcards.model in SSL_MODELS:
+        inputs["init"] = f"{_PDIR}/ssl/fold{wildcards.fold}/encoder.safetensors"
+    return inputs
+
+
+def prostate_fold_files(name):
+    return lambda w: [f"{_PDIR}/{w.model}/fold{i}/{name}" for i in PROSTATE_FOLDS]
+
+
+def prostate_summary_inputs(wildcards):
+    models = _PROSTATE["models"]
+    inputs = {
+        "split": f"{_PDIR}/split.csv",
+        "metrics": [f"{_PDIR}/{m}/metrics.json" for m in models],
+        "folds": [f"{_PDIR}/{m}/fold{i}/predictions.csv" for m in models for i in PROSTATE_FOLDS],
+    }
+    if PROSTATE_EXTERNAL is not None:
+        inputs["external"] = [f"{_PDIR}/{m}/external/metrics.json" for m in models]
+    return inputs
+
