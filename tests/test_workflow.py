@@ -298,7 +298,7 @@ def test_mae_study_reruns_only_what_a_vit_setting_changes(tmp_path):
     write_study(path, study)
     rc, out = run("-n")
     assert rc == 0, out
-    assert job_counts(out) == {"train": 2, "predict": 2, "evaluate": 2, "compare": 1, "report": 1, "all": 1}
+    assert job_counts(out) == {"train": 2, "predict": 2, "evaluate": 2, "report": 1, "all": 1}
     assert "xray_densenet121" not in out
     rc, out = run()
     assert rc == 0, out
