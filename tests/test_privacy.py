@@ -183,17 +183,11 @@ def test_exported_dicom_seg_blanks_patient_identifiers(tmp_path):
             assert value.lower().encode() not in raw, (keyword, value)
 
 
-@pytest.mark.xfail(reason="medvit/data/export.py (another helper's file) keeps StudyID and the source's "
-                          "ContributingEquipmentSequence (InstitutionName, InstitutionAddress, StationName) that "
-                          "highdicom copies; the basic confidentiality profile blanks/removes them", strict=False)
 def test_exported_dicom_seg_holds_no_planted_identifier_anywhere(tmp_path):
     out = _seg(tmp_path, who=1)
     assert _leaks([out]) == {}, "planted identifiers in the exported SEG"
 
 
-@pytest.mark.xfail(reason="medvit/data/export.py (another helper's file) blanks identifiers but does not yet mark "
-                          "the SEG as de-identified: PatientIdentityRemoved=YES and DeidentificationMethodCodeSequence "
-                          "(DCM 113100 Basic Application Confidentiality Profile) are missing", strict=False)
 def test_exported_dicom_seg_declares_the_basic_profile(tmp_path):
     pytest.importorskip("highdicom")
     from medvit.data.export import save_dicom_seg

@@ -157,11 +157,31 @@ def save_dicom_seg(mask: np.ndarray, source: str | Path, out_path: str | Path, p
     seg.PatientID = str(patient_id)
     seg.PatientBirthDate = ""
     for keyword in ("OtherPatientIDs", "OtherPatientNames", "PatientAddress", "AccessionNumber",
-                    "ReferringPhysicianName", "InstitutionName"):
+                    "ReferringPhysicianName", "InstitutionName", "InstitutionAddress", "StationName", "StudyID"):
         if keyword in seg:
             setattr(seg, keyword, "")
+    # highdicom copies the sources' equipment (institution, station) into this sequence
+    if "ContributingEquipmentSequence" in seg:
+        del seg.ContributingEquipmentSequence
+    _mark_deidentified(seg)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         seg.save_as(str(tmp), enforce_file_format=True)
     return out_path
+
+
+def _mark_deidentified(ds) -> None:
+    """Declare the DICOM basic application level confidentiality profile (PS3.15 E.1):
+    PatientIdentityRemoved YES and the profile's code (DCM 113100) in
+    DeidentificationMethodCodeSequence."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    code = Dataset()
+    code.CodeValue = "113100"
+    code.CodingSchemeDesignator = "DCM"
+    code.CodeMeaning = "Basic Application Confidentiality Profile"
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "medvit: DICOM PS3.15 basic application level confidentiality profile"
+    ds.DeidentificationMethodCodeSequence = Sequence([code])
