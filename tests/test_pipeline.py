@@ -120,3 +120,10 @@ def test_snakemake_report_zip_has_the_figures(tiny_run):
     assert any(n.endswith("index.html") and "/data/raw/" in n or n.endswith("/index.html") for n in names)
     for task in TINY["tasks"]:
         assert any(n.endswith(f"{task}_roc_pr.png") for n in names), names
+
+
+def test_study_report_renders_in_headless_chromium(tiny_run, tmp_path):
+    from test_report_full import render_in_chromium
+
+    workdir, _ = tiny_run
+    render_in_chromium(workdir / "results" / "tiny" / "report" / "index.html", tmp_path)
