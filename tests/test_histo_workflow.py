@@ -51,13 +51,7 @@ def test_histo_split_keeps_every_patient_in_one_split(tmp_path):
     assert "magnification" in df.columns and df["magnification"].notna().all()  # kept as metadata
 
 
-def run_snakemake(workdir: Path, study: Path, *args: str) -> str:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
-           "--configfile", str(study), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout + proc.stderr
+from test_pipeline import run_snakemake  # noqa: E402  (one Snakemake runner for the workflow tests)
 
 
 @pytest.fixture(scope="module")
