@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from medvit.engine.speed import matmul_peak
+
 from medvit.models.mae import build_mae
 from medvit.provenance import hardware, now_iso
 
@@ -36,19 +38,6 @@ def sync(device: torch.device) -> None:
 
 def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """Best FLOP/s of an n x n x n matmul over a few repeats."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
 
 
 def step_flops(model, x, bf16, device) -> int:
@@ -82,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     n = 4096 if device.type == "cuda" else 1024
-    peaks = {"fp32": matmul_peak(device, torch.float32, n), "bf16": matmul_peak(device, torch.bfloat16, n)}
+    peaks = matmul_peak(device, n)  # the same yardstick as benchmarks/run_all.py
     print(f"device {device}: matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     rows = []
     for name, encoder, size, patch, batch in CONFIGS:
