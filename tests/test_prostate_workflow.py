@@ -38,13 +38,11 @@ STUDY = {
 }
 
 
+from test_pipeline import run_snakemake as _run_snakemake  # noqa: E402  (the workflow tests' runner)
+
+
 def run_snakemake(workdir: Path, study: Path, *args: str) -> str:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
-           "--configfile", str(study), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout + proc.stderr
+    return _run_snakemake(workdir, study, *args, timeout=1200)  # six models x folds: more time
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,12 @@ MAX_CLASSES = 8  # curves of at most this many classes (the tables list every cl
 _COLORS = plt.get_cmap("tab10").colors
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path, dpi: int = DPI, tight: bool = True) -> Path:
+    """Write ``fig`` as a PNG atomically (parents created) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
     plt.close(fig)
     return path
 
@@ -90,7 +91,7 @@ def roc_pr_figure(tables: Mapping[str, pd.DataFrame], classes: Sequence[str],
                   title=f"Precision-recall: {c}")
         ax_roc.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def reliability_figure(tables: Mapping[str, pd.DataFrame], classes: Sequence[str], path: str | Path,
@@ -127,7 +128,7 @@ def reliability_figure(tables: Mapping[str, pd.DataFrame], classes: Sequence[str
     ax.legend(loc="upper left", fontsize=8)
     ax_hist.set(xlabel="predicted probability", ylabel="patients x classes")
     fig.tight_layout()
-    return _save(fig, path), eces
+    return save_figure(fig, path), eces
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
@@ -180,7 +181,7 @@ def confusion_figure(tables: Mapping[str, pd.DataFrame], classes: Sequence[str],
             ax.set_xlabel("predicted", fontsize=8)
             ax.set_ylabel("true", fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def comparison_figure(points: Sequence[dict[str, Any]], metric_label: str, path: str | Path) -> Path | None:
@@ -224,4 +225,4 @@ def comparison_figure(points: Sequence[dict[str, Any]], metric_label: str, path:
     axes[0][0].set_ylabel(metric_label)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

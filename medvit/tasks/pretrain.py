@@ -28,7 +28,6 @@ import torch
 from medvit.data.transforms import random_resized_crop
 from medvit.engine import TrainConfig, Trainer, save_weights, seed_everything
 from medvit.errors import ConfigError, LeakageError
-from medvit.fileio import atomic_path
 from medvit.models.mae import MaskedAutoencoder, build_mae
 from medvit.tasks.common import StageContext, load_context, model_sidecar
 from medvit.tasks.training import split_dataset
@@ -158,8 +157,6 @@ def save_reconstructions(mae: MaskedAutoencoder, dataset, path: str | Path, n: i
             if i == 0:
                 ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    from medvit.evaluation.figures import save_figure
+
+    return save_figure(fig, path, dpi=100, tight=False)

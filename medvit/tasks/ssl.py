@@ -32,7 +32,6 @@ from torch import nn
 
 from medvit.engine import TrainConfig, Trainer, save_weights, seed_everything
 from medvit.errors import ConfigError, LeakageError
-from medvit.fileio import atomic_path
 from medvit.models.cswin import CSwinEncoder
 from medvit.tasks.common import StageContext, model_sidecar
 from medvit.tasks.pretrain import pretraining_rows, recipe_unchanged
@@ -260,8 +259,6 @@ def save_inpainting(model: MultiTaskSSL, dataset, path: str | Path, seed: int = 
             if i == 0:
                 axes[i, j].set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return path
+    from medvit.evaluation.figures import save_figure
+
+    return save_figure(fig, path, dpi=90, tight=False)
