@@ -23,8 +23,11 @@ demo: setup
 
 # The SLURM integration test needs root (it installs and starts a one-node SLURM): CI runs
 # it with `make test-slurm`; `make test` leaves it out.
+# Tests run in parallel (pytest-xdist), one worker per core; a test file stays on one worker,
+# so a module's shared Snakemake run is made once. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= auto
 test: setup
-	$(BIN)/python -m pytest -q -m "not slurm"
+	$(BIN)/python -m pytest -q -m "not slurm" -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-slurm: setup
 	$(BIN)/python -m pytest -q -m slurm tests/test_slurm.py

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,14 +32,12 @@ TINY_BRAIN = {
 }
 
 
+from test_pipeline import job_counts, run_snakemake as run_workflow  # noqa: E402  (the workflow tests' runner)
+
+
 def run_snakemake(workdir: Path, study: Path, *args: str) -> str:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               YOLO_CONFIG_DIR=str(workdir / "yolo_config"))
-    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
-           "--configfile", str(study), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout + proc.stderr
+    # ultralytics writes its settings file under YOLO_CONFIG_DIR: keep it inside the test's folder
+    return run_workflow(workdir, study, *args, env={"YOLO_CONFIG_DIR": str(workdir / "yolo_config")})
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +83,5 @@ def test_changing_k_reruns_only_ptp(brain_run):
     study2 = workdir / "tinybrain.yaml"
     study2.write_text(yaml.safe_dump(cfg, sort_keys=False))
     out = run_snakemake(workdir, study2, "-n")
-    table = out.split("Job stats:", 1)[1].split("total", 1)[0]
-    jobs = {line.split()[0] for line in table.strip().splitlines()[2:] if line.strip()}
+    jobs = job_counts(out)
     assert "brain_detect" not in jobs and "brain_distill" not in jobs and "brain_ptp" in jobs, out

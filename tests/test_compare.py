@@ -16,7 +16,8 @@ from sklearn.metrics import f1_score
 
 from medvit.errors import ConfigError
 from medvit.evaluation.evaluate import evaluate_predictions, write_json
-from medvit.tasks.compare import (compare_stage, format_mean_sd, measure_compute, model_flops, report_parts, run_dir,
+from medvit.engine.compute import count_flops as model_flops
+from medvit.tasks.compare import (compare_stage, format_mean_sd, measure_compute, report_parts, run_dir,
                                   run_metrics, summarize, training_seeds)
 
 

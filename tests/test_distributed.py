@@ -138,3 +138,22 @@ def test_two_nccl_processes_match_one_gpu(tmp_path):
     wa, wb = load_file(str(one / "final.safetensors")), load_file(str(two / "final.safetensors"))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4)
+
+
+def test_only_rank_0_writes_the_model_files(tmp_path, monkeypatch):
+    """Under torchrun every rank leaves ``fit_and_save`` with the same weights; a rank other
+    than 0 must not write model.safetensors / model.json (they would race on one path)."""
+    import medvit.tasks.training as training
+
+    class FittedTrainer:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self, resume=True):
+            return None
+
+    monkeypatch.setattr(training, "is_main_process", lambda: False)
+    path = training.fit_and_save(None, "m", tmp_path / "split.csv", tmp_path, None, torch.nn.Linear(2, 2), [], [],
+                                 loss_fn=None, val_metric_fn=None, trainer_cls=FittedTrainer)
+    assert path == tmp_path / "model.safetensors"
+    assert list(tmp_path.iterdir()) == []

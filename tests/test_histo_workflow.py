@@ -5,9 +5,7 @@ the rerun rules of the seed runs."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -51,7 +49,7 @@ def test_histo_split_keeps_every_patient_in_one_split(tmp_path):
     assert "magnification" in df.columns and df["magnification"].notna().all()  # kept as metadata
 
 
-from test_pipeline import run_snakemake  # noqa: E402  (one Snakemake runner for the workflow tests)
+from test_pipeline import job_counts, run_snakemake  # noqa: E402  (one Snakemake runner for the workflow tests)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +92,5 @@ def test_deleting_a_seed_run_reruns_only_it_and_the_comparison(histo_run):
     assert "Nothing to be done" in run_snakemake(workdir, study, "-n")
     shutil.rmtree(workdir / "results" / "tinyhisto" / "histo" / "dct_histo_tiny" / "seed1")
     out = run_snakemake(workdir, study, "-n")
-    table = out.split("Job stats:", 1)[1].split("total", 1)[0]
-    jobs = {line.split()[0]: int(line.split()[1]) for line in table.strip().splitlines()[2:] if line.strip()}
+    jobs = job_counts(out)
     assert jobs == {"train_seed": 1, "predict_seed": 1, "evaluate_seed": 1, "compare": 1, "report": 1, "all": 1}, out

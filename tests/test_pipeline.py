@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,13 +41,20 @@ TINY = {
 }
 
 
-def run_snakemake(workdir: Path, study: Path, *args: str, timeout: int = 900) -> str:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+def run_snakemake(workdir: Path, study: Path, *args: str, timeout: int = 900, env: dict | None = None) -> str:
+    env = dict(os.environ, **(env or {}), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
            "--configfile", str(study), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout + proc.stderr
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The first `Job stats:` table of a snakemake run: rule -> number of jobs."""
+    assert "Job stats:" in output, f"no jobs in the Snakemake output:\n{output[-4000:]}"
+    table = output.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +111,7 @@ def test_deleting_one_model_reruns_only_it(tiny_run):
     workdir, study = tiny_run
     shutil.rmtree(workdir / "results" / "tiny" / "histo" / "resnet10t")
     out = run_snakemake(workdir, study, "-n")
-    table = out.split("Job stats:", 1)[1].split("total", 1)[0]
-    jobs = {line.split()[0]: int(line.split()[1]) for line in table.strip().splitlines()[2:] if line.strip()}
+    jobs = job_counts(out)
     assert jobs == {"train": 1, "predict": 1, "evaluate": 1, "report": 1, "all": 1}, out
     wildcards = [line.strip() for line in out.splitlines() if line.strip().startswith("wildcards:")]
     assert len(wildcards) == 3 and all("task=histo" in w and "model=resnet10t" in w for w in wildcards), out

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_pipeline import job_counts
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -82,12 +83,6 @@ def fake_runner(workdir: Path, study: Path):
         return snakemake(workdir, "--cores", "2", "--configfile", str(study), *args, path_first=fake_bin, env=env)
 
     return run
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The first `Job stats:` table of a snakemake run: rule -> number of jobs."""
-    table = output.split("Job stats:", 1)[1].split("total", 1)[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
 def write_study(path: Path, study: dict) -> Path:

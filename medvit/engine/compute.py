@@ -27,13 +27,18 @@ def count_flops(model: nn.Module | Callable[..., Any], *inputs: torch.Tensor, ba
         backward: also count the gradient computation of ``output.float().sum()``.
 
     Returns:
-        The total FLOP count (an integer; 1 multiply-add = 2 FLOPs).
+        The total FLOP count (an integer; 1 multiply-add = 2 FLOPs), attention included.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     was_training = isinstance(model, nn.Module) and model.training
     if isinstance(model, nn.Module) and not backward:
         model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        # PyTorch's FLOP counter has no formula for the fused CPU kernel behind
+        # F.scaled_dot_product_attention (attention would count zero on the CPU); the math
+        # backend computes the same attention with two batched matmuls, which it counts.
+        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
             if backward:
                 out = model(*inputs)
                 out = out if isinstance(out, torch.Tensor) else out[0]

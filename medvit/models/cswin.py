@@ -40,27 +40,6 @@ from medvit.models.registry import register_model
 AXIS_NAMES = ("D", "H", "W")
 
 
-def _register_cpu_sdpa_flops() -> None:
-    """Teach torch's FlopCounterMode the CPU kernel of ``scaled_dot_product_attention``.
-
-    torch counts the CUDA SDPA kernels only; on CPU the fused kernel would count 0 FLOPs and
-    CSwin's attention would look free next to models that attend with explicit matmuls
-    (MONAI's SwinUNETR). The formula is torch's own ``sdpa_flop`` (2 matmuls of Q K^T and A V).
-    """
-    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop
-
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None or op in flop_registry:
-        return
-
-    @register_flop_formula(op)
-    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop(query_shape, key_shape, value_shape)
-
-
-_register_cpu_sdpa_flops()
-
-
 def window_partition(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
     """(B, D, H, W, C) -> (B * n_windows, wd * wh * ww, C) for a window (wd, wh, ww) that divides (D, H, W)."""
     B, D, H, W, C = x.shape

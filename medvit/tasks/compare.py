@@ -7,7 +7,7 @@ seed (``compare.seeds`` runs: the study seed in ``<task>/<model>/``, the others 
 accuracy, macro-F1 and AUROC of the test split and reports their mean and sample standard
 deviation over the seeds. Then it measures each architecture on the CPU at the task's input
 size: parameters, FLOPs of one image (one counter for all models,
-:func:`medvit.engine.compute.count_flops`, attention included via :func:`model_flops`) and
+:func:`medvit.engine.compute.count_flops`, attention included) and
 latency/throughput at the batch sizes of ``compare.latency_batches``. A DVPT-adapted ViT of
 the task (``<task>/adapt/dvpt_p*/``, written by :mod:`medvit.tasks.adapt`) joins the table
 when its files exist.
@@ -67,20 +67,6 @@ def run_dir(study: dict[str, Any], task: str, model: str, seed: int) -> Path:
 
 
 # ------------------------------------------------------------------------------ compute
-def model_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
-    """:func:`~medvit.engine.compute.count_flops` with attention counted.
-
-    PyTorch's FLOP counter has no formula for the fused CPU kernel behind
-    ``F.scaled_dot_product_attention``, so attention would count zero on the CPU; the math
-    backend computes the same attention with two batched matmuls, which it counts
-    (``4 * B * heads * N^2 * head_dim``, the value of its formula for the GPU kernels).
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.MATH]):
-        return count_flops(model, *inputs)
-
-
 def measure_compute(model: nn.Module, input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
                     repeats: int = 10, threads: int | None = 1) -> dict[str, Any]:
     """Parameters, FLOPs per image and CPU latency/throughput of ``model``.
@@ -101,7 +87,7 @@ def measure_compute(model: nn.Module, input_shape: Sequence[int], batches: Seque
     model = model.cpu().eval()
     params, trainable = count_parameters(model)
     example = torch.zeros(1, *input_shape)
-    flops = model_flops(model, example)
+    flops = count_flops(model, example)
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))

@@ -13,6 +13,7 @@ from torch import nn
 from medvit.data.datasets import SampleDataset
 from medvit.data.transforms import load_transforms
 from medvit.engine import TrainConfig, Trainer, load_weights, resolve_device, save_weights, seed_everything
+from medvit.engine.distributed import is_main_process
 from medvit.models import count_parameters
 from medvit.tasks.common import StageContext, model_sidecar, read_sidecar, records
 
@@ -51,13 +52,16 @@ def fit_and_save(ctx: StageContext, model_name: str, split_path: str | Path, out
     trainer = trainer_cls(model, train_ds, val_ds, cfg, out_dir, loss_fn=loss_fn, val_metric_fn=val_metric_fn,
                           **(trainer_kwargs or {}))
     result = trainer.fit(resume=resume)
+    out_path = Path(out_dir) / "model.safetensors"
+    if not is_main_process():  # under torchrun every rank holds the same weights: rank 0 writes them
+        return out_path
     params, trainable = count_parameters(model)
     meta = model_sidecar(ctx, model_name, split_path, params=params, trainable_params=trainable,
                          train_seconds=result.train_seconds, best_epoch=result.best_epoch,
                          best_val_metric=result.best_metric, train=ctx.tcfg["train"],
                          **inference_cost(model, (val_ds if len(val_ds) else train_ds)[0]["image"], cfg.device),
                          **card)
-    return save_weights(Path(out_dir) / "model.safetensors", model, meta)
+    return save_weights(out_path, model, meta)
 
 
 def inference_cost(model: nn.Module, image: torch.Tensor, device: str = "auto") -> dict[str, Any]:

@@ -151,3 +151,11 @@ EXTRA_TARGETS += [
     for t in COMPARE_TASKS
     for name in ("comparison.json", "accuracy_vs_flops.png")
 ]
+# Every seed run is a target too: Snakemake (9.x) does not rebuild a missing input of a job
+# whose outputs are present, so a deleted seed folder is rebuilt only if `all` asks for it.
+EXTRA_TARGETS += [
+    f"{study_dir(config)}/{t}/{m}/seed{s}/metrics.json"
+    for t in SEED_TASKS
+    for m in config["tasks"][t]["models"]
+    for s in extra_seeds(t)
+]
