@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from medvit.data.datasets import SampleDataset
 from medvit.engine import TrainConfig, Trainer, seed_everything
 from medvit.engine import device as device_mod
+from medvit.engine import trainer as trainer_mod
 from medvit.engine.device import resolve_bf16
 from medvit.engine.speed import (
     apply_channels_last,
@@ -75,6 +76,71 @@ def test_bf16_auto_follows_the_measured_verdict(tmp_path, monkeypatch, verdict):
     assert resolve_bf16("auto", torch.device("cpu")) is verdict
     # explicit settings are never second-guessed
     assert resolve_bf16(True, torch.device("cpu")) is True and resolve_bf16(False, torch.device("cpu")) is False
+
+
+def _tiny_training(tmp_path, bf16):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 2, 8, 8, generator=g)
+    data = [{"image": x[i], "label": torch.tensor(i % 3)} for i in range(24)]
+    model = nn.Sequential(conv_net(), nn.Dropout(0.3))  # BatchNorm statistics and dropout: state the probe must not touch
+    model(x[:2])
+    ce = nn.CrossEntropyLoss()
+    trainer = Trainer(model, data[:16], data[16:], {"epochs": 2, "batch_size": 8, "lr": 0.01, "warmup_epochs": 0,
+                                                    "bf16": bf16, "device": "cpu", "seed": 0},
+                      tmp_path, loss_fn=lambda o, b: ce(o, b["label"]),
+                      val_metric_fn=lambda o, t: -float(ce(o, t.long())), progress=False)
+    trainer.fit(resume=False)
+    return trainer, model.state_dict()
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_bf16_auto_times_the_models_own_step_and_leaves_no_trace(tmp_path, monkeypatch, faster):
+    import medvit.engine.speed as speed_mod
+
+    monkeypatch.setattr(trainer_mod, "bf16_supported", lambda device: True)
+    real_step_probe = speed_mod.probe_bf16_step
+    calls = []
+
+    def probe(step, device, model_key, **kwargs):
+        # the real probe runs (both precisions, the model's own step); its timing verdict is
+        # replaced so both branches are checked on any CPU
+        measured = real_step_probe(step, device, model_key, repeats=1, use_cache=False)
+        calls.append((model_key, measured))
+        return speed_mod.StepProbe(measured.key, 2.0, 1.0 if faster else 4.0, 2.0 if faster else 0.5, faster,
+                                   "measured")
+
+    monkeypatch.setattr(trainer_mod, "probe_bf16_step", probe)
+    auto, auto_weights = _tiny_training(tmp_path / "auto", "auto")
+    assert len(calls) == 1 and calls[0][1].fp32_ms > 0 and calls[0][1].bf16_ms > 0
+    assert "Sequential|" in calls[0][0] and "(8, 2, 8, 8)" in calls[0][0]
+    assert auto.bf16 is faster
+    assert f"bf16 {'on' if faster else 'off'}" in (tmp_path / "auto" / "train.log").read_text()
+    # the probe's steps changed nothing: the run equals one with the verdict set explicitly
+    _, fixed_weights = _tiny_training(tmp_path / "fixed", faster)
+    for k in fixed_weights:
+        torch.testing.assert_close(auto_weights[k], fixed_weights[k], rtol=0, atol=0)
+
+
+def test_step_probe_measures_once_then_reads_the_cache(tmp_path):
+    from medvit.engine.speed import probe_bf16_step
+
+    model = conv_net()
+    x = torch.randn(4, 2, 8, 8)
+    model(x)
+    seen = []
+
+    def step(bf16):
+        seen.append(bf16)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(x).float().sum().backward()
+
+    first = probe_bf16_step(step, "cpu", "conv|x4", repeats=2)
+    assert first.source == "measured" and seen == [False, True] * 3
+    assert first.use_bf16 == (first.fp32_ms / first.bf16_ms >= 1.1)
+    second = probe_bf16_step(step, "cpu", "conv|x4", repeats=2)
+    assert second.source == "cache" and second.use_bf16 == first.use_bf16 and len(seen) == 6
+    assert probe_bf16_step(step, "cpu", "conv|x8", repeats=1).source == "measured"  # another model or batch
 
 
 def test_bf16_auto_is_off_without_native_support(monkeypatch):

@@ -3,10 +3,12 @@ probe, channels-last memory layout, ``torch.compile``, activation checkpointing,
 counts sized to the machine.
 
 Each switch is measured, not assumed: whether bf16 pays differs between CPUs (native
-AVX512-BF16/AMX versus emulated) and GPUs, so ``bf16: auto`` runs :func:`probe_bf16` once per
-machine (a bf16 versus fp32 matmul, interleaved so a busy machine biases neither side) and
-caches the verdict in ``$MEDVIT_CACHE_DIR`` (default ``~/.cache/medvit``), so every later run
-on the same machine, torch and device makes the same choice (runs stay reproducible).
+AVX512-BF16/AMX versus emulated), GPUs and models, so ``bf16: auto`` times the model's own
+training step in both precisions (:func:`probe_bf16_step`, interleaved so a busy machine
+biases neither side) and caches the verdict in ``$MEDVIT_CACHE_DIR`` (default
+``~/.cache/medvit``), so every later run of the same model and batch on the same machine,
+torch and device makes the same choice (runs stay reproducible). :func:`probe_bf16` (a bare
+matmul) decides for multi-process runs, where every rank must choose alike.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -123,6 +125,18 @@ def _read_cache(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
+    from medvit.fileio import atomic_write_json
+
+    data = _read_cache(path)
+    data[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, data)
+    except OSError:
+        pass  # a read-only home: the verdict still holds for this process
+
+
 def probe_bf16(device: torch.device | str = "cpu", use_cache: bool = True, n: int | None = None,
                repeats: int = 6) -> BF16Probe:
     """Measure whether bf16 matmuls beat fp32 on ``device``; cache the verdict on disk.
@@ -164,15 +178,73 @@ def probe_bf16(device: torch.device | str = "cpu", use_cache: bool = True, n: in
     result = BF16Probe(key, round(fp32, 2), round(bf16, 2), round(bf16 / fp32, 3), bf16 / fp32 >= PROBE_MARGIN,
                        "measured")
     if use_cache:
-        from medvit.fileio import atomic_write_json
+        _write_cache(path, key, {k: v for k, v in asdict(result).items() if k not in ("key", "source")})
+    return result
 
-        data = _read_cache(path)
-        data[key] = {k: v for k, v in asdict(result).items() if k not in ("key", "source")}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(path, data)
-        except OSError:
-            pass  # a read-only home: the verdict still holds for this process
+
+@dataclass(frozen=True)
+class StepProbe:
+    """Result of :func:`probe_bf16_step`.
+
+    Attributes:
+        key: the machine/torch/device and model/batch the verdict holds for.
+        fp32_ms, bf16_ms: best measured time of one training step (forward + backward).
+        speedup: ``fp32_ms / bf16_ms``.
+        use_bf16: the verdict (``speedup >= PROBE_MARGIN``).
+        source: ``"measured"`` now or ``"cache"``.
+    """
+
+    key: str
+    fp32_ms: float
+    bf16_ms: float
+    speedup: float
+    use_bf16: bool
+    source: str
+
+
+def probe_bf16_step(step: Callable[[bool], Any], device: torch.device | str, model_key: str, repeats: int = 3,
+                    use_cache: bool = True) -> StepProbe:
+    """Measure whether whole training steps of one model run faster under bf16 autocast.
+
+    A bare matmul (:func:`probe_bf16`) is an optimistic proxy: casts, norms and small kernels
+    can make a model's bf16 step slower than its fp32 step on a CPU whose bf16 matmuls are
+    twice as fast. ``step(bf16)`` runs one forward + backward of the real model on a real
+    batch; fp32 and bf16 steps alternate (one warm-up each, then best of ``repeats``), so load
+    from other processes affects both alike. The verdict is cached per machine and
+    ``model_key`` (architecture, parameter count, batch shape) in ``<cache_dir>/bf16_steps.json``.
+
+    Args:
+        step: runs one training step in bf16 (``True``) or fp32 (``False``); the caller keeps
+            it free of side effects (no optimizer step, gradients cleared).
+        device: the training device.
+        model_key: what besides the machine the timing depends on.
+        repeats: timed steps per precision.
+        use_cache: read and write the cache.
+    """
+    device = torch.device(device)
+    key = f"{device_key(device)}|{model_key}"
+    path = cache_dir() / "bf16_steps.json"
+    if use_cache:
+        hit = _read_cache(path).get(key)
+        if isinstance(hit, dict):
+            try:
+                return StepProbe(**{**hit, "key": key, "source": "cache"})
+            except TypeError:
+                pass
+    best = {False: float("inf"), True: float("inf")}
+    for i in range(repeats + 1):
+        for bf16 in (False, True):
+            sync(device)
+            t0 = time.perf_counter()
+            step(bf16)
+            sync(device)
+            if i:  # the first round warms up (allocator, kernel selection)
+                best[bf16] = min(best[bf16], time.perf_counter() - t0)
+    speedup = best[False] / best[True]
+    result = StepProbe(key, round(best[False] * 1e3, 3), round(best[True] * 1e3, 3), round(speedup, 3),
+                       speedup >= PROBE_MARGIN, "measured")
+    if use_cache:
+        _write_cache(path, key, {k: v for k, v in asdict(result).items() if k not in ("key", "source")})
     return result
 
 

@@ -67,6 +67,7 @@ from medvit.engine.checkpoint import (
 )
 from medvit.engine.device import (
     autocast_context,
+    bf16_supported,
     check_device_name,
     resolve_bf16,
     resolve_device,
@@ -86,7 +87,7 @@ from medvit.engine.seed import (
     set_rng_state,
     worker_init_fn,
 )
-from medvit.engine.speed import apply_channels_last, channels_last_input, compile_model
+from medvit.engine.speed import apply_channels_last, channels_last_input, compile_model, probe_bf16_step
 from medvit.errors import CheckpointError, ConfigError, MedvitError
 
 logger = logging.getLogger("medvit.train")
@@ -146,8 +147,8 @@ class TrainConfig:
         min_lr: learning rate at the last step of the cosine decay (0 <= min_lr <= lr).
         grad_clip: maximum gradient L2 norm; ``None`` or 0 disables clipping.
         accumulate: micro-batches per optimizer step (>= 1).
-        bf16: ``True``, ``False`` or ``"auto"`` (on where the device runs bf16 natively, see
-            :mod:`medvit.engine.device`).
+        bf16: ``True``, ``False`` or ``"auto"`` (on where the device runs bf16 natively and
+            this model's training step measured faster in bf16, see :meth:`Trainer._choose_bf16`).
         num_workers: DataLoader worker processes (0 = load in the main process).
         seed: the run's seed (model init is the stage's business; everything random in
             training derives from it).
@@ -386,7 +387,12 @@ class Trainer:
                  param_groups: Sequence[Mapping[str, Any]] | None = None, progress: bool = True):
         self.config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
         self.dist, self.device = setup_distributed(resolve_device(self.config.device))
-        self.bf16 = resolve_bf16(self.config.bf16, self.device)
+        # bf16 "auto" in one process: time this model's own step in both precisions at the
+        # start of fit() (_choose_bf16); with several processes every rank must choose alike,
+        # so the machine-wide matmul probe decides.
+        self._probe_bf16 = (self.config.bf16 == "auto" and not self.dist.enabled
+                            and bf16_supported(self.device))
+        self.bf16 = False if self._probe_bf16 else resolve_bf16(self.config.bf16, self.device)
         if self.dist.enabled and self.device.type == "cuda":
             # BatchNorm statistics over the global batch, as in a single-process run
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -947,6 +953,8 @@ class Trainer:
         try:
             stack.enter_context(self._signal_handler())
             self.initialize()
+            if self._probe_bf16:
+                self._choose_bf16()
             self._max_epochs_this_run = max_epochs_this_run
             self._epochs_run = 0
             resumed_from = self._start(resume)
@@ -971,6 +979,44 @@ class Trainer:
             for h in handlers:
                 logger.removeHandler(h)
                 h.close()
+
+    def _choose_bf16(self) -> None:
+        """``bf16: auto``: time training steps of this model on its first training batch in
+        fp32 and bf16 (:func:`medvit.engine.speed.probe_bf16_step`) and keep the faster. The
+        probe leaves no trace: weights, buffers (BatchNorm statistics), gradients and the
+        random state are restored, so a run's numbers do not depend on it."""
+        from torch.utils.data import default_collate
+
+        self._probe_bf16 = False
+        n = min(self.config.batch_size, len(self.train_dataset))  # type: ignore[arg-type]
+        if n == 0:
+            return
+        batch = self.prepare_batch((self.collate_fn or default_collate)([self.train_dataset[i] for i in range(n)]))
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        rng = torch.random.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        was_training = self.model.training
+        self.model.train()
+
+        def step(bf16: bool) -> None:
+            self.bf16 = bf16
+            self.train_step(batch)
+            self.model.zero_grad(set_to_none=True)
+
+        params = sum(p.numel() for p in self.model.parameters())
+        shape = tuple(batch["image"].shape) if isinstance(batch["image"], torch.Tensor) else ()
+        try:
+            probe = probe_bf16_step(step, self.device, f"{type(self.model).__name__}|{params}|{shape}")
+        finally:
+            self.model.load_state_dict(state)
+            self.model.zero_grad(set_to_none=True)
+            self.model.train(was_training)
+            torch.random.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        self.bf16 = probe.use_bf16
+        logger.info("bf16 auto: a training step takes %.1f ms in fp32 and %.1f ms in bf16 (%.2fx, %s): bf16 %s",
+                    probe.fp32_ms, probe.bf16_ms, probe.speedup, probe.source, "on" if self.bf16 else "off")
 
     def _log_header(self, resumed_from: int | None) -> None:
         params, trainable = count_parameters(self.model)
