@@ -328,3 +328,16 @@ def test_results_page_reports_failures_and_missing_parts():
                            "status": {"models": {"ok": False, "seconds": 1.0, "reason": "timed out after 9 s"}}})
     assert "models (FAILED" in page and "timed out after 9 s" in page and "> under load" in page
     assert "make demo" in page
+
+
+def test_num_workers_auto_is_sized_by_the_machine(tmp_path, monkeypatch):
+    import medvit.engine.speed as speed_mod
+
+    monkeypatch.setattr(speed_mod, "auto_num_workers", lambda device="cpu", cpus=None: 3)
+    data = [{"image": torch.zeros(2, 4, 4), "label": torch.tensor(0)}] * 4
+    common = {"epochs": 1, "batch_size": 2, "device": "cpu"}
+    make = lambda workers: Trainer(nn.Linear(2, 2), data, None, {**common, "num_workers": workers}, tmp_path,  # noqa: E731
+                                   loss_fn=lambda o, b: o.sum(), progress=False)
+    assert make("auto").num_workers == 3 and make(1).num_workers == 1
+    with pytest.raises(ConfigError, match="num_workers"):
+        TrainConfig.from_dict({**common, "num_workers": "many"})

@@ -87,7 +87,13 @@ from medvit.engine.seed import (
     set_rng_state,
     worker_init_fn,
 )
-from medvit.engine.speed import apply_channels_last, channels_last_input, compile_model, probe_bf16_step
+from medvit.engine.speed import (
+    apply_channels_last,
+    channels_last_input,
+    compile_model,
+    probe_bf16_step,
+    resolve_num_workers,
+)
 from medvit.errors import CheckpointError, ConfigError, MedvitError
 
 logger = logging.getLogger("medvit.train")
@@ -149,7 +155,8 @@ class TrainConfig:
         accumulate: micro-batches per optimizer step (>= 1).
         bf16: ``True``, ``False`` or ``"auto"`` (on where the device runs bf16 natively and
             this model's training step measured faster in bf16, see :meth:`Trainer._choose_bf16`).
-        num_workers: DataLoader worker processes (0 = load in the main process).
+        num_workers: DataLoader worker processes (0 = load in the main process; ``"auto"``:
+            sized to the machine and device by :func:`medvit.engine.speed.auto_num_workers`).
         seed: the run's seed (model init is the stage's business; everything random in
             training derives from it).
         deterministic: deterministic algorithms (see :func:`medvit.engine.seed.seed_everything`).
@@ -172,7 +179,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     accumulate: int = 1
     bf16: bool | str = False
-    num_workers: int = 0
+    num_workers: int | str = 0
     seed: int = 0
     deterministic: bool = True
     device: str = "auto"
@@ -207,8 +214,8 @@ class TrainConfig:
             fail("accumulate", "an integer >= 1")
         if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
             fail("bf16", "true, false, auto")
-        if not _is_int(self.num_workers) or self.num_workers < 0:
-            fail("num_workers", "an integer >= 0")
+        if self.num_workers != "auto" and (not _is_int(self.num_workers) or self.num_workers < 0):
+            fail("num_workers", "an integer >= 0 or auto")
         if not _is_int(self.seed):
             fail("seed", "an integer")
         if not isinstance(self.deterministic, bool):
@@ -396,6 +403,7 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             # BatchNorm statistics over the global batch, as in a single-process run
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.num_workers = resolve_num_workers(self.config.num_workers, self.device)
         self.model = model.to(self.device)
         if self.config.channels_last:
             apply_channels_last(self.model)
@@ -533,14 +541,15 @@ class Trainer:
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         cfg = self.config
-        if cfg.num_workers > 0 and callable(getattr(dataset, "warm_cache", None)):
+        workers = self.num_workers
+        if workers > 0 and callable(getattr(dataset, "warm_cache", None)):
             # Workers are new processes each epoch: whatever they decode is lost when they end.
             # Decoding once here, before they fork, is what makes later epochs decode nothing.
-            dataset.warm_cache(num_workers=cfg.num_workers)
+            dataset.warm_cache(num_workers=workers)
         generator = make_generator(derive_seed(cfg.seed, "train-loader" if train else "val-loader", epoch))
-        common: dict[str, Any] = {"num_workers": cfg.num_workers, "collate_fn": self.collate_fn,
+        common: dict[str, Any] = {"num_workers": workers, "collate_fn": self.collate_fn,
                                   "pin_memory": self.device.type == "cuda", "generator": generator,
-                                  "worker_init_fn": worker_init_fn if cfg.num_workers > 0 else None}
+                                  "worker_init_fn": worker_init_fn if workers > 0 else None}
         if not train:
             return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, **common)
         sampler = GlobalBatchSampler(len(dataset), cfg.batch_size,  # type: ignore[arg-type]
