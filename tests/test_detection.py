@@ -60,7 +60,13 @@ def detector(tmp_path_factory, no_network):
                                          "cascade": {"enabled": True, "threshold": 0.0}}}}))
     split = split_stage(study, "brain", root / "brain" / "split.csv")
     out = root / "brain" / "detector"
-    detect_stage(study, "brain", split, out)
+    # a relative output folder, as Snakemake passes it: ultralytics must not put its run under ./runs/
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        detect_stage(study, "brain", split, out.relative_to(root))
+    finally:
+        os.chdir(cwd)
     return study, split, out, no_network
 
 
@@ -71,6 +77,8 @@ def test_detector_trains_and_predicts_without_network(detector):
                  "examples.png"):
         assert (out / name).stat().st_size > 0, name
     assert not list(out.rglob("*.pt"))  # no pickled checkpoint left behind
+    # ultralytics' own run folder is inside the stage's folder, not under its runs_dir setting
+    assert (out / "ultralytics" / "args.yaml").exists() and (out / "val_test").is_dir()
     preds = pd.read_csv(out / "predictions.csv")
     rows = pd.read_csv(split)
     assert set(preds["sample_id"]) == set(rows.loc[rows["split"].isin(["val", "test"]), "sample_id"])

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from medvit.config import needs_mae
 from medvit.data.transforms import augment_transforms, randaugment_transforms
 from medvit.engine import Trainer, sha256_file
+from medvit.engine.speed import resolve_num_workers
 from medvit.models import create_model
 from medvit.models.vit import is_vit, layer_decay_param_groups, load_pretrained
 from medvit.tasks.common import StageContext, TaskSpec, load_context, read_sidecar, write_predictions
@@ -187,7 +188,7 @@ def predict(config_path: str | Path, task: str, model_name: str, split_path: str
     model, device = load_for_inference(ctx, weights, lambda in_chans: _build(ctx, model_name, in_chans, meta))
     dataset = split_dataset(ctx, ["val", "test"], _size(ctx), cache=False)
     loader = DataLoader(dataset, batch_size=ctx.tcfg["train"]["batch_size"], shuffle=False,
-                        num_workers=ctx.tcfg["train"]["num_workers"])
+                        num_workers=resolve_num_workers(ctx.tcfg["train"]["num_workers"], device))
     scores = [probabilities(ctx.spec, model(batch["image"].to(device))).cpu().numpy() for batch in loader]
     write_predictions(out_path, ctx.rows(["val", "test"]), ctx.spec, np.concatenate(scores))
     return Path(out_path)

@@ -48,6 +48,7 @@ import pandas as pd
 from medvit.data.yolo import build_yolo_dataset, read_boxes
 from medvit.engine import resolve_device, save_weights, seed_everything
 from medvit.engine.device import resolve_bf16
+from medvit.engine.speed import resolve_num_workers
 from medvit.errors import ConfigError
 from medvit.fileio import atomic_write_bytes, atomic_write_text
 from medvit.tasks.common import load_context, model_sidecar
@@ -205,7 +206,8 @@ def detect_stage(config_path: str | Path, task: str, split_path: str | Path, out
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     yolo.train(data=str(dataset.data_yaml), epochs=det["epochs"], imgsz=det["image_size"], batch=det["batch_size"],
-               device=device, workers=ctx.tcfg["train"].get("num_workers", 0), project=str(out_dir),
+               device=device, workers=resolve_num_workers(ctx.tcfg["train"]["num_workers"], resolve_device(ctx.study["device"])),
+               project=str(out_dir.resolve()),  # a relative project would land under ./runs/detect/
                name="ultralytics", exist_ok=True, plots=False, amp="bf16" if bf16 else False, seed=ctx.study["seed"],
                deterministic=ctx.study["deterministic"], pretrained=False, verbose=False, val=True)
     train_seconds = time.perf_counter() - t0
@@ -223,7 +225,7 @@ def detect_stage(config_path: str | Path, task: str, split_path: str | Path, out
     yolo = load_detector(weights)
 
     common = {"imgsz": det["image_size"], "batch": det["batch_size"], "device": device, "plots": False,
-              "project": str(out_dir), "exist_ok": True, "verbose": False}
+              "project": str(out_dir.resolve()), "exist_ok": True, "verbose": False}
     metrics = {split: _box_metrics(yolo.val(data=str(dataset.data_yaml), split=split, name=f"val_{split}", **common))
                for split in ("val", "test")}
     from medvit.evaluation.evaluate import write_json
