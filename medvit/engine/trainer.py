@@ -1012,7 +1012,7 @@ class Trainer:
             self.train_step(batch)
             self.model.zero_grad(set_to_none=True)
 
-        params = sum(p.numel() for p in self.model.parameters())
+        params, _ = count_parameters(self.model)
         shape = tuple(batch["image"].shape) if isinstance(batch["image"], torch.Tensor) else ()
         try:
             probe = probe_bf16_step(step, self.device, f"{type(self.model).__name__}|{params}|{shape}")

@@ -198,15 +198,16 @@ def detect_stage(config_path: str | Path, task: str, split_path: str | Path, out
                                  percentiles=tuple(det["window_percentiles"]), label_column=ctx.spec.column,
                                  positive_class=ctx.spec.classes[0])
     setup_ultralytics(out_dir / "ultralytics_config")
+    torch_device = resolve_device(ctx.study["device"])
     device = ultralytics_device(ctx.study["device"])
-    bf16 = device != "cpu" and resolve_bf16(ctx.tcfg["train"].get("bf16", False), resolve_device(ctx.study["device"]))
+    bf16 = device != "cpu" and resolve_bf16(ctx.tcfg["train"].get("bf16", False), torch_device)
     seed_everything(ctx.study["seed"], ctx.study["deterministic"])
     yolo = build_detector(det["model"], len(names), names)
     run_dir = out_dir / "ultralytics"
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     yolo.train(data=str(dataset.data_yaml), epochs=det["epochs"], imgsz=det["image_size"], batch=det["batch_size"],
-               device=device, workers=resolve_num_workers(ctx.tcfg["train"]["num_workers"], resolve_device(ctx.study["device"])),
+               device=device, workers=resolve_num_workers(ctx.tcfg["train"]["num_workers"], torch_device),
                project=str(out_dir.resolve()),  # a relative project would land under ./runs/detect/
                name="ultralytics", exist_ok=True, plots=False, amp="bf16" if bf16 else False, seed=ctx.study["seed"],
                deterministic=ctx.study["deterministic"], pretrained=False, verbose=False, val=True)

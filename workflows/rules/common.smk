@@ -120,6 +120,9 @@ def train_mem_mb(wildcards):
 
 # Outputs of task-specific stages (comparison tables, figures) that the report reads: each
 # task's rule file appends its own, so `rule all` builds them and the report waits for them.
+# Each run a comparison gathers (seed runs, adaptation runs, CV folds) is listed here too:
+# Snakemake 9 does not rebuild a deleted input of a job whose outputs are present, so a
+# deleted run folder is rebuilt only when `all` asks for it.
 EXTRA_TARGETS = []
 
 

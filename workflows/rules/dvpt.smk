@@ -86,6 +86,6 @@ for _task in ADAPT_TASKS:
             " --out {output.comparison} > {log} 2>&1"
 
     EXTRA_TARGETS.append(f"{OUT}/{_task}/adapt/comparison.json")
-    # each run too, so a deleted run folder is rebuilt (see the note in histo.smk)
+    # each run too (common.smk: EXTRA_TARGETS)
     EXTRA_TARGETS += [m for method in config["tasks"][_task]["adapt"]["methods"]
                       for m in adapt_run_files(_task, method, "metrics.json")]

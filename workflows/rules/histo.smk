@@ -151,8 +151,7 @@ EXTRA_TARGETS += [
     for t in COMPARE_TASKS
     for name in ("comparison.json", "accuracy_vs_flops.png")
 ]
-# Every seed run is a target too: Snakemake (9.x) does not rebuild a missing input of a job
-# whose outputs are present, so a deleted seed folder is rebuilt only if `all` asks for it.
+# every seed run too (common.smk: EXTRA_TARGETS)
 EXTRA_TARGETS += [
     f"{study_dir(config)}/{t}/{m}/seed{s}/metrics.json"
     for t in SEED_TASKS

@@ -197,5 +197,5 @@ if "prostate" in TASKS:
             " --out {output.summary} > {log} 2>&1"
 
     EXTRA_TARGETS.append(f"{_PDIR}/cv_summary.json")
-    # each fold too, so a deleted fold folder is rebuilt (see the note in histo.smk)
+    # each fold too (common.smk: EXTRA_TARGETS)
     EXTRA_TARGETS += [f"{_PDIR}/{m}/fold{i}/predictions.csv" for m in _PROSTATE["models"] for i in PROSTATE_FOLDS]
