@@ -63,3 +63,26 @@ def test_no_traceback_from_the_console_command(workdir):
                           capture_output=True, text=True, cwd=workdir, env=dict(os.environ), timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+
+
+def test_console_command_keeps_the_exit_code_and_flushes_before_its_fast_exit(monkeypatch, capsys):
+    import medvit.cli as cli
+
+    import torch  # noqa: F401  (as in every model job)
+    exits = []
+    monkeypatch.setattr(cli, "main", lambda argv=None: print("last line", end="") or 3)
+    monkeypatch.setattr(os, "_exit", exits.append)
+    cli.console_main()
+    assert exits == [3]
+    assert capsys.readouterr().out == "last line"
+
+
+def test_console_command_without_torch_exits_normally(monkeypatch):
+    import medvit.cli as cli
+
+    monkeypatch.setattr(cli, "main", lambda argv=None: 2)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(os, "_exit", lambda code: pytest.fail("os._exit without torch"))
+    with pytest.raises(SystemExit) as info:
+        cli.console_main()
+    assert info.value.code == 2

@@ -53,11 +53,11 @@ if "brain" in TASKS:
                 f"{OUT}/logs/brain/detect.log",
             benchmark:
                 f"{OUT}/benchmarks/brain/detect.tsv"
-            threads: 4
+            threads: model_job_threads
             resources:
                 mem_mb=4000,
                 runtime=240,
-                gpu=GPU,
+                gpu=model_job_gpu,
             conda:
                 CONDA_ENV
             shell:
@@ -151,11 +151,11 @@ if "brain" in TASKS:
                 f"{OUT}/logs/brain/distill_{{role}}.log",
             benchmark:
                 f"{OUT}/benchmarks/brain/distill_{{role}}.tsv"
-            threads: 4
+            threads: model_job_threads
             resources:
                 mem_mb=4000,
                 runtime=240,
-                gpu=GPU,
+                gpu=model_job_gpu,
             conda:
                 CONDA_ENV
             shell:
@@ -213,11 +213,11 @@ if "brain" in TASKS:
                 f"{OUT}/logs/brain/cascade.log",
             benchmark:
                 f"{OUT}/benchmarks/brain/cascade.tsv"
-            threads: 2
+            threads: model_job_threads
             resources:
                 mem_mb=4000,
                 runtime=60,
-                gpu=GPU,
+                gpu=model_job_gpu,
             conda:
                 CONDA_ENV
             shell:

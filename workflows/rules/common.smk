@@ -65,7 +65,50 @@ STUDY = config["study"]
 TASKS = list(config["tasks"])
 # Output root of this study; doubled braces keep a results_dir with braces literal in patterns.
 OUT = str(study_dir(config)).replace("{", "{{").replace("}", "}}")
-GPU = 0 if config["device"] == "cpu" else 1
+
+
+def _host_has_cuda_gpu():
+    """Whether this machine shows an NVIDIA GPU, without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return any(os.path.exists(f"/dev/nvidia{i}") for i in range(16))
+
+
+def _jobs_run_elsewhere():
+    # Callables below, not values: the executor is only known once the DAG is built, after
+    # this file is parsed. A dry run shows what a local run on this machine would ask for.
+    return workflow.non_local_exec or workflow.remote_exec
+
+
+def model_job_gpu(wildcards):
+    """The `gpu` resource of a training or prediction job: 1 where it can run on a GPU.
+
+    `device: auto` asks for one when jobs go to a cluster (its nodes have the GPUs, not this
+    machine) or when this machine has one; on a CPU-only workstation it asks for none, so
+    model jobs are not queued one by one behind a GPU that does not exist.
+    """
+    if config["device"] == "cpu":
+        return 0
+    if config["device"] != "auto" or _jobs_run_elsewhere():
+        return 1
+    return 1 if _host_has_cuda_gpu() else 0
+
+
+def model_job_threads(wildcards):
+    """Threads of a training or prediction job.
+
+    Beside a GPU or on a cluster node, 4 (loading, augmentation, the optimizer). On a CPU-only
+    machine the jobs share its cores: a quarter of --cores each, at least 1, so independent
+    trainings run side by side. On 2 cores, two 1-thread trainings finish about 1.4x sooner
+    than the same two run one after the other with 2 threads each (docs/performance.md).
+    """
+    if model_job_gpu(wildcards) or _jobs_run_elsewhere():
+        return 4
+    try:
+        return max(1, workflow.cores // 4)
+    except WorkflowError:  # no --cores (e.g. a bare dry run)
+        return 1
 
 
 def _alternation(names):

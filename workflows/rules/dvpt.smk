@@ -45,11 +45,11 @@ for _task in ADAPT_TASKS:
             f"{OUT}/logs/adapt/{_task}_{{method}}.log",
         benchmark:
             f"{OUT}/benchmarks/adapt/{_task}_{{method}}.tsv"
-        threads: 4
+        threads: model_job_threads
         resources:
             mem_mb=4000,
             runtime=240,
-            gpu=GPU,
+            gpu=model_job_gpu,
         conda:
             CONDA_ENV
         shell:

@@ -44,11 +44,11 @@ rule train_seed:
         f"{OUT}/logs/train/{{task}}_{{model}}_seed{{seed}}.log",
     benchmark:
         f"{OUT}/benchmarks/train/{{task}}_{{model}}_seed{{seed}}.tsv"
-    threads: 4
+    threads: model_job_threads
     resources:
         mem_mb=train_mem_mb,
         runtime=240,
-        gpu=GPU,
+        gpu=model_job_gpu,
     conda:
         CONDA_ENV
     shell:
@@ -72,11 +72,11 @@ rule predict_seed:
         f"{OUT}/logs/predict/{{task}}_{{model}}_seed{{seed}}.log",
     benchmark:
         f"{OUT}/benchmarks/predict/{{task}}_{{model}}_seed{{seed}}.tsv"
-    threads: 4
+    threads: model_job_threads
     resources:
         mem_mb=train_mem_mb,
         runtime=60,
-        gpu=GPU,
+        gpu=model_job_gpu,
     conda:
         CONDA_ENV
     shell:

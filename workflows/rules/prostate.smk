@@ -43,11 +43,11 @@ if "prostate" in TASKS:
             f"{OUT}/logs/ssl/prostate_fold{{fold}}.log",
         benchmark:
             f"{OUT}/benchmarks/ssl/prostate_fold{{fold}}.tsv"
-        threads: 4
+        threads: model_job_threads
         resources:
             mem_mb=8000,
             runtime=240,
-            gpu=GPU,
+            gpu=model_job_gpu,
         conda:
             CONDA_ENV
         shell:
@@ -73,11 +73,11 @@ if "prostate" in TASKS:
             f"{OUT}/logs/train/prostate_{{model}}_fold{{fold}}.log",
         benchmark:
             f"{OUT}/benchmarks/train/prostate_{{model}}_fold{{fold}}.tsv"
-        threads: 4
+        threads: model_job_threads
         resources:
             mem_mb=8000,
             runtime=240,
-            gpu=GPU,
+            gpu=model_job_gpu,
         conda:
             CONDA_ENV
         shell:
@@ -160,11 +160,11 @@ if "prostate" in TASKS:
                 f"{OUT}/logs/external/prostate_{{model}}.log",
             benchmark:
                 f"{OUT}/benchmarks/external/prostate_{{model}}.tsv"
-            threads: 2
+            threads: model_job_threads
             resources:
                 mem_mb=4000,
                 runtime=60,
-                gpu=GPU,
+                gpu=model_job_gpu,
             conda:
                 CONDA_ENV
             shell:

@@ -18,11 +18,11 @@ rule train:
         f"{OUT}/logs/train/{{task}}_{{model}}.log",
     benchmark:
         f"{OUT}/benchmarks/train/{{task}}_{{model}}.tsv"
-    threads: 4
+    threads: model_job_threads
     resources:
         mem_mb=train_mem_mb,
         runtime=240,
-        gpu=GPU,
+        gpu=model_job_gpu,
     conda:
         CONDA_ENV
     shell:
@@ -43,11 +43,11 @@ rule predict:
         f"{OUT}/logs/predict/{{task}}_{{model}}.log",
     benchmark:
         f"{OUT}/benchmarks/predict/{{task}}_{{model}}.tsv"
-    threads: 4
+    threads: model_job_threads
     resources:
         mem_mb=train_mem_mb,
         runtime=60,
-        gpu=GPU,
+        gpu=model_job_gpu,
     conda:
         CONDA_ENV
     shell:

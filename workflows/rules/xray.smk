@@ -28,11 +28,11 @@ rule pretrain:
         f"{OUT}/logs/pretrain/xray.log",
     benchmark:
         f"{OUT}/benchmarks/pretrain/xray.tsv"
-    threads: 4
+    threads: model_job_threads
     resources:
         mem_mb=4000,
         runtime=240,
-        gpu=GPU,
+        gpu=model_job_gpu,
     conda:
         CONDA_ENV
     shell:
