@@ -166,8 +166,10 @@ yolo.train(data=sys.argv[2], epochs=int(sys.argv[3]), imgsz=int(sys.argv[4]), ba
 
 def yolo_comparison(device, quick, work) -> dict:
     yolo_cli = Path(sys.executable).with_name("yolo")
+    if not yolo_cli.exists():  # e.g. ultralytics installed with pip --target: its scripts on PATH
+        yolo_cli = Path(shutil.which("yolo") or yolo_cli)
     if not yolo_cli.exists():
-        raise FileNotFoundError(f"ultralytics CLI not found at {yolo_cli}")
+        raise FileNotFoundError(f"ultralytics CLI not found beside {sys.executable} or on PATH")
     epochs, size, batch, n_train = (1, 64, 8, 16) if quick else (3, 64, 16, 64)
     data = tiny_yolo_dataset(work / "yolo_data", n_train, n_train // 2, size)
     config = work / "ultralytics_config"

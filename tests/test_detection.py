@@ -56,7 +56,8 @@ def detector(tmp_path_factory, no_network):
                                          "manifest": str(manifest), "image_size": 32, "anomaly_ratio": 0.3,
                                          "train": {"batch_size": 8},
                                          "detection": {"enabled": True, "image_size": 32, "epochs": 1,
-                                                       "batch_size": 16, "conf": 0.01, "examples": 4},
+                                                       "batch_size": 16, "mosaic": 0.25, "conf": 0.01,
+                                                       "examples": 4},
                                          "cascade": {"enabled": True, "threshold": 0.0}}}}))
     split = split_stage(study, "brain", root / "brain" / "split.csv")
     out = root / "brain" / "detector"
@@ -79,6 +80,9 @@ def test_detector_trains_and_predicts_without_network(detector):
     assert not list(out.rglob("*.pt"))  # no pickled checkpoint left behind
     # ultralytics' own run folder is inside the stage's folder, not under its runs_dir setting
     assert (out / "ultralytics" / "args.yaml").exists() and (out / "val_test").is_dir()
+    # the study's settings reach ultralytics
+    args = yaml.safe_load((out / "ultralytics" / "args.yaml").read_text())
+    assert (args["imgsz"], args["epochs"], args["mosaic"]) == (32, 1, 0.25)
     preds = pd.read_csv(out / "predictions.csv")
     rows = pd.read_csv(split)
     assert set(preds["sample_id"]) == set(rows.loc[rows["split"].isin(["val", "test"]), "sample_id"])

@@ -57,7 +57,7 @@ from medvit.tasks.common import load_context, model_sidecar
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 DETECTION_DEFAULTS: dict[str, Any] = {"enabled": False, "model": "yolov8n", "image_size": 640, "epochs": 100,
-                                      "batch_size": 16, "conf": 0.25, "min_slices": 1,
+                                      "batch_size": 16, "mosaic": 1.0, "conf": 0.25, "min_slices": 1,
                                       "window_percentiles": [0.5, 99.5], "examples": 8}
 PREDICT_FLOOR = 0.001
 """Lowest box confidence kept by prediction (ultralytics' own validation floor); the PTP
@@ -210,7 +210,8 @@ def detect_stage(config_path: str | Path, task: str, split_path: str | Path, out
                device=device, workers=resolve_num_workers(ctx.tcfg["train"]["num_workers"], torch_device),
                project=str(out_dir.resolve()),  # a relative project would land under ./runs/detect/
                name="ultralytics", exist_ok=True, plots=False, amp="bf16" if bf16 else False, seed=ctx.study["seed"],
-               deterministic=ctx.study["deterministic"], pretrained=False, verbose=False, val=True)
+               deterministic=ctx.study["deterministic"], pretrained=False, verbose=False, val=True,
+               mosaic=float(det["mosaic"]))
     train_seconds = time.perf_counter() - t0
     # The best epoch (on val mAP) is what ultralytics leaves in yolo.model; keep it as safetensors.
     from medvit.models import count_parameters
