@@ -44,7 +44,7 @@ def machine(device: torch.device) -> dict[str, Any]:
     except OSError:
         pass
     from medvit.engine.device import cpu_has_native_bf16
-    from medvit.engine.speed import available_cpus
+    from medvit.system import available_cpus
 
     info: dict[str, Any] = {"cpu": cpu, "cores": available_cpus(), "torch_threads": torch.get_num_threads(),
                             "cpu_native_bf16": cpu_has_native_bf16(), "device": str(device),

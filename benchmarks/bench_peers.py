@@ -1,17 +1,22 @@
 """Our training against the libraries' own plain loops on the same network and data, timed
-interleaved (ours, theirs, ours, theirs, ...) so machine load cancels out of the ratio:
+interleaved (ours, theirs, bare, ours, ...) so machine load cancels out of the ratios:
 
-* ViT: medvit's ``Trainer`` (one epoch: loader, bf16 switch, grad clipping, warm-up/cosine
-  schedule, checkpoint written atomically) vs a plain timm loop (DataLoader, AdamW, clip).
+* ViT: medvit's ``Trainer`` (a run of a few epochs: loader, bf16 switch, grad clipping,
+  warm-up/cosine schedule, checkpoints written atomically after each epoch) vs a plain timm
+  loop (DataLoader, AdamW, clip) that saves model and optimizer after each epoch as timm's
+  own train.py does.
 * 3D segmentation: ``Trainer`` with MONAI's ``DiceFocalLoss`` vs a plain MONAI loop on the
-  same MONAI UNet (``unet3d``), same loss.
+  same MONAI UNet (``unet3d``), same loss, saving the model's state_dict after each epoch as
+  the MONAI tutorials do.
 * YOLOv8: the detection stage's ``YOLO.train`` call (medvit.tasks.detection, offline setup)
   vs ultralytics' own ``yolo detect train`` CLI, same data and settings, wall time of each
   process.
 
     python benchmarks/bench_peers.py [--device auto] [--quick] [--skip-yolo]
 
-The recorded overhead is ours / theirs (1.0 = no overhead). Writes benchmarks/results/peers_<device>.json.
+The recorded overhead is ours / theirs (1.0 = no overhead) against the peer with its own
+checkpointing (the same work) and, for the first two, against the bare loop that writes
+nothing (``overhead_vs_bare``). Writes benchmarks/results/peers_<device>.json.
 """
 
 from __future__ import annotations
@@ -50,11 +55,12 @@ class Tensors(Dataset):
         return {"image": self.x[i], "label": self.y[i]}
 
 
-def ours_epoch(build, data: Dataset, loss_fn, device: torch.device, batch: int, work: Path) -> float:
+def ours_run(build, data: Dataset, loss_fn, device: torch.device, batch: int, epochs: int, work: Path) -> float:
+    """Seconds of ``Trainer.fit``: set-up, ``epochs`` epochs, a checkpoint after each."""
     from medvit.engine import TrainConfig, Trainer
 
     model = build()
-    cfg = TrainConfig(epochs=1, batch_size=batch, lr=1e-3, warmup_epochs=0, device=str(device), log_every=0,
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=1e-3, warmup_epochs=0, device=str(device), log_every=0,
                       deterministic=False, grad_clip=1.0)
     out = Path(tempfile.mkdtemp(dir=work))
     t0 = time.perf_counter()
@@ -65,33 +71,57 @@ def ours_epoch(build, data: Dataset, loss_fn, device: torch.device, batch: int, 
     return seconds
 
 
-def plain_epoch(build, data: Dataset, loss_fn, device: torch.device, batch: int) -> float:
+def plain_run(build, data: Dataset, loss_fn, device: torch.device, batch: int, epochs: int, work: Path,
+              checkpoint: str | None) -> float:
+    """Seconds of a plain loop (DataLoader, AdamW, clipping) over ``epochs`` epochs.
+
+    ``checkpoint`` is what the library's own script writes after each epoch: ``"timm"`` the
+    model and optimizer state with ``torch.save`` (timm's train.py, CheckpointSaver's
+    ``last.pth.tar``), ``"monai"`` the model's state_dict (the MONAI tutorials'
+    ``best_metric_model.pth``), None nothing (the bare loop).
+    """
     model = build()
+    out = Path(tempfile.mkdtemp(dir=work))
     t0 = time.perf_counter()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    model.train()
-    for b in DataLoader(data, batch_size=batch, shuffle=True):
-        x, y = b["image"].to(device), b["label"].to(device)
-        loss = loss_fn(model(x), {"label": y})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    for epoch in range(epochs):
+        model.train()
+        for b in DataLoader(data, batch_size=batch, shuffle=True):
+            x, y = b["image"].to(device), b["label"].to(device)
+            loss = loss_fn(model(x), {"label": y})
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        if checkpoint == "timm":
+            torch.save({"epoch": epoch, "state_dict": model.state_dict(), "optimizer": opt.state_dict()},
+                       out / "last.pth.tar")
+        elif checkpoint == "monai":
+            torch.save(model.state_dict(), out / "best_metric_model.pth")
     U.sync(device)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds
 
 
-def compare_loops(name: str, peer: str, build, data, loss_fn, device, batch: int, rounds: int, work: Path) -> dict:
-    ours_epoch(build, data, loss_fn, device, batch, work)  # warm-up (allocator, kernels)
-    plain_epoch(build, data, loss_fn, device, batch)
-    ours, theirs = [], []
+def compare_loops(name: str, peer: str, checkpoint: str, build, data, loss_fn, device, batch: int, epochs: int,
+                  rounds: int, work: Path) -> dict:
+    """Ours against the peer's loop with its own per-epoch checkpoint (the same work) and
+    against the bare loop (no checkpoint), interleaved; medians over ``rounds``."""
+    runs = {"ours": lambda: ours_run(build, data, loss_fn, device, batch, epochs, work),
+            "peer": lambda: plain_run(build, data, loss_fn, device, batch, epochs, work, checkpoint),
+            "bare": lambda: plain_run(build, data, loss_fn, device, batch, epochs, work, None)}
+    for run in runs.values():
+        run()  # warm-up (allocator, kernels)
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
-        ours.append(ours_epoch(build, data, loss_fn, device, batch, work))
-        theirs.append(plain_epoch(build, data, loss_fn, device, batch))
-    o, t = statistics.median(ours), statistics.median(theirs)
-    return {"comparison": name, "peer": peer, "samples": len(data), "batch": batch, "rounds": rounds,
-            "ours_s": round(o, 3), "peer_s": round(t, 3), "overhead_ratio": round(o / t, 3),
-            "ours_samples_per_s": round(len(data) / o, 2), "peer_samples_per_s": round(len(data) / t, 2)}
+        for k, run in runs.items():
+            times[k].append(run())
+    o, t, b = (statistics.median(times[k]) for k in ("ours", "peer", "bare"))
+    return {"comparison": name, "peer": peer, "peer_checkpoint": checkpoint, "samples": len(data), "batch": batch,
+            "epochs": epochs, "rounds": rounds, "ours_s": round(o, 3), "peer_s": round(t, 3), "bare_s": round(b, 3),
+            "overhead_ratio": round(o / t, 3), "overhead_vs_bare": round(o / b, 3),
+            "ours_samples_per_s": round(len(data) * epochs / o, 2), "peer_samples_per_s": round(len(data) * epochs / t, 2)}
 
 
 def vit_comparison(device, quick, work) -> dict:
@@ -107,8 +137,8 @@ def vit_comparison(device, quick, work) -> dict:
                                  num_classes=2).to(device)
 
     loss = lambda out, b: nn.functional.cross_entropy(out, b["label"])  # noqa: E731
-    return compare_loops("vit_tiny training epoch", "plain timm loop", build, data, loss, device, batch,
-                         2 if quick else 5, work)
+    return compare_loops("vit_tiny training run", "plain timm loop", "timm", build, data, loss, device, batch,
+                         2 if quick else 3, 2 if quick else 5, work)
 
 
 def seg_comparison(device, quick, work) -> dict:
@@ -127,8 +157,8 @@ def seg_comparison(device, quick, work) -> dict:
         return create_model("unet3d", in_chans=3, num_classes=1).to(device)
 
     loss = lambda out, b: dice_focal(out, b["label"])  # noqa: E731
-    return compare_loops("unet3d segmentation epoch (MONAI UNet, DiceFocal)", "plain MONAI loop", build, data, loss,
-                         device, batch, 2 if quick else 5, work)
+    return compare_loops("unet3d segmentation run (MONAI UNet, DiceFocal)", "plain MONAI loop", "monai", build, data,
+                         loss, device, batch, 2 if quick else 3, 2 if quick else 5, work)
 
 
 # ------------------------------------------------------------------------------- YOLO

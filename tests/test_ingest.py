@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -102,6 +103,24 @@ def test_shipped_files_accounted_for(shipped):
     reasons = " ".join(_read_csv(result.quarantine)["reason"])
     assert "no pixel data" in reasons and "duplicate" in reasons and "non-image DICOM object" in reasons
     assert "ingest:" in result.summary() and str(result.n_samples) in result.summary()
+
+
+def test_worker_processes_give_the_same_outputs(shipped, tmp_path):
+    serial, src = shipped
+    assert serial.workers == 1  # "auto" stays in this process below 500 files
+    parallel = ingest(src, tmp_path / "manifest.csv", key=KEY, workers=2)
+    assert parallel.workers == 2
+    assert parallel.manifest.read_bytes() == serial.manifest.read_bytes()
+    assert parallel.quarantine.read_bytes() == serial.quarantine.read_bytes()
+
+    def links(folder: Path) -> dict[str, str]:
+        return {p.relative_to(folder).as_posix(): os.readlink(p) if p.is_symlink() else "" for p in folder.rglob("*")}
+
+    assert links(parallel.images_dir).keys() == links(serial.images_dir).keys()
+    assert (parallel.n_samples, parallel.n_quarantined, parallel.notes) == (serial.n_samples, serial.n_quarantined,
+                                                                            serial.notes)
+    with pytest.raises(IngestError, match="workers"):
+        ingest(src, tmp_path / "other.csv", key=KEY, workers=0)
 
 
 def _identifier_values(src: Path) -> set[str]:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from medvit.data.io import ImageData, _is_dicomdir, _modality, detect_format, read_dicom_header, read_image
 from medvit.errors import ImageReadError, MedvitError
+from medvit.system import available_cpus
 
 __all__ = [
     "ENV_KEY",
@@ -133,6 +134,7 @@ class IngestResult:
     formats: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    workers: int = 1
 
     def summary(self) -> str:
         """A few lines for the terminal; never contains identifiers."""
@@ -198,7 +200,8 @@ class _Quarantine:
 # public entry point
 
 
-def ingest(src_dir: str | os.PathLike[str], out_manifest: str | os.PathLike[str], key: str | None = None) -> IngestResult:
+def ingest(src_dir: str | os.PathLike[str], out_manifest: str | os.PathLike[str], key: str | None = None,
+           workers: int | str = "auto") -> IngestResult:
     """Build a pseudonymised manifest from every image under ``src_dir``.
 
     Args:
@@ -206,6 +209,10 @@ def ingest(src_dir: str | os.PathLike[str], out_manifest: str | os.PathLike[str]
         out_manifest: manifest CSV to write. ``quarantine.csv`` and the link folder
             ``<stem>_images/`` are written beside it.
         key: pseudonymisation key; default ``$MEDVIT_PSEUDONYM_KEY``. Never written anywhere.
+        workers: processes that read headers and images: ``"auto"`` (one per available core,
+            at most 8, and 1 below :data:`_PARALLEL_MIN_FILES` files, where starting them costs
+            more than it saves) or a number (1: everything in this process). The outputs do not
+            depend on it.
 
     Returns:
         :class:`IngestResult` with counts and a :meth:`~IngestResult.summary`.
@@ -230,6 +237,7 @@ def ingest(src_dir: str | os.PathLike[str], out_manifest: str | os.PathLike[str]
     files, unlisted = _walk(src, exclude_files={manifest, quarantine_path}, exclude_dir=images_dir)
     if not files and not unlisted:
         raise IngestError(f"input folder {src} holds no files; point `medvit ingest` at the folder with the images")
+    n_workers = _resolve_workers(workers, len(files))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -243,19 +251,17 @@ def ingest(src_dir: str | os.PathLike[str], out_manifest: str | os.PathLike[str]
     rows: list[_Row] = []
     # Per-file problems go to quarantine.csv; pydicom's warnings would only repeat them on
     # stderr, and some quote header values.
-    with warnings.catch_warnings(), _quiet_pydicom():
+    builder = _Builder(pseudo, images_dir, out_dir, quarantine)
+    with warnings.catch_warnings(), _quiet_pydicom(), _Pool(n_workers, builder) as pool:
         warnings.simplefilter("ignore")
-        dicom, others = _scan(src, files, quarantine, identifiers)
-        builder = _Builder(pseudo, images_dir, out_dir, quarantine)
-        groups = _group_dicom(dicom)
-        units = len(groups) + len(others)
-        with tqdm(total=units, desc="ingest: reading images", unit="sample", file=sys.stderr,
+        dicom, others = _scan(src, files, quarantine, identifiers, pool)
+        units: list[tuple[str, Any]] = [("group", g) for g in _group_dicom(dicom)] + [("single", f) for f in others]
+        with tqdm(total=len(units), desc="ingest: reading images", unit="sample", file=sys.stderr,
                   disable=len(files) < _PROGRESS_MIN_FILES) as bar:
-            for group in groups:
-                rows.extend(builder.dicom_group(group))
-                bar.update()
-            for f in others:
-                rows.extend(builder.single(f, [f]))
+            for unit_rows, unit_quarantine, failed in pool.map(_build_unit, units, chunksize=4):
+                rows.extend(unit_rows)
+                quarantine.rows.extend(unit_quarantine)
+                builder.n_volumes_failed += failed
                 bar.update()
 
     rows.sort(key=lambda r: (r.patient_id, r.study_id, r.sample_id))
@@ -275,7 +281,80 @@ def ingest(src_dir: str | os.PathLike[str], out_manifest: str | os.PathLike[str]
         n_samples=len(rows), n_patients=len({r.patient_id for r in rows}),
         n_studies=len({r.study_id for r in rows}), n_quarantined=len(q_rows),
         formats=dict(Counter(r.source_format for r in rows)), reasons=dict(reasons), notes=notes,
+        workers=n_workers,
     )
+
+
+_PARALLEL_MIN_FILES = 500
+_MAX_WORKERS = 8
+
+
+def _resolve_workers(workers: int | str, n_files: int) -> int:
+    if workers == "auto":
+        return 1 if n_files < _PARALLEL_MIN_FILES else max(1, min(available_cpus(), _MAX_WORKERS))
+    try:
+        n = int(workers)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or isinstance(workers, bool):
+        raise IngestError(f"workers must be 'auto' or a whole number >= 1, not {workers!r}")
+    return n
+
+
+class _Pool:
+    """``map`` over this process (1 worker) or a process pool that has the builder.
+
+    Worker processes are forked where the platform allows (they inherit the imports and the
+    builder, so starting them costs milliseconds); results come back in input order, so the
+    outputs are the same for any number of workers.
+    """
+
+    def __init__(self, workers: int, builder: _Builder):
+        self.workers, self.builder, self._executor = workers, builder, None
+
+    def __enter__(self) -> _Pool:
+        global _BUILDER
+        _BUILDER = self.builder
+        if self.workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
+                                                 initializer=_init_worker, initargs=(self.builder,))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        global _BUILDER
+        _BUILDER = None
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
+
+    def map(self, fn, items: list, chunksize: int):
+        if self._executor is None:
+            return map(fn, items)
+        return self._executor.map(fn, items, chunksize=chunksize)
+
+
+_BUILDER: _Builder | None = None  # the builder of the ingest in progress (this process or a worker)
+
+
+def _init_worker(builder: _Builder) -> None:
+    global _BUILDER
+    _BUILDER = builder
+    warnings.simplefilter("ignore")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+def _build_unit(unit: tuple[str, Any]) -> tuple[list[_Row], list[tuple[str, str, str]], int]:
+    """Read one DICOM group or one other file into manifest rows (in this process or a worker):
+    its rows, its quarantine entries and whether a series failed to stack."""
+    builder = _BUILDER
+    assert builder is not None
+    local = _Builder(builder.pseudo, builder.images_dir, builder.out_dir, _Quarantine())
+    kind, item = unit
+    rows = local.dicom_group(item) if kind == "group" else local.single(item, [item])
+    return rows, local.quarantine.rows, local.n_volumes_failed
 
 
 # --------------------------------------------------------------------------------------
@@ -332,48 +411,59 @@ def _text(value: Any) -> str:
         return ""
 
 
-def _scan(src: Path, files: list[Path], quarantine: _Quarantine, identifiers: set[str]) -> tuple[list[_File], list[_File]]:
+def _scan(src: Path, files: list[Path], quarantine: _Quarantine, identifiers: set[str],
+          pool: _Pool) -> tuple[list[_File], list[_File]]:
     """Classify every file; read DICOM headers (no pixels) for grouping."""
     dicom: list[_File] = []
     others: list[_File] = []
-    for path in tqdm(files, desc="ingest: reading headers", unit="file", file=sys.stderr,
-                     disable=len(files) < _PROGRESS_MIN_FILES):
-        rel = path.relative_to(src).as_posix()
-        parent = path.parent.relative_to(src).as_posix()
-        try:
-            fmt = detect_format(path)
-            if fmt != "dicom":
-                # non-DICOM: the first folder below the input folder, or the file's own name
-                patient = f"folder:{rel.split('/', 1)[0]}" if "/" in rel else f"name:{_stem(path.name)}"
-                others.append(_File(path, rel, fmt, patient=patient, study=f"folder:{parent}"))
-                continue
-            ds = read_dicom_header(path)
-        except ImageReadError as exc:
-            quarantine.add(rel, exc.reason)
-            continue
-        identifiers.update(_identifiers(ds))
-        if "Rows" not in ds:  # no image module: DICOMDIR, reports, plans, waveforms, ...
-            what = "DICOMDIR directory index" if _is_dicomdir(ds) else (f"{_modality(ds)} object" if _modality(ds) else "")
-            quarantine.add(rel, "no pixel data" + (f" ({what})" if what else ""))
-            continue
-        modality = _modality(ds)
-        if modality in NON_IMAGE_MODALITIES:
-            quarantine.add(rel, f"non-image DICOM object (Modality {modality}: {NON_IMAGE_MODALITIES[modality]})")
-            continue
-        patient_id, name = _text(ds.get("PatientID")), _text(ds.get("PatientName"))
-        patient = f"id:{patient_id}" if patient_id else (f"name:{name}" if name.strip("^= ") else f"folder:{parent}")
-        study_uid = _text(ds.get("StudyInstanceUID"))
-        try:
-            frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
-        except Exception:
-            frames = 1  # read_image will reject the file with the exact reason
-        dicom.append(_File(
-            path, rel, "dicom", patient=patient, study=f"uid:{study_uid}" if study_uid else f"folder:{parent}",
-            series=_text(ds.get("SeriesInstanceUID")) or None, sop=_text(ds.get("SOPInstanceUID")) or None,
-            modality=modality, frames=frames,
-            geometry=ds.get("ImagePositionPatient") is not None and ds.get("ImageOrientationPatient") is not None,
-        ))
+    scanned = pool.map(_scan_one, [(src, path) for path in files], chunksize=64)
+    for kind, record, found in tqdm(scanned, total=len(files), desc="ingest: reading headers", unit="file",
+                                    file=sys.stderr, disable=len(files) < _PROGRESS_MIN_FILES):
+        identifiers.update(found)
+        if kind == "dicom":
+            dicom.append(record)
+        elif kind == "other":
+            others.append(record)
+        else:
+            quarantine.add(*record)
     return dicom, others
+
+
+def _scan_one(task: tuple[Path, Path]) -> tuple[str, Any, set[str]]:
+    """One file's kind (``dicom``, ``other`` or ``quarantine``), its record (a :class:`_File`,
+    or ``(rel, reason)``) and the identifiers its header holds."""
+    src, path = task
+    rel = path.relative_to(src).as_posix()
+    parent = path.parent.relative_to(src).as_posix()
+    try:
+        fmt = detect_format(path)
+        if fmt != "dicom":
+            # non-DICOM: the first folder below the input folder, or the file's own name
+            patient = f"folder:{rel.split('/', 1)[0]}" if "/" in rel else f"name:{_stem(path.name)}"
+            return "other", _File(path, rel, fmt, patient=patient, study=f"folder:{parent}"), set()
+        ds = read_dicom_header(path)
+    except ImageReadError as exc:
+        return "quarantine", (rel, exc.reason), set()
+    found = _identifiers(ds)
+    if "Rows" not in ds:  # no image module: DICOMDIR, reports, plans, waveforms, ...
+        what = "DICOMDIR directory index" if _is_dicomdir(ds) else (f"{_modality(ds)} object" if _modality(ds) else "")
+        return "quarantine", (rel, "no pixel data" + (f" ({what})" if what else "")), found
+    modality = _modality(ds)
+    if modality in NON_IMAGE_MODALITIES:
+        return "quarantine", (rel, f"non-image DICOM object (Modality {modality}: {NON_IMAGE_MODALITIES[modality]})"), found
+    patient_id, name = _text(ds.get("PatientID")), _text(ds.get("PatientName"))
+    patient = f"id:{patient_id}" if patient_id else (f"name:{name}" if name.strip("^= ") else f"folder:{parent}")
+    study_uid = _text(ds.get("StudyInstanceUID"))
+    try:
+        frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except Exception:
+        frames = 1  # read_image will reject the file with the exact reason
+    return "dicom", _File(
+        path, rel, "dicom", patient=patient, study=f"uid:{study_uid}" if study_uid else f"folder:{parent}",
+        series=_text(ds.get("SeriesInstanceUID")) or None, sop=_text(ds.get("SOPInstanceUID")) or None,
+        modality=modality, frames=frames,
+        geometry=ds.get("ImagePositionPatient") is not None and ds.get("ImageOrientationPatient") is not None,
+    ), found
 
 
 def _stem(name: str) -> str:

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, train_test_split
 
 from medvit.data.manifest import SPLITS, class_names, finding_sets, finding_names
 from medvit.errors import ConfigError, LeakageError, ManifestError
@@ -123,6 +122,8 @@ def _draw(ids: np.ndarray, strata: np.ndarray, k: int, seed: int, stratify: bool
     if stratify and len(uniq) > 1 and not can:
         logger.info("strata too small to stratify %d of %d patients (%s); drawing them unstratified",
                     k, len(ids), ", ".join(f"{u}: {c}" for u, c in zip(uniq, counts)))
+    from sklearn.model_selection import train_test_split  # here: every stage imports this module
+
     rest, drawn = train_test_split(ids, test_size=k, random_state=seed, shuffle=True,
                                    stratify=strata if can else None)
     return np.sort(drawn), np.sort(rest)
@@ -230,6 +231,8 @@ def patient_kfold(df: pd.DataFrame, k: int = 5, seed: int = 0, label_column: str
     groups = pid.to_numpy()[order]
     y = patient_labels(df, label_column, normal_class).reindex(groups).to_numpy()
     fold_of: dict[str, int] = {}
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
     with warnings.catch_warnings():
         # small strata: StratifiedGroupKFold warns and still returns valid group folds
         warnings.filterwarnings("ignore", message=".*least populated class.*", category=UserWarning)

@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from medvit.system import available_cpus
+
 PROBE_MARGIN = 1.1   # bf16 must be at least 10% faster than fp32 to be chosen
 
 
@@ -338,14 +340,6 @@ def _default_block_types() -> list[type]:
 
 
 @functools.lru_cache(maxsize=1)
-def available_cpus() -> int:
-    """CPU cores this process may run on (the affinity mask: SLURM and containers restrict it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def auto_num_workers(device: torch.device | str = "cpu", cpus: int | None = None) -> int:
     """DataLoader workers sized to the machine.
 

@@ -16,7 +16,8 @@ What every run gets:
   ``(seed, e)``; datasets with ``set_epoch(e)`` are told the epoch.
 * A checkpoint every epoch (``checkpoints/last``, the one before it kept as
   ``checkpoints/prev``) and the best one on validation (``checkpoints/best``, with
-  ``checkpoints/best_prev``), all written atomically; ``fit(resume=True)`` continues a
+  ``checkpoints/best_prev``; without a validation set the last epoch is the best and
+  ``best`` is not written), all written atomically; ``fit(resume=True)`` continues a
   killed run from the next epoch and ends with the same weights as a run that was not
   interrupted (same seed, machine and settings).
 * Progress bars with ETA on stderr and ``train.log`` in the output folder.
@@ -795,11 +796,17 @@ class Trainer:
         self._last_valid = name == "last"
         self._best_valid = self._recover_best()
 
+    @property
+    def _validates(self) -> bool:
+        return self.val_dataset is not None and len(self.val_dataset) > 0  # type: ignore[arg-type]
+
     def _recover_best(self) -> bool:
         """Make ``checkpoints/best`` hold epoch ``best_epoch`` again after a crash (from
         ``best_prev`` if the crash hit while ``best`` was being replaced)."""
         if self.best_epoch is None:
             return False
+        if not self._validates:
+            return True  # no validation: the best epoch is the last one, held by checkpoints/last
         for name in ("best", "best_prev"):
             if not self._present(name):
                 continue
@@ -827,7 +834,7 @@ class Trainer:
             self._last_valid = True
             barrier(self.dist)
             return
-        if improved:
+        if improved and self._validates:  # without validation `last` is the best: no second copy
             if self._best_valid:
                 copy_checkpoint(self._stem("best"), self._stem("best_prev"))
             save_checkpoint(self._stem("best"), self.model,
