@@ -117,11 +117,23 @@ def test_demo_dry_run_lists_every_stage(tmp_path):
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
 
-def test_profile_dry_run(tmp_path):
-    rc, out = snakemake(tmp_path, "-n", "--profile", str(REPO / "workflows" / "profiles" / "local"),
-                        "--configfile", str(DEMO))
+def test_profile_dry_run_sizes_model_jobs_to_the_machine(tmp_path):
+    local = str(REPO / "workflows" / "profiles" / "local")
+    rc, out = snakemake(tmp_path, "-n", "--profile", local, "--configfile", str(DEMO), "--cores", "8")
     assert rc == 0, out
-    assert "gpu=1" in out and "gpu=0" in out  # training asks for a GPU (device auto), data stages do not
+    model_jobs = [j for j in jobs(out) if j["rule"] in ("train", "predict", "pretrain")]
+    data_jobs = [j for j in jobs(out) if j["rule"] in ("synth", "split", "evaluate")]
+    assert model_jobs and data_jobs
+    assert all("gpu=0" in j["resources"] for j in data_jobs)
+    if not any(Path(f"/dev/nvidia{i}").exists() for i in range(16)):
+        # device auto on a CPU-only machine: no GPU to wait for, a quarter of the cores each
+        assert all("gpu=0" in j["resources"] and j.get("threads") == "2" for j in model_jobs)
+    # a study that names CUDA asks the scheduler for a GPU and 4 threads per model job
+    cuda = write_study(tmp_path / "cuda.yaml", {**yaml.safe_load(DEMO.read_text()), "device": "cuda"})
+    rc, out = snakemake(tmp_path, "-n", "--profile", local, "--configfile", str(cuda), "--cores", "8")
+    assert rc == 0, out
+    model_jobs = [j for j in jobs(out) if j["rule"] in ("train", "predict", "pretrain")]
+    assert model_jobs and all("gpu=1" in j["resources"] and j.get("threads") == "4" for j in model_jobs)
 
 
 def test_lint_is_clean(tmp_path):
