@@ -136,6 +136,14 @@ def test_profile_dry_run_sizes_model_jobs_to_the_machine(tmp_path):
     assert model_jobs and all("gpu=1" in j["resources"] and j.get("threads") == "4" for j in model_jobs)
 
 
+def test_hidden_gpus_count_as_none(monkeypatch):
+    from medvit.system import host_has_nvidia_gpu
+
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert host_has_nvidia_gpu() is False
+
+
 def test_lint_is_clean(tmp_path):
     rc, out = snakemake(tmp_path, "--lint", "--cores", "1", "--configfile", str(DEMO))
     assert rc == 0, out

@@ -25,6 +25,7 @@ from medvit.config import (
     task_manifest_path,
 )
 from medvit.errors import ConfigError
+from medvit.system import host_has_nvidia_gpu
 
 # Software environment for `--sdm conda` (relative to the rule files). Without --sdm conda
 # (the default) rules run `medvit` from PATH.
@@ -67,18 +68,14 @@ TASKS = list(config["tasks"])
 OUT = str(study_dir(config)).replace("{", "{{").replace("}", "}}")
 
 
-def _host_has_cuda_gpu():
-    """Whether this machine shows an NVIDIA GPU, without importing torch."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
-    return any(os.path.exists(f"/dev/nvidia{i}") for i in range(16))
-
-
 def _jobs_run_elsewhere():
-    # Callables below, not values: the executor is only known once the DAG is built, after
-    # this file is parsed. A dry run shows what a local run on this machine would ask for.
-    return workflow.non_local_exec or workflow.remote_exec
+    # Called when jobs are created, not at parse time: only then is the executor known. A dry
+    # run executes with Snakemake's "dryrun" executor, but Snakemake still sets
+    # execution_settings.use_threads from the executor it validated against, which is True
+    # exactly for a non-local one (SLURM) on posix; so `-n --profile .../slurm` shows the
+    # cluster's requests.
+    settings = getattr(workflow, "execution_settings", None)
+    return workflow.non_local_exec or workflow.remote_exec or bool(getattr(settings, "use_threads", False))
 
 
 def model_job_gpu(wildcards):
@@ -92,7 +89,7 @@ def model_job_gpu(wildcards):
         return 0
     if config["device"] != "auto" or _jobs_run_elsewhere():
         return 1
-    return 1 if _host_has_cuda_gpu() else 0
+    return 1 if host_has_nvidia_gpu() else 0
 
 
 def model_job_threads(wildcards):
