@@ -394,8 +394,9 @@ def main() -> None:
         demo = demo_wall_from_log(studies[0])
         last = results / "demo_run.json"
         if demo is not None and last.exists():
-            demo["peak_memory_mib"] = json.loads(last.read_text()).get("peak_memory_mib")
-            demo["memory_method"] = f"the last --run-demo ({json.loads(last.read_text()).get('measured')})"
+            measured = json.loads(last.read_text())
+            demo["peak_memory_mib"] = measured.get("peak_memory_mib")
+            demo["memory_method"] = f"the last --run-demo ({measured.get('measured')})"
     if args.report_only:
         status = {n: {"ok": (results / f"{n}.json").exists(), "seconds": 0.0, "reason": "no JSON"} for n in names}
         for n in names:
