@@ -140,16 +140,22 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
     return times
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int, warmup: int = 1
-                ) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int, warmup: int = 1,
+                warm_calls: int = 0) -> dict[str, float]:
     """Median seconds per call of each function, calling them in turn, round after round, so
-    a change of machine load affects every contender alike (ratios stay meaningful)."""
+    a change of machine load affects every contender alike (ratios stay meaningful).
+
+    ``warm_calls`` untimed calls precede each timed call in a round, so the timed one finds
+    the caches as a run of back-to-back steps leaves them, not as the previous contender did.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            for _ in range(warm_calls):
+                fn()
             sync(device)
             t0 = time.perf_counter()
             fn()
@@ -176,7 +182,11 @@ def output_tensor(out: Any) -> torch.Tensor:
 def train_step_fn(model: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool = False
                   ) -> Callable[[], None]:
     """One AdamW training step of ``model`` on ``x`` (loss: the output's mean, or MAE's loss)."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    from medvit.engine.speed import fused_adamw_supported
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    # the optimizer step medvit's Trainer takes (fused where supported)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused_adamw_supported([{"params": params}]))
     model.train()
 
     def step() -> None:
@@ -200,16 +210,14 @@ def infer_fn(model: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool
 
 
 def train_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one training step (forward + backward) on the batch ``x``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import medvit.models.cswin  # noqa: F401  (registers the CPU SDPA FLOP formula)
+    """FLOPs of one training step (forward + backward) on the batch ``x``, attention included
+    (:func:`medvit.engine.compute.count_flops`)."""
+    from medvit.engine.compute import count_flops
 
     model.train()
-    with FlopCounterMode(display=False) as counter:
-        output_tensor(model(x)).float().mean().backward()
+    flops = count_flops(lambda t: output_tensor(model(t)), x, backward=True)
     model.zero_grad(set_to_none=True)
-    return int(counter.get_total_flops())
+    return flops
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:

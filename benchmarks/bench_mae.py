@@ -4,24 +4,26 @@ a matmul peak measured in the same run, in fp32 and bf16 autocast.
     python benchmarks/bench_mae.py [--device cpu|cuda] [--steps 10]
 
 Writes benchmarks/results/mae_<device>.json. FLOPs of one training step (forward + backward)
-are counted by torch.utils.flop_counter; the peak is the best of a few square matmuls.
+are counted by medvit.engine.compute.count_flops (attention included); the step is the one
+benchmarks/bench_models.py times (fused AdamW, as the Trainer); the peak is the best of a few
+square matmuls.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
-from contextlib import nullcontext
+import sys
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from medvit.engine.speed import matmul_peak
-
 from medvit.models.mae import build_mae
 from medvit.provenance import hardware, now_iso
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _util as U  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "results"
 CONFIGS = [  # (name, encoder, image size, patch, batch)
@@ -29,39 +31,6 @@ CONFIGS = [  # (name, encoder, image size, patch, batch)
     ("vit_tiny 224px/16", "vit_tiny", 224, 16, 32),
     ("vit_small 224px/16", "vit_small", 224, 16, 32),
 ]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-def step_flops(model, x, bf16, device) -> int:
-    with FlopCounterMode(display=False) as counter:
-        with autocast(device, bf16):
-            loss = model(x).loss
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
-def train_throughput(model, x, bf16, device, steps) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for i in range(steps + 2):  # two warm-up steps
-        if i == 2:
-            sync(device)
-            t0 = time.perf_counter()
-        with autocast(device, bf16):
-            loss = model(x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    sync(device)
-    return steps * x.shape[0] / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -78,10 +47,11 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_mae(encoder, in_chans=1, img_size=size, patch_size=patch, mask_ratio=0.9).to(device).train()
         x = torch.randn(batch, 1, size, size, device=device)
+        flops = U.train_flops(model, x)  # attention included; autocast does not change the count
+        steps = {p: U.train_step_fn(model, x, device, p == "bf16") for p in ("fp32", "bf16")}
+        seconds = U.interleaved(steps, device, rounds=args.steps)
         for precision in ("fp32", "bf16"):
-            bf16 = precision == "bf16"
-            flops = step_flops(model, x, bf16, device)
-            ips = train_throughput(model, x, bf16, device, args.steps)
+            ips = batch / seconds[precision]
             achieved = flops / batch * ips
             rows.append({"config": name, "batch": batch, "precision": precision, "images_per_s": round(ips, 1),
                          "gflop_per_image": round(flops / batch / 1e9, 4), "achieved_gflops": round(achieved / 1e9, 1),

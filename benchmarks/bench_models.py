@@ -3,9 +3,13 @@ matmul peak measured in the same run (fp32 and bf16 autocast), and peak memory o
 
     python benchmarks/bench_models.py [--device auto] [--quick] [--models vit_tiny,cswin_unet]
 
-fp32 and bf16 are timed interleaved (one step of each in turn) so machine load biases neither.
-FLOPs of one training step (forward + backward) come from torch.utils.flop_counter; the
-optimizer's elementwise work counts zero, as usual. Writes benchmarks/results/models_<device>.json.
+fp32 and bf16 steps and the peak's matmuls (n x n, n = 1024 on the CPU, 4096 on a GPU) are
+timed interleaved, each call after an untimed one of its own (warm caches, as in back-to-back
+training steps) and one contender after the other, so machine load biases none of them; each model's
+fractions use the median matmul rate of its own rounds (``matmul_peak_gflops`` of its row). FLOPs
+of one training step (forward + backward, attention included) come from
+medvit.engine.compute.count_flops; the optimizer's elementwise work counts zero, as usual.
+Writes benchmarks/results/models_<device>.json.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import _util as U  # noqa: E402
 SIZES = {"quick": {"2d": (64, 8), "3d": (32, 2)}, "full": {"2d": (64, 32), "3d": (32, 4)}}
 
 
-def bench_model(name: str, device: torch.device, quick: bool, peaks: dict[str, float], rounds: int) -> dict:
+def bench_model(name: str, device: torch.device, quick: bool, rounds: int) -> dict:
     spec = U.ZOO[name]
     size, batch = SIZES["quick" if quick else "full"]["3d" if spec["dims"] == 3 else "2d"]
     model = U.build(name, size, device)
@@ -39,8 +43,16 @@ def bench_model(name: str, device: torch.device, quick: bool, peaks: dict[str, f
     mem = U.train_step_memory(model, x, device)
     steps = {f"train_{p}": U.train_step_fn(model, x, device, p == "bf16") for p in ("fp32", "bf16")}
     steps.update({f"infer_{p}": U.infer_fn(model, x, device, p == "bf16") for p in ("fp32", "bf16")})
-    med = U.interleaved(steps, device, rounds=rounds)
+    # the matmul peak is timed in the same rounds as the model, so a slow spell of a shared
+    # machine (the peak can halve for seconds) moves numerator and denominator alike
+    n = 4096 if device.type == "cuda" else 1024
+    mats = {p: [torch.randn(n, n, device=device, dtype=dt) for _ in range(2)]
+            for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    steps.update({f"matmul_{p}": (lambda a=a, b=b: a @ b) for p, (a, b) in mats.items()})
+    med = U.interleaved(steps, device, rounds=rounds, warm_calls=1)
+    peaks = {p: 2 * n**3 / med[f"matmul_{p}"] for p in mats}
     row = {"model": name, "input": list(x.shape[1:]), "batch": batch, "params": sum(p.numel() for p in model.parameters()),
+           "matmul_peak_gflops": {p: round(v / 1e9, 2) for p, v in peaks.items()},
            "train_gflop_per_sample": round(flops / batch / 1e9, 4), "peak_train_memory_mib": mem["peak_mib"], "activations_mib": mem["activations_mib"],
            "memory_method": mem["method"]}
     for p in ("fp32", "bf16"):
@@ -73,7 +85,7 @@ def main() -> None:
 
     for name in args.models.split(","):
         try:
-            row = bench_model(name, device, args.quick, peaks, rounds=3 if args.quick else 10)
+            row = bench_model(name, device, args.quick, rounds=3 if args.quick else 10)
         except Exception as exc:  # noqa: BLE001  (record and go on: one broken model must not stop the suite)
             traceback.print_exc()
             skipped[name] = f"{type(exc).__name__}: {exc}"

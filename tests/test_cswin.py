@@ -116,3 +116,25 @@ def test_baselines_segment_a_patch(name):
     model = create_model(name, in_chans=3, num_classes=1).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
+
+
+def test_lepe_of_thin_windows_equals_the_plain_depthwise_convolution():
+    """The thin-axis shortcut of LePE gives the zero-padded 3x3x3 depthwise convolution, and
+    the same gradients for the values and the kernel."""
+    from medvit.models.cswin import locally_enhanced_positions
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(4, 4, 3, padding=1, groups=4)
+    for window in ((6, 5, 1), (6, 1, 5), (1, 6, 5), (1, 1, 5), (4, 3, 2)):
+        t = window[0] * window[1] * window[2]
+        v = torch.randn(3, t, 4, requires_grad=True)
+        grads = []
+        for plain in (False, True):
+            conv.zero_grad(set_to_none=True)
+            v.grad = None
+            out = (conv(v.transpose(1, 2).reshape(3, 4, *window)).reshape(3, 4, t).transpose(1, 2) if plain
+                   else locally_enhanced_positions(conv, v, window))
+            out.square().sum().backward()
+            grads.append((out.detach(), v.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want)

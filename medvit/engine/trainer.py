@@ -92,6 +92,7 @@ from medvit.engine.speed import (
     apply_channels_last,
     channels_last_input,
     compile_model,
+    fused_adamw_supported,
     probe_bf16_step,
     resolve_num_workers,
 )
@@ -485,7 +486,8 @@ class Trainer:
         return set(hook()) if callable(hook) else set()
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters.
+        """AdamW over the trainable parameters (PyTorch's fused kernel where it runs: one pass
+        over all parameters, ~3x faster than the default per-tensor loops on the CPU).
 
         Without ``param_groups``: two groups, weight decay on weights with >= 2 dimensions,
         none on biases, norm parameters (1-D) and ``model.no_weight_decay()`` names (timm's
@@ -518,7 +520,7 @@ class Trainer:
                                 f"(e.g. {left_out[:3]}): add them to a group or set requires_grad=False")
         if not groups:
             raise TrainingError("the model has no trainable parameter")
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_adamw_supported(groups))
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         """Linear warm-up, then cosine decay to ``min_lr`` (scaled like each group's peak),

@@ -70,6 +70,30 @@ def stripe_window(axis: int, split_size: int, spatial: Sequence[int]) -> tuple[i
     return tuple(width if a == axis else int(spatial[a]) for a in range(3))  # type: ignore[return-value]
 
 
+def locally_enhanced_positions(conv: nn.Conv3d, v: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """CSWin's LePE: the depthwise 3x3x3 convolution ``conv`` of the values inside each window,
+    zero-padded at the window border. (n_windows, T, C) tokens of windows (wd, wh, ww) -> same.
+
+    The tokens are read as a channels_last_3d volume (a view, no copy). Along a window axis one
+    voxel thick only the kernel's centre slice meets data (the rest meets the zero padding), so
+    such axes are moved first and convolved with that slice alone: the same result, but oneDNN's
+    depthwise kernel is ~2.5x faster than with a thin last axis.
+    """
+    n, t, C = v.shape
+    x = v.view(n, *window, C).permute(0, 4, 1, 2, 3)
+    thin = [a for a in range(3) if window[a] == 1]
+    if thin:
+        order = thin + [a for a in range(3) if window[a] != 1]
+        perm = (0, 1, *(2 + a for a in order))
+        centre = (slice(None), slice(None), *(slice(1, 2) if window[a] == 1 else slice(None) for a in order))
+        y = F.conv3d(x.permute(perm), conv.weight.permute(perm)[centre], conv.bias,
+                     padding=tuple(0 if window[a] == 1 else 1 for a in order), groups=conv.groups)
+        x = y.permute([perm.index(i) for i in range(5)])
+    else:
+        x = conv(x)
+    return x.permute(0, 2, 3, 4, 1).reshape(n, t, C)
+
+
 class CrossShapedWindowAttention(nn.Module):
     """Multi-head self-attention in cross-shaped windows with LePE, on channel-last tokens.
 
@@ -109,8 +133,7 @@ class CrossShapedWindowAttention(nn.Module):
         heads, hd = self.branch_heads, C // self.branch_heads
         qw, kw, vw = (window_partition(t, window) for t in (q, k, v))  # (N, T, C)
         n, t = qw.shape[:2]
-        # LePE: depthwise conv of V inside each window (zero padding at the window border)
-        pos = lepe(vw.transpose(1, 2).reshape(n, C, *window)).reshape(n, C, t).transpose(1, 2)
+        pos = locally_enhanced_positions(lepe, vw, window)
         split = lambda z: z.view(n, t, heads, hd).transpose(1, 2)
         out = F.scaled_dot_product_attention(split(qw), split(kw), split(vw),
                                              dropout_p=self.attn_drop if self.training else 0.0)
@@ -205,7 +228,7 @@ class CSwinEncoder(nn.Module):
         x = self.stem(x)
         for i, stage in enumerate(self.stages):
             x = stage(x)
-            features.append(self.norms[i](x).permute(0, 4, 1, 2, 3).contiguous())
+            features.append(self.norms[i](x).permute(0, 4, 1, 2, 3))  # channels_last_3d strides
             if i < len(self.downs):
                 x = self.downs[i](x)
         return features
@@ -235,12 +258,18 @@ class CSwinUNet(nn.Module):
         self.skip0 = UnetBasicBlockLite(in_chans, skip_channels)
         self.up0 = nn.ConvTranspose3d(dims[0], skip_channels, kernel_size=2, stride=2)
         self.fuse = UnetBasicBlockLite(2 * skip_channels, skip_channels)
-        self.head = nn.Conv3d(skip_channels, num_classes, 1)
+        self.head = PointwiseConv3d(skip_channels, num_classes)
+        # channels_last_3d convolution weights: oneDNN then runs every 3D convolution in that
+        # layout (see forward); state dicts are unaffected (checkpoints store contiguous copies)
+        self.to(memory_format=torch.channels_last_3d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(s % self.divisor for s in x.shape[2:]):
             raise ValueError(f"CSwin-UNet input {tuple(x.shape[2:])}: every spatial size must be divisible by "
                              f"{self.divisor} (2 ** stages)")
+        # channels_last_3d end to end: the encoder's channel-last tokens permute to it for
+        # free, and oneDNN's 3D convolutions run ~1.8x faster in it on the CPU
+        x = x.contiguous(memory_format=torch.channels_last_3d)
         feats = self.encoder(x)
         y = self.bottleneck(feats[-1])
         for up, skip in zip(self.ups, reversed(feats[:-1])):
@@ -249,12 +278,34 @@ class CSwinUNet(nn.Module):
         return self.head(self.fuse(y))
 
 
+class PointwiseConv3d(nn.Conv3d):
+    """A 1x1x1 convolution computed as a matrix product over the channels (same parameters
+    and state dict as ``nn.Conv3d(in, out, 1)``): oneDNN's 1x1x1 Conv3d with few output
+    channels is ~10x slower on CPU, mostly in the backward pass. (B, C_in, D, H, W) ->
+    (B, C_out, D, H, W)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.movedim(1, -1), self.weight.flatten(1), self.bias).movedim(-1, 1)
+
+
 class UnetBasicBlockLite(nn.Sequential):
-    """3x3x3 convolution + instance norm + LeakyReLU (one layer of nnU-Net's basic block)."""
+    """3x3x3 convolution + instance norm + LeakyReLU (one layer of nnU-Net's basic block).
+
+    Runs in channels_last_3d (oneDNN's convolution is ~1.8x faster there on the CPU); instance
+    norm is computed as GroupNorm with one group per channel (the same function and
+    parameters; InstanceNorm3d would copy to the standard layout and back).
+    """
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
-                         nn.InstanceNorm3d(out_channels, affine=True), nn.LeakyReLU(0.01, inplace=True))
+                         nn.GroupNorm(out_channels, out_channels), nn.LeakyReLU(0.01, inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, norm, act = self
+        return act(norm(conv(x.contiguous(memory_format=torch.channels_last_3d))))
 
 
 def _encoder_kwargs(kwargs: dict) -> dict:
