@@ -164,9 +164,14 @@ def interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, rounds:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def autocast(device: torch.device, bf16: bool):
+def autocast(device: torch.device, bf16: bool, fused_attention: bool = False):
+    """medvit's bf16 autocast (:func:`medvit.engine.device.autocast_context`); with
+    ``fused_attention`` plain ``torch.autocast``, which keeps PyTorch's fused attention
+    kernel on the CPU (for the switch benchmark)."""
     from medvit.engine.device import autocast_context
 
+    if bf16 and fused_attention:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return autocast_context(device, bf16)
 
 
@@ -179,9 +184,10 @@ def output_tensor(out: Any) -> torch.Tensor:
     return out[0]
 
 
-def train_step_fn(model: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool = False
-                  ) -> Callable[[], None]:
-    """One AdamW training step of ``model`` on ``x`` (loss: the output's mean, or MAE's loss)."""
+def train_step_fn(model: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool = False,
+                  fused_attention: bool = False) -> Callable[[], None]:
+    """One AdamW training step of ``model`` on ``x`` (loss: the output's mean, or MAE's loss);
+    ``fused_attention``: see :func:`autocast`."""
     from medvit.engine.speed import fused_adamw_supported
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -190,7 +196,7 @@ def train_step_fn(model: nn.Module, x: torch.Tensor, device: torch.device, bf16:
     model.train()
 
     def step() -> None:
-        with autocast(device, bf16):
+        with autocast(device, bf16, fused_attention):
             loss = output_tensor(model(x)).float().mean()
         loss.backward()
         opt.step()

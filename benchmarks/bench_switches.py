@@ -1,6 +1,7 @@
 """The gain each speed switch brings, measured interleaved against the same model without it:
-fused attention (``F.scaled_dot_product_attention``'s fused kernel vs its unfused math path),
-channels-last, bf16 autocast (on / off and what ``bf16: auto`` chose) and ``torch.compile``.
+fused attention (``F.scaled_dot_product_attention``'s fused kernel vs its unfused math path, in
+fp32), unfused attention under bf16 autocast on the CPU (what medvit does there, against the fused
+kernel), channels-last, bf16 autocast (on / off and what ``bf16: auto`` chose) and ``torch.compile``.
 
     python benchmarks/bench_switches.py [--device auto] [--quick] [--compile]
 
@@ -49,6 +50,12 @@ def switch_rows(device: torch.device, quick: bool, compile_too: bool) -> tuple[l
                 rows.append({"switch": "sdpa_fused", "model": name, "batch": batch, "input": list(x.shape[1:]),
                              "off_s": round(med["math"], 4), "on_s": round(med["fused"], 4),
                              "speedup": round(med["math"] / med["fused"], 3)})
+                if device.type == "cpu":  # under bf16 autocast medvit computes attention unfused on the CPU
+                    med = U.interleaved({"fused": U.train_step_fn(model, x, device, True, fused_attention=True),
+                                         "unfused": U.train_step_fn(model, x, device, True)}, device, rounds)
+                    rows.append({"switch": "bf16_unfused_attention", "model": name, "batch": batch,
+                                 "input": list(x.shape[1:]), "off_s": round(med["fused"], 4),
+                                 "on_s": round(med["unfused"], 4), "speedup": round(med["fused"] / med["unfused"], 3)})
             if spec["conv"]:
                 cl = apply_channels_last(copy.deepcopy(model))
                 med = U.interleaved({"off": U.train_step_fn(model, x, device),

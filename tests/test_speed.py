@@ -341,3 +341,63 @@ def test_num_workers_auto_is_sized_by_the_machine(tmp_path, monkeypatch):
     assert make("auto").num_workers == 3 and make(1).num_workers == 1
     with pytest.raises(ConfigError, match="num_workers"):
         TrainConfig.from_dict({**common, "num_workers": "many"})
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}, {"scale": 0.3}, {"mask": "bool"}, {"mask": "float"}])
+def test_unfused_attention_is_scaled_dot_product_attention(kwargs):
+    from medvit.engine.device import unfused_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, requires_grad=True) for _ in range(3))
+    mask = kwargs.pop("mask", None)
+    if mask == "bool":
+        kwargs["attn_mask"] = (torch.rand(5, 5) > 0.4) | torch.eye(5, dtype=torch.bool)
+    elif mask == "float":
+        kwargs["attn_mask"] = torch.randn(5, 5)
+    results = []
+    for fn in (unfused_attention, torch.nn.functional.scaled_dot_product_attention):
+        out = fn(q, k, v, **kwargs)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        results.append((out, *grads))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_cpu_bf16_autocast_computes_attention_unfused(monkeypatch):
+    """Inside medvit's CPU bf16 autocast every F.scaled_dot_product_attention call (here a timm
+    ViT block's) goes to the unfused composition; outside it, nothing is rerouted."""
+    from timm.models.vision_transformer import Block
+
+    from medvit.engine.device import autocast_context
+
+    calls = []
+    real = device_mod.unfused_attention
+    monkeypatch.setattr(device_mod, "unfused_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    block = Block(32, 4)
+    assert block.attn.fused_attn  # timm calls F.scaled_dot_product_attention
+    x = torch.randn(2, 9, 32)
+    fused = block(x)
+    assert calls == []
+    with autocast_context(torch.device("cpu"), True):
+        out = block(x)
+    assert len(calls) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = block(x)  # fused kernel, same precision policy
+    torch.testing.assert_close(out.float(), reference.float(), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(out.float(), fused, atol=0.1, rtol=0.1)
+    with autocast_context(torch.device("cpu"), False):
+        block(x)
+    assert len(calls) == 1
+
+
+def test_trainer_uses_the_fused_adamw_step_on_the_cpu(tmp_path):
+    from medvit.engine.speed import fused_adamw_supported
+
+    config = TrainConfig(epochs=1, batch_size=8, device="cpu", log_every=0)
+    trainer = Trainer(conv_net(2), Blobs(8), None, config, tmp_path, progress=False,
+                      loss_fn=lambda out, b: nn.functional.cross_entropy(out, b["label"]))
+    optimizer = trainer.build_optimizer()
+    assert optimizer.defaults["fused"] is True
+    assert not fused_adamw_supported([{"params": [torch.zeros(2, dtype=torch.int64)]}])
+    assert not fused_adamw_supported([{"params": []}])
