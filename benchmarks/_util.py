@@ -164,6 +164,22 @@ def interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, rounds:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def interleaved_with_peak(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int
+                          ) -> tuple[dict[str, float], dict[str, float]]:
+    """:func:`interleaved` (one warm call before each timed one) with an n x n matmul in fp32
+    and in bf16 among the contenders (n = 1024 on the CPU, 4096 on a GPU): returns the median
+    seconds per call and the matmul peak in FLOP/s per dtype timed in the same rounds, so a
+    slow spell of a shared machine (the peak can halve for seconds) moves the steps and their
+    yardstick alike."""
+    n = 4096 if device.type == "cuda" else 1024
+    mats = {p: [torch.randn(n, n, device=device, dtype=dt) for _ in range(2)]
+            for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    matmuls = {f"matmul_{p}": (lambda a=a, b=b: a @ b) for p, (a, b) in mats.items()}
+    med = interleaved({**fns, **matmuls}, device, rounds=rounds, warm_calls=1)
+    peaks = {p: 2 * n**3 / med.pop(f"matmul_{p}") for p in mats}
+    return med, peaks
+
+
 def autocast(device: torch.device, bf16: bool, fused_attention: bool = False):
     """medvit's bf16 autocast (:func:`medvit.engine.device.autocast_context`); with
     ``fused_attention`` plain ``torch.autocast``, which keeps PyTorch's fused attention

@@ -43,14 +43,7 @@ def bench_model(name: str, device: torch.device, quick: bool, rounds: int) -> di
     mem = U.train_step_memory(model, x, device)
     steps = {f"train_{p}": U.train_step_fn(model, x, device, p == "bf16") for p in ("fp32", "bf16")}
     steps.update({f"infer_{p}": U.infer_fn(model, x, device, p == "bf16") for p in ("fp32", "bf16")})
-    # the matmul peak is timed in the same rounds as the model, so a slow spell of a shared
-    # machine (the peak can halve for seconds) moves numerator and denominator alike
-    n = 4096 if device.type == "cuda" else 1024
-    mats = {p: [torch.randn(n, n, device=device, dtype=dt) for _ in range(2)]
-            for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    steps.update({f"matmul_{p}": (lambda a=a, b=b: a @ b) for p, (a, b) in mats.items()})
-    med = U.interleaved(steps, device, rounds=rounds, warm_calls=1)
-    peaks = {p: 2 * n**3 / med[f"matmul_{p}"] for p in mats}
+    med, peaks = U.interleaved_with_peak(steps, device, rounds)
     row = {"model": name, "input": list(x.shape[1:]), "batch": batch, "params": sum(p.numel() for p in model.parameters()),
            "matmul_peak_gflops": {p: round(v / 1e9, 2) for p, v in peaks.items()},
            "train_gflop_per_sample": round(flops / batch / 1e9, 4), "peak_train_memory_mib": mem["peak_mib"], "activations_mib": mem["activations_mib"],

@@ -32,6 +32,7 @@ SUITE = {  # name -> (script, extra args, time limit in seconds (quick, full))
     "switches": ("bench_switches.py", [], (900, 3600)),
     "data": ("bench_data.py", [], (600, 1800)),
     "peers": ("bench_peers.py", [], (1200, 3600)),
+    "mae": ("bench_mae.py", [], (600, 1800)),
     "scaling": ("bench_scaling.py", [], (1200, 3600)),
     "ingest": ("bench_ingest.py", [], (900, 3600)),
 }
@@ -204,6 +205,11 @@ def _targets(all_data: dict[str, Any]) -> list[str]:
             add(f"{model} training >= {need:.0%} of the matmul peak of the dtype used ({dtype}: bf16 step "
                 f"x{speedup:.2f})", f"{frac:.1%} (fp32 {r['train_fraction_of_peak_fp32']:.1%}, "
                 f"bf16 {r['train_fraction_of_peak_bf16']:.1%})", frac >= need)
+    for r in (b.get("mae") or {}).get("results", []):
+        if r["config"].startswith("vit_small 224") and r["precision"] == ("bf16" if r["bf16_speedup"] >= 1.1 else "fp32"):
+            add(f"MAE pretraining at the Medical MAE setting (ViT-S/16, 224 px, mask 0.9) >= 50% of the matmul peak "
+                f"of the dtype used ({r['precision']}: bf16 step x{r['bf16_speedup']:.2f})",
+                f"{r['fraction_of_matmul_peak']:.1%}", r["fraction_of_matmul_peak"] >= 0.5)
     data = b.get("data") or {}
     if data.get("loader_over_model"):
         worst = min(data["loader_over_model"].values())
@@ -314,6 +320,17 @@ def render(all_data: dict[str, Any]) -> str:
                                            ("peer_s", "peer s"), ("overhead_ratio", "overhead"),
                                            ("bare_s", "bare s"), ("overhead_vs_bare", "vs bare")]))
         lines.append(_skips(d))
+    if "mae" in b:
+        d = b["mae"]
+        lines += ["## MAE pretraining at larger inputs", "",
+                  "Training step of the MAE (mask ratio 0.9) in fp32 and bf16 autocast, timed interleaved with the "
+                  "matmul peak (`bench_mae.py`).", ""]
+        lines.append(_table(d["results"], [("config", "config"), ("batch", "batch"), ("precision", "precision"),
+                                           ("images_per_s", "images/s"), ("gflop_per_image", "GFLOP/image"),
+                                           ("achieved_gflops", "GFLOP/s"), ("matmul_peak_gflops", "peak GFLOP/s"),
+                                           ("fraction_of_matmul_peak", "fraction of peak"),
+                                           ("bf16_speedup", "bf16 step speed-up")]))
+        lines.append("")
     if "scaling" in b:
         d = b["scaling"]
         lines += ["## Scaling: image size, patients, model size", ""]
