@@ -84,10 +84,14 @@ def scaling_rows(device: torch.device, quick: bool) -> tuple[list[dict], dict[st
             for width in widths[k]:
                 x = torch.randn(batch, chans, *([base] * dims), device=device)
                 torch.manual_seed(0)
-                model = builder(base, width)
+                model = builder(base, width).to(device)
+                flops = U.train_flops(model, x)
+                # median step interleaved with the matmul peak: the fraction of peak per width
+                med, peaks = U.interleaved_with_peak({"step": U.train_step_fn(model, x, device)}, device, repeats + 1)
                 rows.append({"family": family, "axis": "model_size", "value": width, "image_size": base, "batch": batch,
                              "params": sum(p.numel() for p in model.parameters()),
-                             "step_s": round(step_seconds(model, x, device, repeats), 4)})
+                             "step_s": round(med["step"], 4), "gflop_per_step": round(flops / 1e9, 3),
+                             "fraction_of_peak_fp32": round(flops / med["step"] / peaks["fp32"], 4)})
             for patients in ([4, 8] if quick else [16, 32, 64]):
                 x = torch.randn(patients, chans, *([base] * dims), device=device)
                 torch.manual_seed(0)

@@ -205,6 +205,10 @@ def _targets(all_data: dict[str, Any]) -> list[str]:
             add(f"{model} training >= {need:.0%} of the matmul peak of the dtype used ({dtype}: bf16 step "
                 f"x{speedup:.2f})", f"{frac:.1%} (fp32 {r['train_fraction_of_peak_fp32']:.1%}, "
                 f"bf16 {r['train_fraction_of_peak_bf16']:.1%})", frac >= need)
+    for r in (b.get("scaling") or {}).get("scaling", []):
+        if r["family"] == "cswin_unet" and r["axis"] == "model_size" and r.get("fraction_of_peak_fp32") is not None:
+            add(f"cswin_unet at embed_dim {r['value']} (batch {r['batch']}, {r['image_size']}^3) training >= 30% of "
+                "the fp32 matmul peak", f"{r['fraction_of_peak_fp32']:.1%}", r["fraction_of_peak_fp32"] >= 0.3)
     for r in (b.get("mae") or {}).get("results", []):
         if r["config"].startswith("vit_small 224") and r["precision"] == ("bf16" if r["bf16_speedup"] >= 1.1 else "fp32"):
             add(f"MAE pretraining at the Medical MAE setting (ViT-S/16, 224 px, mask 0.9) >= 50% of the matmul peak "
@@ -334,11 +338,14 @@ def render(all_data: dict[str, Any]) -> str:
     if "scaling" in b:
         d = b["scaling"]
         lines += ["## Scaling: image size, patients, model size", ""]
-        rows = [{**r, "t": r.get("step_s", r.get("epoch_s")),
+        rows = [{**r, "t": r.get("step_s", r.get("epoch_s")), "frac": _pct(r.get("fraction_of_peak_fp32")),
                  "unit": "s/step" if "step_s" in r else "s/epoch"} for r in d["scaling"]]
         lines.append(_table(rows, [("family", "model"), ("axis", "grows with"), ("value", "value"),
                                    ("image_size", "at image size"), ("batch", "batch"), ("params", "params"),
-                                   ("t", "time"), ("unit", "unit")]))
+                                   ("t", "time"), ("unit", "unit"), ("gflop_per_step", "GFLOP/step"),
+                                   ("frac", "% fp32 peak")]))
+        lines.append("\nModel-size rows: the step's median in rounds interleaved with the matmul peak, and its "
+                     "fraction of that peak (fp32).\n")
         lines += ["", "### Memory of paper-size models (one training step, AdamW)", ""]
         mem = [{**r, "inp": "x".join(map(str, r["input"]))} for r in d["memory"]]
         lines.append(_table(mem, [("model", "model"), ("inp", "input"), ("batch", "batch"),
