@@ -45,7 +45,7 @@ def dct(size: int, scale: int = 1) -> nn.Module:
 FAMILIES = {
     # family: builder, channels, spatial dims, batch, image sizes (quick, full), widths (quick, full)
     "mae": (mae, 1, 2, 8, ([32, 64], [32, 64, 128, 224]), (["vit_tiny", "vit_small"], ["vit_tiny", "vit_small", "vit_base"])),
-    "cswin_unet": (cswin, 3, 3, 1, ([16, 32], [16, 32, 64]), ([12, 24], [12, 24, 48])),
+    "cswin_unet": (cswin, 3, 3, 4, ([16, 32], [16, 32, 64]), ([12, 24], [12, 24, 48])),
     "dct_histo": (dct, 3, 2, 8, ([32, 64], [32, 64, 128, 224]), ([1, 2], [1, 2, 4])),
 }
 
