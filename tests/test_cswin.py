@@ -138,3 +138,26 @@ def test_lepe_of_thin_windows_equals_the_plain_depthwise_convolution():
             grads.append((out.detach(), v.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()))
         for got, want in zip(*grads):
             torch.testing.assert_close(got, want)
+
+
+def test_full_resolution_layers_compute_what_they_replace():
+    """UnetBasicBlockLite is conv -> InstanceNorm3d(affine) -> LeakyReLU, and PointwiseConv3d is
+    a 1x1x1 Conv3d (same state dict keys), in either memory layout."""
+    from medvit.models.cswin import PointwiseConv3d, UnetBasicBlockLite
+
+    torch.manual_seed(0)
+    block = UnetBasicBlockLite(5, 4)
+    with torch.no_grad():
+        block[1].weight.uniform_(0.5, 1.5)
+        block[1].bias.uniform_(-0.5, 0.5)
+    norm = torch.nn.InstanceNorm3d(4, affine=True)
+    norm.load_state_dict(block[1].state_dict())
+    head = PointwiseConv3d(4, 2)
+    conv = torch.nn.Conv3d(4, 2, 1)
+    conv.load_state_dict(head.state_dict())
+    x = torch.randn(2, 5, 8, 8, 8)
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        xi = x.contiguous(memory_format=layout)
+        want = F.leaky_relu(norm(F.conv3d(xi, block[0].weight, padding=1)), 0.01)
+        torch.testing.assert_close(block(xi), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(head(want.contiguous(memory_format=layout)), conv(want), atol=1e-5, rtol=1e-5)
