@@ -188,8 +188,9 @@ class UnfusedAttention(torch.overrides.TorchFunctionMode):
     medvit's MAE, DVPT, CSwin and DCT attention) with :func:`unfused_attention`.
 
     Entered by :func:`autocast_context` for bf16 on the CPU, where PyTorch's fused kernel
-    loses to the plain composition (bf16 matmuls, fp32 softmax): its backward pass made a
-    ViT-Tiny training step 1.43x slower, MAE 1.22x, DVPT 1.37x (benchmarks/bench_switches.py).
+    loses to the plain composition (bf16 matmuls, fp32 softmax), above all in its backward
+    pass: with it, training steps took 1.71x longer for DVPT, 1.44x for ViT-Tiny and 1.20x for
+    MAE (benchmarks/RESULTS.md, ``bench_switches.py``).
     Calls with ``enable_gqa`` go to the fused kernel unchanged.
     """
 
