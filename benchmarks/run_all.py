@@ -434,7 +434,11 @@ def main() -> None:
         status = run_suite(names, args.device, args.quick, results)
     # a benchmark stopped by its time limit keeps what it wrote before (bench_models saves per model)
     benchmarks = {n: json.loads((results / f"{n}.json").read_text()) for n in names if (results / f"{n}.json").exists()}
-    all_data = {"created": now_iso(), "quick": args.quick, "device_type": device.type, "machine": machine(device),
+    # --report-only: the machine (and its load average) as the first benchmark recorded it
+    # when it ran, not as it is while rendering
+    recorded = [d["machine"] for d in benchmarks.values() if isinstance(d.get("machine"), dict)]
+    mach = recorded[0] if args.report_only and recorded else machine(device)
+    all_data = {"created": now_iso(), "quick": args.quick, "device_type": device.type, "machine": mach,
                 "note": args.note, "status": status, "benchmarks": benchmarks,
                 "rules": {s: rule_times(ROOT / "results" / s) for s in studies if (ROOT / "results" / s).is_dir()},
                 "torch": torch.__version__, "demo": demo}

@@ -389,6 +389,11 @@ def test_cpu_bf16_autocast_computes_attention_unfused(monkeypatch):
     with autocast_context(torch.device("cpu"), False):
         block(x)
     assert len(calls) == 1
+    q = torch.randn(1, 4, 5, 8)
+    kv = torch.randn(1, 2, 5, 8)
+    with autocast_context(torch.device("cpu"), True):  # grouped-query attention: the fused kernel
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    assert len(calls) == 1
 
 
 def test_trainer_uses_the_fused_adamw_step_on_the_cpu(tmp_path):

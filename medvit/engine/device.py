@@ -191,7 +191,7 @@ class UnfusedAttention(torch.overrides.TorchFunctionMode):
     loses to the plain composition (bf16 matmuls, fp32 softmax), above all in its backward
     pass: with it, training steps took 1.71x longer for DVPT, 1.44x for ViT-Tiny and 1.20x for
     MAE (benchmarks/RESULTS.md, ``bench_switches.py``).
-    Calls with ``enable_gqa`` go to the fused kernel unchanged.
+    Calls with ``enable_gqa`` (keyword-only, like ``scale``) go to the fused kernel unchanged.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
