@@ -3,10 +3,10 @@ a matmul peak measured in the same run, in fp32 and bf16 autocast.
 
     python benchmarks/bench_mae.py [--device auto] [--quick] [--steps 10]
 
-Writes benchmarks/results/mae_<device>.json (part of benchmarks/run_all.py). FLOPs of one training step (forward + backward)
-are counted by medvit.engine.compute.count_flops (attention included); the step is the one
-benchmarks/bench_models.py times (fused AdamW, as the Trainer), and the matmul peak is timed in
-the same interleaved rounds (:func:`_util.interleaved_with_peak`).
+Writes benchmarks/results/mae_<device>.json (part of benchmarks/run_all.py). FLOPs of one
+training step (forward + backward) are counted by medvit.engine.compute.count_flops (attention
+included); the step is the one benchmarks/bench_models.py times (fused AdamW, as the Trainer),
+and the matmul peak is timed in the same interleaved rounds (:func:`_util.interleaved_with_peak`).
 """
 
 from __future__ import annotations

@@ -194,13 +194,17 @@ def _targets(all_data: dict[str, Any]) -> list[str]:
     def add(target: str, value: Any, ok: bool | None) -> None:
         rows.append({"target": target, "measured": value, "met": "n/a" if ok is None else ("yes" if ok else "no")})
 
+    from medvit.engine.speed import PROBE_MARGIN
+
+    def auto_dtype(bf16_speedup: float) -> str:  # what `bf16: auto` would use, from the measured step
+        return "bf16" if bf16_speedup >= PROBE_MARGIN else "fp32"
+
     by_model = {r["model"]: r for r in (b.get("models") or {}).get("results", [])}
     for model, need in (("mae_vit_tiny", 0.5), ("vit_tiny", 0.5), ("cswin_unet", 0.3), ("dct_histo_tiny", 0.3)):
         r = by_model.get(model)
         if r:
-            # the dtype `bf16: auto` would use: bf16 where its step is >= 1.1x faster
-            speedup = r["train_samples_per_s_bf16"] / r["train_samples_per_s_fp32"]
-            dtype = "bf16" if speedup >= 1.1 else "fp32"
+            speedup = r["bf16_train_speedup"]
+            dtype = auto_dtype(speedup)
             frac = r[f"train_fraction_of_peak_{dtype}"]
             add(f"{model} training >= {need:.0%} of the matmul peak of the dtype used ({dtype}: bf16 step "
                 f"x{speedup:.2f})", f"{frac:.1%} (fp32 {r['train_fraction_of_peak_fp32']:.1%}, "
@@ -210,7 +214,7 @@ def _targets(all_data: dict[str, Any]) -> list[str]:
             add(f"cswin_unet at embed_dim {r['value']} (batch {r['batch']}, {r['image_size']}^3) training >= 30% of "
                 "the fp32 matmul peak", f"{r['fraction_of_peak_fp32']:.1%}", r["fraction_of_peak_fp32"] >= 0.3)
     for r in (b.get("mae") or {}).get("results", []):
-        if r["config"].startswith("vit_small 224") and r["precision"] == ("bf16" if r["bf16_speedup"] >= 1.1 else "fp32"):
+        if r["config"].startswith("vit_small 224") and r["precision"] == auto_dtype(r["bf16_speedup"]):
             add(f"MAE pretraining at the Medical MAE setting (ViT-S/16, 224 px, mask 0.9) >= 50% of the matmul peak "
                 f"of the dtype used ({r['precision']}: bf16 step x{r['bf16_speedup']:.2f})",
                 f"{r['fraction_of_matmul_peak']:.1%}", r["fraction_of_matmul_peak"] >= 0.5)
