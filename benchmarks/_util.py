@@ -30,8 +30,14 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def device_of(name: str) -> torch.device:
+    """The benchmark's device; also makes the process-wide setting medvit's Trainer makes
+    (``train.retain_freed_memory``, on by default) unless ``MEDVIT_BENCH_RETAIN_FREED_MEMORY=0``
+    (bench_switches measures its gain in child processes that way)."""
     from medvit.engine.device import resolve_device
+    from medvit.engine.speed import retain_freed_memory
 
+    if os.environ.get("MEDVIT_BENCH_RETAIN_FREED_MEMORY", "1") != "0":
+        retain_freed_memory()
     return resolve_device(name)
 
 

@@ -161,3 +161,46 @@ def test_full_resolution_layers_compute_what_they_replace():
         want = F.leaky_relu(norm(F.conv3d(xi, block[0].weight, padding=1)), 0.01)
         torch.testing.assert_close(block(xi), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(head(want.contiguous(memory_format=layout)), conv(want), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels,side,layout", [(8, 8, torch.channels_last_3d), (5, 8, torch.channels_last_3d),
+                                                  (4, 3, torch.channels_last_3d), (8, 4, torch.contiguous_format)])
+def test_instance_norm_leaky_relu_equals_the_modules_with_gradients(channels, side, layout):
+    """The CPU path of instance_norm_leaky_relu (rows of 128 floats when C divides 128, else of
+    C) gives GroupNorm(C, C) + LeakyReLU's output and gradients, also when the incoming gradient
+    is a channel slice of a concatenation (as in CSwinUNet's skip branch)."""
+    from medvit.models.cswin import instance_norm_leaky_relu
+
+    torch.manual_seed(0)
+    norm, act = torch.nn.GroupNorm(channels, channels), torch.nn.LeakyReLU(0.01)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(3, channels, side, side, side) * 2 + 1).contiguous(memory_format=layout)
+    upstream = torch.randn(3, 2 * channels, side, side, side).contiguous(memory_format=torch.channels_last_3d)
+    results = []
+    for fn in (lambda t: act(norm(t)), lambda t: instance_norm_leaky_relu(t, norm, act)):
+        xi = x.clone().requires_grad_()
+        norm.zero_grad()
+        out = fn(xi)
+        torch.cat([out, out * 0.5], dim=1).backward(upstream)  # out's gradient: a channel slice
+        results.append((out.detach(), xi.grad, norm.weight.grad.clone(), norm.bias.grad.clone()))
+    for name, got, want in zip(("output", "input grad", "weight grad", "bias grad"), results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=name)
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_instance_norm_leaky_relu_under_bf16_autocast_is_computed_in_fp32():
+    """As autocast runs GroupNorm in fp32: a bf16 convolution output is normalised in fp32, and
+    the gradient reaching the bf16 input is bf16."""
+    from medvit.models.cswin import instance_norm_leaky_relu
+
+    torch.manual_seed(0)
+    norm, act = torch.nn.GroupNorm(8, 8), torch.nn.LeakyReLU(0.01)
+    x = torch.randn(2, 8, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    xb = x.to(torch.bfloat16).requires_grad_()
+    out = instance_norm_leaky_relu(xb, norm, act)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, act(norm(xb.detach().float())))
+    out.sum().backward()
+    assert xb.grad.dtype == torch.bfloat16

@@ -4,6 +4,9 @@ measures once and caches its verdict, and the decoded-image cache survives worke
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -259,10 +262,57 @@ def test_trainer_channels_last_trains_like_the_default(tmp_path):
 
 def test_train_config_switches_are_validated():
     assert TrainConfig().channels_last is False and TrainConfig().compile is False
+    assert TrainConfig().retain_freed_memory is True
     with pytest.raises(ConfigError, match="train.channels_last"):
         TrainConfig(channels_last="yes")
     with pytest.raises(ConfigError, match="train.compile"):
         TrainConfig(compile=1)
+    with pytest.raises(ConfigError, match="train.retain_freed_memory"):
+        TrainConfig(retain_freed_memory="no")
+
+
+_MALLINFO_SCRIPT = """
+import ctypes, sys, torch
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+if sys.argv[1] == "retain":
+    from medvit.engine.speed import retain_freed_memory
+    assert retain_freed_memory()
+mapped = libc.mallinfo2().hblks
+x = torch.ones(5 << 20)  # 20 MiB
+mapped_after, heap = libc.mallinfo2().hblks, libc.mallinfo2().arena
+del x
+print(mapped_after - mapped, heap - libc.mallinfo2().arena)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_retain_freed_memory_keeps_large_blocks_on_the_heap():
+    """glibc's default maps a 20 MiB tensor with mmap (its pages go back to the kernel when it is
+    freed and fault in zeroed for the next step); after retain_freed_memory() it comes from the
+    heap and freeing it does not shrink the heap (each case in its own process)."""
+    def run(mode: str) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", _MALLINFO_SCRIPT, mode], capture_output=True, text=True,
+                             check=True)
+        return [int(v) for v in out.stdout.split()]
+
+    assert run("default")[0] == 1  # one more mmapped block
+    new_maps, trimmed = run("retain")
+    assert new_maps == 0 and trimmed == 0
+
+
+def test_trainer_retains_freed_memory_unless_switched_off(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(trainer_mod, "retain_freed_memory", lambda: calls.append(1) or True)
+    model = conv_net(2)
+    kwargs = dict(loss_fn=lambda out, b: nn.functional.cross_entropy(out, b["label"]), progress=False)
+    Trainer(model, Blobs(8), None, TrainConfig(device="cpu"), tmp_path / "a", **kwargs)
+    assert calls == [1]
+    Trainer(model, Blobs(8), None, TrainConfig(device="cpu", retain_freed_memory=False), tmp_path / "b", **kwargs)
+    assert calls == [1]
 
 
 def _counting_load(log: Path):

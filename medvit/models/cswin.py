@@ -291,12 +291,76 @@ class PointwiseConv3d(nn.Conv3d):
         return F.linear(x.movedim(1, -1), self.weight.flatten(1), self.bias).movedim(-1, 1)
 
 
+_LANES = 128  # elementwise work runs on rows of this many floats (vectorises; C alone is too narrow)
+
+
+class _InstanceNormLeakyReLU(torch.autograd.Function):
+    """Instance norm (per sample and channel over D*H*W, biased variance), affine, LeakyReLU
+    of a channels_last_3d volume, forward and backward in a few memory-bound passes.
+
+    The tensor is read as (B, R, L) rows of L = 128 floats, L a multiple of C (a view of the
+    channels-last storage), so channel c sits at every C-th float of a row: per-channel sums
+    are row sums folded by C, and per-channel scales broadcast over rows of a vector width.
+    PyTorch's GroupNorm backward in channels_last_3d is ~7x slower than in the standard layout
+    on the CPU, and ~2x more when the gradient is a channel slice of a concatenation.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                slope: float) -> torch.Tensor:
+        B, C = x.shape[:2]
+        n = x[0, 0].numel()
+        lanes = _LANES if _LANES % C == 0 and n * C % _LANES == 0 else C
+        rep = lanes // C
+        xv = x.permute(0, 2, 3, 4, 1).reshape(B, -1, lanes).float()
+
+        def channel_mean(t: torch.Tensor) -> torch.Tensor:  # (B, R, L) -> (B, 1, L), tiled per channel
+            return (t.sum(1).view(B, rep, C).sum(1) / n).repeat(1, rep).view(B, 1, lanes)
+
+        centred = xv - channel_mean(xv)
+        rstd = channel_mean(centred * centred).add_(eps).rsqrt_()
+        xhat = centred.mul_(rstd)
+        w, b = weight.float().repeat(rep), bias.float().repeat(rep)
+        out = F.leaky_relu(torch.addcmul(b, xhat, w), slope)
+        ctx.save_for_backward(xhat, out, w, rstd)
+        ctx.slope, ctx.channels, ctx.n = slope, C, n
+        return out.view(B, *x.shape[2:], C).permute(0, 4, 1, 2, 3)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        xhat, out, w, rstd = ctx.saved_tensors
+        B, R, lanes = xhat.shape
+        C, n = ctx.channels, ctx.n
+        rep = lanes // C
+        g = torch.ops.aten.leaky_relu_backward(grad.permute(0, 2, 3, 4, 1).reshape(B, R, lanes).float(), out,
+                                               ctx.slope, True)
+        sum_gx = (g * xhat).sum(1).view(B, rep, C).sum(1)   # (B, C)
+        sum_g = g.sum(1).view(B, rep, C).sum(1)
+
+        def tiled(t: torch.Tensor) -> torch.Tensor:
+            return (t / n).repeat(1, rep).view(B, 1, lanes)
+
+        # d/dx of instance norm: rstd * w * (g - mean(g) - xhat * mean(g * xhat))
+        dx = torch.addcmul(g - tiled(sum_g), xhat, tiled(sum_gx), value=-1).mul_(rstd * w)
+        return (dx.view(B, *grad.shape[2:], C).permute(0, 4, 1, 2, 3), sum_gx.sum(0), sum_g.sum(0), None, None)
+
+
+def instance_norm_leaky_relu(x: torch.Tensor, norm: nn.GroupNorm, act: nn.LeakyReLU) -> torch.Tensor:
+    """``act(norm(x))`` for a per-channel ``GroupNorm`` (instance norm) and a ``LeakyReLU``:
+    on CPU tensors :class:`_InstanceNormLeakyReLU` (fp32, channels_last_3d output), elsewhere
+    the modules themselves. (B, C, D, H, W) -> same shape."""
+    if x.device.type != "cpu" or norm.num_groups != norm.num_channels or not norm.affine:
+        return act(norm(x))
+    return _InstanceNormLeakyReLU.apply(x, norm.weight, norm.bias, norm.eps, act.negative_slope)
+
+
 class UnetBasicBlockLite(nn.Sequential):
     """3x3x3 convolution + instance norm + LeakyReLU (one layer of nnU-Net's basic block).
 
     Runs in channels_last_3d (oneDNN's convolution is ~1.8x faster there on the CPU); instance
-    norm is computed as GroupNorm with one group per channel (the same function and
-    parameters; InstanceNorm3d would copy to the standard layout and back).
+    norm is a GroupNorm with one group per channel (the same function and parameters;
+    InstanceNorm3d would copy to the standard layout and back), computed with the activation
+    by :func:`instance_norm_leaky_relu`.
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -305,7 +369,7 @@ class UnetBasicBlockLite(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, norm, act = self
-        return act(norm(conv(x.contiguous(memory_format=torch.channels_last_3d))))
+        return instance_norm_leaky_relu(conv(x.contiguous(memory_format=torch.channels_last_3d)), norm, act)
 
 
 def _encoder_kwargs(kwargs: dict) -> dict:
