@@ -1,7 +1,9 @@
 """The gain each speed switch brings, measured interleaved against the same model without it:
 fused attention (``F.scaled_dot_product_attention``'s fused kernel vs its unfused math path, in
 fp32), unfused attention under bf16 autocast on the CPU (what medvit does there, against the fused
-kernel), channels-last, bf16 autocast (on / off and what ``bf16: auto`` chose) and ``torch.compile``.
+kernel), channels-last, bf16 autocast (on / off and what ``bf16: auto`` chose), ``torch.compile``
+and, on a glibc CPU, ``train.retain_freed_memory`` (process-wide, so timed in child processes
+taken in turn, with the page faults per step).
 
     python benchmarks/bench_switches.py [--device auto] [--quick] [--compile]
 
@@ -14,6 +16,10 @@ Writes benchmarks/results/switches_<device>.json.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -93,6 +99,56 @@ def switch_rows(device: torch.device, quick: bool, compile_too: bool) -> tuple[l
     return rows, skipped
 
 
+RETAIN_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import _util as U
+name, size, batch, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+device = U.device_of("cpu")  # MEDVIT_BENCH_RETAIN_FREED_MEMORY decides the allocator setting
+step = U.train_step_fn(U.build(name, size, device), U.zoo_input(name, size, batch, device), device)
+for _ in range(3):
+    step()
+faults, times = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
+for _ in range(steps):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+print(json.dumps({"median_s": sorted(times)[len(times) // 2], "faults_per_step": faults / steps}))
+"""
+
+
+def retain_rows(quick: bool) -> list[dict]:
+    """``train.retain_freed_memory`` off / on for a few models: one child process per setting,
+    taken in turn ``pairs`` times (the setting is process-wide and cannot be undone)."""
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return []
+    pairs, steps = (1, 3) if quick else (3, 15)
+    rows = []
+    for name, size, batch in (("vit_tiny", 64, 32), ("mae_vit_tiny", 64, 32), ("dct_histo_tiny", 64, 32),
+                              ("cswin_unet", 32, 4)):
+        if quick:
+            batch = max(2, batch // 4)
+        runs: dict[str, list[dict]] = {"off": [], "on": []}
+        for _ in range(pairs):
+            for setting in ("off", "on"):
+                env = {**os.environ, "MEDVIT_BENCH_RETAIN_FREED_MEMORY": "1" if setting == "on" else "0"}
+                out = subprocess.run([sys.executable, "-c", RETAIN_CHILD, str(Path(__file__).resolve().parent), name,
+                                      str(size), str(batch), str(steps)], env=env, capture_output=True, text=True,
+                                     check=True)
+                runs[setting].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        med = {k: statistics.median(r["median_s"] for r in v) for k, v in runs.items()}
+        rows.append({"switch": "retain_freed_memory", "model": name, "batch": batch,
+                     "input": [U.ZOO[name]["chans"], *[size] * U.ZOO[name]["dims"]],
+                     "off_s": round(med["off"], 4), "on_s": round(med["on"], 4),
+                     "speedup": round(med["off"] / med["on"], 3), "processes_per_setting": pairs,
+                     "page_faults_per_step_off": round(statistics.median(r["faults_per_step"] for r in runs["off"])),
+                     "page_faults_per_step_on": round(statistics.median(r["faults_per_step"] for r in runs["on"]))})
+    return rows
+
+
 def main() -> None:
     p = U.parser(__doc__)
     p.add_argument("--compile", action="store_true", help="also time torch.compile in --quick mode")
@@ -104,6 +160,12 @@ def main() -> None:
     print(f"bf16 probe on {device}: fp32 {probe.fp32_gflops} GFLOP/s, bf16 {probe.bf16_gflops} GFLOP/s "
           f"-> bf16: auto chooses {'bf16' if probe.use_bf16 else 'fp32'}")
     rows, skipped = switch_rows(device, args.quick, args.compile or not args.quick)
+    if device.type == "cpu":
+        try:
+            rows += retain_rows(args.quick)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            skipped["retain_freed_memory"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     for r in rows:
         print(f"{r['switch']:14s} {r['model']:16s} off {r['off_s']:.4f}s on {r['on_s']:.4f}s -> x{r['speedup']}")
     U.write_json(U.out_path(args, "switches", device), {
