@@ -9,12 +9,18 @@ training steps) and one contender after the other, so machine load biases none o
 fractions use the median matmul rate of its own rounds (``matmul_peak_gflops`` of its row). FLOPs
 of one training step (forward + backward, attention included) come from
 medvit.engine.compute.count_flops; the optimizer's elementwise work counts zero, as usual.
-Writes benchmarks/results/models_<device>.json.
+Each model runs in a process of its own, as each training job does in the workflow (one model
+per process): measured in one process after the others, CSwin-UNet and DCT ran 10-20% slower
+(the allocator's and caches' state the earlier models leave). ``--in-process`` runs them all
+in this process. Writes benchmarks/results/models_<device>.json.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -59,9 +65,24 @@ def bench_model(name: str, device: torch.device, quick: bool, rounds: int) -> di
     return row
 
 
+def bench_in_child(name: str, args) -> dict:
+    """:func:`bench_model` in a fresh process (this script with ``--models name``): its row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, __file__, "--device", args.device, "--models", name, "--out", str(out)]
+        proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{name}: child exited {proc.returncode}: {proc.stderr[-800:]}")
+        data = json.loads(out.read_text())
+    if not data["results"]:
+        raise RuntimeError(f"{name}: " + "; ".join(data["skipped"].values()))
+    return data["results"][0]
+
+
 def main() -> None:
     p = U.parser(__doc__)
     p.add_argument("--models", default=",".join(U.ZOO), help="comma-separated subset of " + ", ".join(U.ZOO))
+    p.add_argument("--in-process", action="store_true", help="all models in this process (default: one child each)")
     args = p.parse_args()
     device = U.device_of(args.device)
     from medvit.engine.speed import matmul_peak
@@ -76,9 +97,13 @@ def main() -> None:
                            "matmul_peak_gflops": {k: round(v / 1e9, 2) for k, v in peaks.items()},
                            "results": rows, "skipped": skipped})
 
-    for name in args.models.split(","):
+    names = args.models.split(",")
+    for name in names:
         try:
-            row = bench_model(name, device, args.quick, rounds=3 if args.quick else 10)
+            if args.in_process or len(names) == 1:
+                row = bench_model(name, device, args.quick, rounds=3 if args.quick else 10)
+            else:
+                row = bench_in_child(name, args)
         except Exception as exc:  # noqa: BLE001  (record and go on: one broken model must not stop the suite)
             traceback.print_exc()
             skipped[name] = f"{type(exc).__name__}: {exc}"
