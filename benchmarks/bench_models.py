@@ -10,9 +10,10 @@ fractions use the median matmul rate of its own rounds (``matmul_peak_gflops`` o
 of one training step (forward + backward, attention included) come from
 medvit.engine.compute.count_flops; the optimizer's elementwise work counts zero, as usual.
 Each model runs in a process of its own, as each training job does in the workflow (one model
-per process): measured in one process after the others, CSwin-UNet and DCT ran 10-20% slower
-(the allocator's and caches' state the earlier models leave). ``--in-process`` runs them all
-in this process. Writes benchmarks/results/models_<device>.json.
+per process), so no model inherits the allocator's state the earlier ones leave; the 10-20%
+lower CSwin-UNet and DCT figures that prompted this came back in separate processes too while
+the machine was busy, so they were mostly the machine. ``--in-process`` runs them all in
+this process. Writes benchmarks/results/models_<device>.json.
 """
 
 from __future__ import annotations
