@@ -294,6 +294,16 @@ class PointwiseConv3d(nn.Conv3d):
 _LANES = 128  # elementwise work runs on rows of this many floats (vectorises; C alone is too narrow)
 
 
+def _channel_sums(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, R, L) rows holding channels in turn -> (B, C) per-channel sums."""
+    return t.sum(1).view(t.shape[0], -1, channels).sum(1)
+
+
+def _tiled(per_channel: torch.Tensor, rep: int) -> torch.Tensor:
+    """(B, C) -> (B, 1, C * rep): the values laid out as a row of :func:`_channel_sums`' input."""
+    return per_channel.repeat(1, rep).unsqueeze(1)
+
+
 class _InstanceNormLeakyReLU(torch.autograd.Function):
     """Instance norm (per sample and channel over D*H*W, biased variance), affine, LeakyReLU
     of a channels_last_3d volume, forward and backward in a few memory-bound passes.
@@ -313,12 +323,8 @@ class _InstanceNormLeakyReLU(torch.autograd.Function):
         lanes = _LANES if _LANES % C == 0 and n * C % _LANES == 0 else C
         rep = lanes // C
         xv = x.permute(0, 2, 3, 4, 1).reshape(B, -1, lanes).float()
-
-        def channel_mean(t: torch.Tensor) -> torch.Tensor:  # (B, R, L) -> (B, 1, L), tiled per channel
-            return (t.sum(1).view(B, rep, C).sum(1) / n).repeat(1, rep).view(B, 1, lanes)
-
-        centred = xv - channel_mean(xv)
-        rstd = channel_mean(centred * centred).add_(eps).rsqrt_()
+        centred = xv - _tiled(_channel_sums(xv, C) / n, rep)
+        rstd = _tiled(_channel_sums(centred * centred, C) / n, rep).add_(eps).rsqrt_()
         xhat = centred.mul_(rstd)
         w, b = weight.float().repeat(rep), bias.float().repeat(rep)
         out = F.leaky_relu(torch.addcmul(b, xhat, w), slope)
@@ -334,14 +340,9 @@ class _InstanceNormLeakyReLU(torch.autograd.Function):
         rep = lanes // C
         g = torch.ops.aten.leaky_relu_backward(grad.permute(0, 2, 3, 4, 1).reshape(B, R, lanes).float(), out,
                                                ctx.slope, True)
-        sum_gx = (g * xhat).sum(1).view(B, rep, C).sum(1)   # (B, C)
-        sum_g = g.sum(1).view(B, rep, C).sum(1)
-
-        def tiled(t: torch.Tensor) -> torch.Tensor:
-            return (t / n).repeat(1, rep).view(B, 1, lanes)
-
+        sum_gx, sum_g = _channel_sums(g * xhat, C), _channel_sums(g, C)
         # d/dx of instance norm: rstd * w * (g - mean(g) - xhat * mean(g * xhat))
-        dx = torch.addcmul(g - tiled(sum_g), xhat, tiled(sum_gx), value=-1).mul_(rstd * w)
+        dx = torch.addcmul(g - _tiled(sum_g / n, rep), xhat, _tiled(sum_gx / n, rep), value=-1).mul_(rstd * w)
         return (dx.view(B, *grad.shape[2:], C).permute(0, 4, 1, 2, 3), sum_gx.sum(0), sum_g.sum(0), None, None)
 
 
