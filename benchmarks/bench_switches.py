@@ -100,7 +100,7 @@ def switch_rows(device: torch.device, quick: bool, compile_too: bool) -> tuple[l
 
 
 RETAIN_CHILD = """
-import json, resource, sys, time
+import json, resource, sys
 sys.path.insert(0, sys.argv[1])
 import _util as U
 name, size, batch, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -108,22 +108,19 @@ device = U.device_of("cpu")  # MEDVIT_BENCH_RETAIN_FREED_MEMORY decides the allo
 step = U.train_step_fn(U.build(name, size, device), U.zoo_input(name, size, batch, device), device)
 for _ in range(3):
     step()
-faults, times = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
-for _ in range(steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+median_s = U.interleaved({"step": step}, device, rounds=steps, warmup=0)["step"]
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-print(json.dumps({"median_s": sorted(times)[len(times) // 2], "faults_per_step": faults / steps}))
+print(json.dumps({"median_s": median_s, "faults_per_step": faults / steps}))
 """
 
 
 def retain_rows(quick: bool) -> list[dict]:
     """``train.retain_freed_memory`` off / on for a few models: one child process per setting,
     taken in turn ``pairs`` times (the setting is process-wide and cannot be undone)."""
-    import platform
+    from medvit.engine.speed import glibc_malloc
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not glibc_malloc():
         return []
     pairs, steps = (1, 3) if quick else (3, 15)
     rows = []

@@ -4,7 +4,6 @@ measures once and caches its verdict, and the decoded-image cache survives worke
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from medvit.engine.speed import (
     compile_model,
     device_key,
     enable_activation_checkpointing,
+    glibc_malloc,
     matmul_peak,
     probe_bf16,
     resolve_num_workers,
@@ -289,7 +289,7 @@ print(mapped_after - mapped, heap - libc.mallinfo2().arena)
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+@pytest.mark.skipif(not glibc_malloc(), reason="glibc's mallopt")
 def test_retain_freed_memory_keeps_large_blocks_on_the_heap():
     """glibc's default maps a 20 MiB tensor with mmap (its pages go back to the kernel when it is
     freed and fault in zeroed for the next step); after retain_freed_memory() it comes from the

@@ -348,6 +348,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 RETAINED_BLOCK_BYTES = 32 << 20
 
 
+def glibc_malloc() -> bool:
+    """Whether this process allocates with glibc's malloc (Linux with glibc), whose ``mallopt``
+    :func:`retain_freed_memory` tunes."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 @functools.lru_cache(maxsize=1)
 def retain_freed_memory() -> bool:
     """Keep freed CPU tensor memory in the process for the next training step (glibc only).
@@ -367,7 +373,7 @@ def retain_freed_memory() -> bool:
     import ctypes
     import ctypes.util
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not glibc_malloc():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
