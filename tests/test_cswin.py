@@ -12,6 +12,7 @@ from medvit.models import create_model, model_spatial_dims
 from medvit.models.cswin import (
     CrossShapedWindowAttention,
     CSwinUNet,
+    flash_friendly_attention,
     window_partition,
     window_reverse,
 )
@@ -111,6 +112,25 @@ def test_attention_flops_are_counted_on_cpu():
     assert flops == 2 * (2 * 64 * 64 * 8) * 2  # Q K^T and A V, 2 FLOPs per multiply-add, 2 heads
 
 
+@pytest.mark.parametrize("head_dim", [6, 16, 24])
+def test_padded_flash_attention_is_plain_attention_and_counts_useful_flops(head_dim):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(3, 2, 40, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = flash_friendly_attention(q, k, v)
+    assert out.shape == q.shape
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    with sdpa_kernel([SDPBackend.MATH]):  # the reference: no padding, the math kernel
+        ref = F.scaled_dot_product_attention(q, k, v)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    # FLOPs counted are those of the unpadded head dim (count_flops disables the flash kernel)
+    flops = count_flops(lambda t: flash_friendly_attention(t, t, t), q.detach())
+    assert flops == 2 * (2 * 40 * 40 * head_dim) * 2 * 3
+
+
 @pytest.mark.parametrize("name", ["swin_unetr", "dynunet", "attention_unet", "unet3d", "cswin_unet_ssl"])
 def test_baselines_segment_a_patch(name):
     model = create_model(name, in_chans=3, num_classes=1).eval()
@@ -125,7 +145,7 @@ def test_lepe_of_thin_windows_equals_the_plain_depthwise_convolution():
 
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(4, 4, 3, padding=1, groups=4)
-    for window in ((6, 5, 1), (6, 1, 5), (1, 6, 5), (1, 1, 5), (4, 3, 2)):
+    for window in ((6, 5, 1), (6, 1, 5), (1, 6, 5), (1, 1, 5), (5, 1, 1), (1, 1, 1), (4, 3, 2)):
         t = window[0] * window[1] * window[2]
         v = torch.randn(3, t, 4, requires_grad=True)
         grads = []
