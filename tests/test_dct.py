@@ -119,3 +119,35 @@ def test_dct_works_under_inference_mode_then_autograd():
         attn(torch.randn(1, 8, 13, 13))
     out = attn(torch.randn(1, 8, 13, 13, requires_grad=True))
     out.sum().backward()
+
+
+@pytest.mark.parametrize("keep", [None, (3, 2), (1, 1)])
+def test_dct2_and_idct2_of_channels_last_maps_match_the_standard_layout(keep):
+    """The channels-last path (two matmuls on the (B, H, W, C) storage) gives the same values
+    and gradients, and keeps the layout."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 4, dtype=torch.float64)
+    outs = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xi = x.clone(memory_format=layout).requires_grad_()
+        f = dct2(xi, keep)
+        y = idct2(f, (6, 4))
+        (f.square().sum() + y.sin().sum()).backward()
+        outs.append((f, y, xi.grad))
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want)
+    f_cl = outs[1][0]
+    assert f_cl.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_dct_model_runs_channels_last_on_the_cpu():
+    model = create_model("dct_histo_tiny", in_chans=3, num_classes=2)
+    seen = []
+    model.stem.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 3, 32, 32)
+    y = model(x)
+    assert seen == [True]
+    # the same function as on the standard layout, module by module
+    stem_std = model.stem(x)
+    torch.testing.assert_close(model.stem(x.contiguous(memory_format=torch.channels_last)), stem_std)
+    assert y.shape == (2, 2)

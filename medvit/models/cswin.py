@@ -35,6 +35,7 @@ from monai.networks.blocks import UnetResBlock, UnetrUpBlock
 from timm.layers import DropPath, Mlp
 from torch import nn
 
+from medvit.models.layers import depthwise_conv
 from medvit.models.registry import register_model
 
 AXIS_NAMES = ("D", "H", "W")
@@ -74,24 +75,13 @@ def locally_enhanced_positions(conv: nn.Conv3d, v: torch.Tensor, window: Sequenc
     """CSWin's LePE: the depthwise 3x3x3 convolution ``conv`` of the values inside each window,
     zero-padded at the window border. (n_windows, T, C) tokens of windows (wd, wh, ww) -> same.
 
-    The tokens are read as a channels-last volume (a view, no copy). Along a window axis one
-    voxel thick only the kernel's centre slice meets data (the rest meets the zero padding), so
-    such axes are dropped and the wide ones convolved with that slice alone, in 2D (or 1D): the
-    same result, but oneDNN's 3D depthwise kernel was ~2.5x slower with a thin last axis, and
-    the 2D kernel is ~1.6x faster again than the 3D one with the thin axis first.
+    The tokens are read as a channels-last volume (a view, no copy); stripes one voxel thin
+    are convolved in 2D (:func:`medvit.models.layers.depthwise_conv`), ~1.6x faster than
+    oneDNN's 3D depthwise kernel with the thin axis first, and ~4x faster than with it last.
     """
     n, t, C = v.shape
-    wide = [a for a in range(3) if window[a] != 1]
-    if len(wide) in (1, 2):
-        # the wide axes alone, channel-first view of the tokens: a 2D (or 1D) depthwise conv
-        # with the kernel's centre slice along the thin axes
-        x = v.view(n, *(window[a] for a in wide), C).movedim(-1, 1)
-        centre = tuple(slice(None) if a in wide else 1 for a in range(3))
-        y = (F.conv2d if len(wide) == 2 else F.conv1d)(x, conv.weight[(slice(None), slice(None), *centre)],
-                                                      conv.bias, padding=1, groups=conv.groups)
-        return y.movedim(1, -1).reshape(n, t, C)
-    x = conv(v.view(n, *window, C).permute(0, 4, 1, 2, 3))
-    return x.permute(0, 2, 3, 4, 1).reshape(n, t, C)
+    x = depthwise_conv(conv, v.view(n, *window, C).movedim(-1, 1))
+    return x.movedim(1, -1).reshape(n, t, C)
 
 
 # The CPU flash-attention kernel runs head dims under 16 slower than head dim 16 itself
