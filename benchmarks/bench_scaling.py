@@ -87,7 +87,9 @@ def scaling_rows(device: torch.device, quick: bool) -> tuple[list[dict], dict[st
                 model = builder(base, width).to(device)
                 flops = U.train_flops(model, x)
                 # median step interleaved with the matmul peak: the fraction of peak per width
-                med, peaks = U.interleaved_with_peak({"step": U.train_step_fn(model, x, device)}, device, repeats + 1)
+                # (as many rounds as bench_models.py takes, so the default width's row is as robust)
+                med, peaks = U.interleaved_with_peak({"step": U.train_step_fn(model, x, device)}, device,
+                                                     3 if quick else 10)
                 rows.append({"family": family, "axis": "model_size", "value": width, "image_size": base, "batch": batch,
                              "params": sum(p.numel() for p in model.parameters()),
                              "step_s": round(med["step"], 4), "gflop_per_step": round(flops / 1e9, 3),

@@ -380,6 +380,28 @@ def test_results_page_reports_failures_and_missing_parts():
     assert "make demo" in page
 
 
+def test_models_benchmark_reports_the_median_pass_and_the_range():
+    import importlib.util
+
+    run_all = _run_all_module()
+    spec = importlib.util.spec_from_file_location("medvit_bench_models", Path(run_all.__file__).parent / "bench_models.py")
+    bench_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_models)
+    base = {"model": "cswin_unet", "input": [3, 32, 32, 32], "batch": 4, "bf16_train_speedup": 1.05,
+            "train_samples_per_s_fp32": 1.0, "train_samples_per_s_bf16": 1.0}
+    runs = [{**base, "train_fraction_of_peak_fp32": f, "train_fraction_of_peak_bf16": f / 2, "pass": i}
+            for i, f in enumerate((0.31, 0.27, 0.32))]
+    row = bench_models.median_pass(runs)
+    assert row["pass"] == 0 and row["passes"] == 3
+    assert row["train_fraction_of_peak_fp32_passes"] == [0.31, 0.27, 0.32]
+    assert bench_models.median_pass(runs[:2])["pass"] == 1  # even count: the lower middle
+    page = run_all.render({"created": "now", "quick": False, "device_type": "cpu", "machine": {"cpu": "X", "cores": 2},
+                           "rules": {}, "status": {}, "benchmarks": {"models": {"results": [row]}}})
+    assert "31.0 [27.0-32.0]" in page  # the models table: median pass, range over the passes
+    target = next(line for line in page.splitlines() if line.startswith("| cswin_unet training with `bf16: false`"))
+    assert "31.0%" in target and "median of 3 passes" in target and target.endswith("| yes |")
+
+
 def test_num_workers_auto_is_sized_by_the_machine(tmp_path, monkeypatch):
     import medvit.engine.speed as speed_mod
 
