@@ -217,14 +217,14 @@ def _targets(all_data: dict[str, Any]) -> list[str]:
             # where its step measured faster, judged then against the (higher) bf16 peak
             speedup = r["bf16_train_speedup"]
             both = f"(fp32 {r['train_fraction_of_peak_fp32']:.1%}, bf16 {r['train_fraction_of_peak_bf16']:.1%})"
-            if r.get("passes", 1) > 1:
-                both += f"; median of {r['passes']} passes, fp32 range {_pct_passes(r, 'fp32').split(' ', 1)[1]}%"
             for setting, dtype in (("false", "fp32"), ("auto", auto_dtype(speedup))):
                 if setting == "auto" and dtype == "fp32":
                     continue  # auto keeps fp32: the row above
                 frac = r[f"train_fraction_of_peak_{dtype}"]
+                passes = (f"; median of {r['passes']} passes, {dtype} range {_pct_passes(r, dtype).split(' ', 1)[1]}%"
+                          if r.get("passes", 1) > 1 else "")
                 add(f"{model} training with `bf16: {setting}` >= {need:.0%} of the {dtype} matmul peak (bf16 step "
-                    f"x{speedup:.2f})", f"{frac:.1%} {both}", frac >= need)
+                    f"x{speedup:.2f})", f"{frac:.1%} {both}{passes}", frac >= need)
     for r in (b.get("scaling") or {}).get("scaling", []):
         # how the fraction grows with the width (one in-process pass each): evidence, not a
         # second verdict on the default width, which the models rows above judge over their passes
