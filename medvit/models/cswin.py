@@ -91,7 +91,7 @@ _CPU_FLASH_MIN_HEAD_DIM = 16
 
 def flash_friendly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, dropout_p)``, with head dims under 16
-    zero-padded to 16 on the CPU while the flash kernel is enabled.
+    zero-padded to 16 on the CPU while the flash kernel is enabled (outside autocast).
 
     Zero columns add nothing to q.k and give zero output columns, so with the scale of the
     true head dim it is the same function. Where the flash kernel is disabled (e.g. in

@@ -102,8 +102,8 @@ def idct2(y: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
 
 
 def _channels_last_map(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last)
+    # maps whose layouts coincide (C == 1, or H == W == 1) take the plain path
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _separable_channels_last(x: torch.Tensor, mh: torch.Tensor, mw: torch.Tensor) -> torch.Tensor:
@@ -284,7 +284,7 @@ class DCTHistoTransformer(nn.Module):
         """(B, C, H, W) -> pooled, normalised features (B, dims[-1])."""
         if x.device.type == "cpu":
             # oneDNN's convolutions and batch norms are faster on channels-last maps: a CPU
-            # training step of dct_histo_tiny at 64 px took 1.09x less time (same values)
+            # training step of dct_histo_tiny at 64 px took 1.06-1.10x less time (same values)
             x = x.contiguous(memory_format=torch.channels_last)
         return self.norm(self.stages(self.stem(x)).mean((2, 3)))
 
