@@ -181,14 +181,19 @@ def _pct(v: float | None) -> float | None:
     return None if v is None else round(100 * v, 1)
 
 
+def _pass_range(row: dict[str, Any], dtype: str) -> str:
+    """A models row's range of the training fraction of the ``dtype`` peak over its passes, in
+    %: ``[27.4-31.8]``; empty for one pass."""
+    runs = row.get(f"train_fraction_of_peak_{dtype}_passes") or []
+    return f"[{_pct(min(runs))}-{_pct(max(runs))}]" if len(runs) > 1 else ""
+
+
 def _pct_passes(row: dict[str, Any], dtype: str) -> str | float | None:
     """A models row's training fraction of the ``dtype`` peak in %, with its range over the
     passes when there were several: ``30.8 [27.4-31.8]``."""
     value = _pct(row.get(f"train_fraction_of_peak_{dtype}"))
-    runs = row.get(f"train_fraction_of_peak_{dtype}_passes") or []
-    if value is None or len(runs) < 2:
-        return value
-    return f"{value} [{_pct(min(runs))}-{_pct(max(runs))}]"
+    spread = _pass_range(row, dtype)
+    return f"{value} {spread}" if value is not None and spread else value
 
 
 def _skips(data: dict[str, Any]) -> str:
@@ -221,8 +226,8 @@ def _targets(all_data: dict[str, Any]) -> list[str]:
                 if setting == "auto" and dtype == "fp32":
                     continue  # auto keeps fp32: the row above
                 frac = r[f"train_fraction_of_peak_{dtype}"]
-                passes = (f"; median of {r['passes']} passes, {dtype} range {_pct_passes(r, dtype).split(' ', 1)[1]}%"
-                          if r.get("passes", 1) > 1 else "")
+                spread = _pass_range(r, dtype)
+                passes = f"; median of {r['passes']} passes, {dtype} range {spread}%" if spread else ""
                 add(f"{model} training with `bf16: {setting}` >= {need:.0%} of the {dtype} matmul peak (bf16 step "
                     f"x{speedup:.2f})", f"{frac:.1%} {both}{passes}", frac >= need)
     for r in (b.get("scaling") or {}).get("scaling", []):
