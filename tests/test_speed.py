@@ -348,20 +348,21 @@ def test_epochs_after_the_first_decode_nothing_with_workers(tmp_path):
 # ------------------------------------------------------------------------------ benchmarks
 
 
-def _run_all_module():
+def _bench_module(name: str):
+    """A script of benchmarks/ (``name`` without .py) imported as a module."""
     import importlib.util
     import sys
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location("medvit_bench_run_all", path)
+    spec = importlib.util.spec_from_file_location(f"medvit_bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_rule_times_sum_snakemake_benchmark_files(tmp_path):
-    run_all = _run_all_module()
+    run_all = _bench_module("run_all")
     head = "s\th:m:s\tmax_rss\tmax_vms\n"
     for rule, name, s, rss in (("train", "a", 10.0, 500.0), ("train", "b", 4.0, 800.0), ("split", "x", 1.5, 100.0)):
         (tmp_path / "benchmarks" / rule).mkdir(parents=True, exist_ok=True)
@@ -372,7 +373,7 @@ def test_rule_times_sum_snakemake_benchmark_files(tmp_path):
 
 
 def test_results_page_reports_failures_and_missing_parts():
-    run_all = _run_all_module()
+    run_all = _bench_module("run_all")
     page = run_all.render({"created": "now", "quick": True, "device_type": "cpu", "note": "under load",
                            "machine": {"cpu": "X", "cores": 2}, "benchmarks": {}, "rules": {},
                            "status": {"models": {"ok": False, "seconds": 1.0, "reason": "timed out after 9 s"}}})
@@ -381,12 +382,7 @@ def test_results_page_reports_failures_and_missing_parts():
 
 
 def test_models_benchmark_reports_the_median_pass_and_the_range():
-    import importlib.util
-
-    run_all = _run_all_module()
-    spec = importlib.util.spec_from_file_location("medvit_bench_models", Path(run_all.__file__).parent / "bench_models.py")
-    bench_models = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_models)
+    run_all, bench_models = _bench_module("run_all"), _bench_module("bench_models")
     base = {"model": "cswin_unet", "input": [3, 32, 32, 32], "batch": 4, "bf16_train_speedup": 1.05,
             "train_samples_per_s_fp32": 1.0, "train_samples_per_s_bf16": 1.0}
     runs = [{**base, "train_fraction_of_peak_fp32": f, "train_fraction_of_peak_bf16": f / 2, "pass": i}

@@ -361,8 +361,9 @@ def retain_freed_memory() -> bool:
     By default glibc hands blocks above its (adaptive) mmap threshold back to the kernel when
     they are freed, and trims the heap's free top; the next step's tensors of the same sizes
     then page-fault fresh, zero-filled pages in (4,500-22,000 page faults per training step
-    of medvit's models on the CPU; 1.06-1.64x slower steps, benchmarks/bench_switches.py). This sets the mmap threshold to glibc's largest allowed
-    value (32 MiB, blocks below it come from the reusable heap) and never trims, as the
+    of medvit's models on the CPU; 1.06-1.64x slower steps, benchmarks/bench_switches.py).
+    This sets the mmap threshold to glibc's largest allowed value (32 MiB, blocks below it come
+    from the reusable heap) and never trims, as the
     ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` variables would at startup. The
     process then keeps the memory it peaked at; the peak itself is unchanged. Process-wide,
     idempotent; ``train.retain_freed_memory: false`` leaves glibc's defaults.
