@@ -103,7 +103,7 @@ def flash_friendly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     d = q.shape[-1]
     pad = _CPU_FLASH_MIN_HEAD_DIM - d
     # under medvit's CPU autocast attention runs unfused (UnfusedAttention): padding there is
-    # only more work
+    # only more work. torch.backends.cuda's flash flag gates the CPU flash kernel too.
     if (pad <= 0 or q.device.type != "cpu" or torch.is_autocast_enabled("cpu")
             or not torch.backends.cuda.flash_sdp_enabled()):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
