@@ -1,6 +1,8 @@
 """Run every benchmark and write benchmarks/RESULTS.md (and benchmarks/results/all_<device>.json).
 
     python benchmarks/run_all.py [--quick] [--device auto] [--only models,peers] [--study demo]
+    python benchmarks/run_all.py --report-only --device cuda --results benchmarks/results/cuda \
+        --report benchmarks/RESULTS_cuda.md      # rebuild the GPU report from its JSON files
 
 Each benchmark runs in its own process with a time limit; one that fails or times out is
 recorded with its reason and the others go on. ``--quick`` (tiny sizes, few steps) takes a
@@ -35,7 +37,9 @@ SUITE = {  # name -> (script, extra args, time limit in seconds (quick, full))
     "mae": ("bench_mae.py", [], (600, 1800)),
     "scaling": ("bench_scaling.py", [], (1200, 3600)),
     "ingest": ("bench_ingest.py", [], (900, 3600)),
+    "gpu": ("bench_gpu.py", [], (600, 1800)),
 }
+CUDA_ONLY = {"gpu"}  # left out of the default suite on a CPU
 
 
 def run_suite(names: list[str], device: str, quick: bool, results: Path) -> dict[str, Any]:
@@ -196,6 +200,48 @@ def _pct_passes(row: dict[str, Any], dtype: str) -> str | float | None:
     return f"{value} {spread}" if value is not None and spread else value
 
 
+def _matmul_side(all_data: dict[str, Any]) -> int:
+    """The side of the start-of-run peak's matmuls (medvit.engine.speed.matmul_flops' default)."""
+    return 4096 if all_data.get("device_type") == "cuda" else 1024
+
+
+def _passes_sentence(models: dict[str, Any]) -> str:
+    passes = max((r.get("passes", 1) for r in models["results"]), default=1)
+    if passes == 1:
+        return " Each model ran once."
+    return (" A neighbour's memory traffic slows the memory-bound models more than the cache-resident matmul, so "
+            f"each model ran {passes} times in fresh processes taken in turn: a row is the pass with the median fp32 "
+            "fraction, with the range over the passes in brackets.")
+
+
+def _gpu_section(d: dict[str, Any]) -> list[str]:
+    """bench_gpu.py's tables: paper sizes per precision, and CSwin-UNet's head padding."""
+    lines: list[str] = []
+    pk = d.get("matmul_peak_gflops") or {}
+    if d.get("paper"):
+        lines += ["## GPU at paper sizes: precision, TF32, torch.compile", "",
+                  f"Matmul peaks (8192 x 8192, interleaved): fp32 {pk.get('fp32')} GFLOP/s with TF32 off, TF32 "
+                  f"{pk.get('tf32')}, bf16 {pk.get('bf16')}. Each precision's fraction is of its own peak (bf16 rows: "
+                  "of the bf16 peak). `tf32` is fp32 with `train.tf32: true` (the default); `fp32` has it off. "
+                  "Steps interleaved (`bench_gpu.py`); the compiled row is timed after its compile.", ""]
+        rows = [{**r, "inp": "x".join(map(str, r["input"])), "frac": _pct(r["fraction_of_matmul_peak"])}
+                for r in d["paper"]]
+        lines.append(_table(rows, [("case", "model"), ("inp", "input"), ("batch", "batch"), ("precision", "precision"),
+                                   ("samples_per_s", "samples/s"), ("step_s", "s/step"),
+                                   ("gflop_per_sample", "GFLOP/sample"), ("frac", "% of peak"),
+                                   ("speedup_vs_fp32", "x fp32"), ("compile_s", "compile s")]))
+        lines.append("")
+    if d.get("heads"):
+        lines += ["### CSwin-UNet: attention heads padded for the CUDA flash kernel", "",
+                  "Head dim 6, zero-padded to 8 (flash's multiple) or 16 with the scale of 6 kept (the same "
+                  "function): speed-up of the training step over unpadded (> 1 helps).", ""]
+        lines.append(_table(d["heads"], [("batch", "batch"), ("side", "side (voxels)"), ("precision", "precision"),
+                                         ("unpadded_s", "unpadded s/step"), ("pad8_speedup", "pad to 8"),
+                                         ("pad16_speedup", "pad to 16")]))
+        lines.append("")
+    return lines
+
+
 def _skips(data: dict[str, Any]) -> str:
     skipped = data.get("skipped") or {}
     return "".join(f"- skipped `{k}`: {v}\n" for k, v in skipped.items())
@@ -242,6 +288,12 @@ def _targets(all_data: dict[str, Any]) -> list[str]:
             add(f"MAE pretraining at the Medical MAE setting (ViT-S/16, 224 px, mask 0.9) >= 50% of the matmul peak "
                 f"of the dtype used ({r['precision']}: bf16 step x{r['bf16_speedup']:.2f})",
                 f"{r['fraction_of_matmul_peak']:.1%}", r["fraction_of_matmul_peak"] >= 0.5)
+    for r in (b.get("gpu") or {}).get("paper", []):
+        if r["case"].startswith("mae") and r["precision"] in ("tf32", "bf16"):
+            setting = "`bf16: true`" if r["precision"] == "bf16" else "fp32 with the default `tf32: true`"
+            add(f"MAE pretraining at the MAE paper setting on the GPU ({r['case']}, batch {r['batch']}) >= 50% of the "
+                f"{r['precision']} matmul peak ({setting})",
+                f"{r['fraction_of_matmul_peak']:.1%}", r["fraction_of_matmul_peak"] >= 0.5)
     data = b.get("data") or {}
     if data.get("loader_over_model"):
         worst = min(data["loader_over_model"].values())
@@ -272,8 +324,8 @@ def render(all_data: dict[str, Any]) -> str:
     m = all_data.get("machine") or {}
     lines = ["# Benchmark results", "",
              f"Generated by `python benchmarks/run_all.py{' --quick' if all_data['quick'] else ''}` on "
-             f"{all_data['created']}. Raw numbers: `benchmarks/results/all_{all_data['device_type']}.json` and one JSON per "
-             "benchmark beside it.", "",
+             f"{all_data['created']}. Raw numbers: `{all_data.get('results_dir', 'benchmarks/results')}/"
+             f"all_{all_data['device_type']}.json` and one JSON per benchmark beside it.", "",
              "## Machine", "",
              f"- CPU: {m.get('cpu')} ({m.get('cores')} cores usable, {m.get('torch_threads')} torch threads, "
              f"native bf16: {m.get('cpu_native_bf16')})",
@@ -295,14 +347,11 @@ def render(all_data: dict[str, Any]) -> str:
         d = b["models"]
         pk = d.get("matmul_peak_gflops", {})
         lines += ["## Models: throughput, fraction of the matmul peak, memory", "",
-                  f"Matmul peak (1024 x 1024, best of 5 at the start): fp32 {pk.get('fp32')} GFLOP/s, bf16 {pk.get('bf16')} "
+                  f"Matmul peak ({_matmul_side(all_data)} x {_matmul_side(all_data)}, best of 5 at the start): fp32 "
+                  f"{pk.get('fp32')} GFLOP/s, bf16 {pk.get('bf16')} "
                   "GFLOP/s. Fractions are training FLOPs (forward + backward, attention included) per second over the "
                   "matmul rate timed in the same interleaved rounds as that model's fp32 and bf16 steps (the `peak` "
-                  "columns, medians), so a slow spell of the machine moves both alike. A neighbour's memory traffic "
-                  "slows the memory-bound models more than the cache-resident matmul, so each model ran "
-                  f"{max((r.get('passes', 1) for r in d['results']), default=1)} time(s) in fresh processes taken in "
-                  "turn: a row is the pass with the median fp32 fraction, with the range over the passes in "
-                  "brackets.", ""]
+                  "columns, medians), so a slow spell of the machine moves both alike." + _passes_sentence(d), ""]
         rows = [{**r, "f32": _pct_passes(r, "fp32"), "fb16": _pct_passes(r, "bf16"),
                  "pk32": (r.get("matmul_peak_gflops") or {}).get("fp32"), "pk16": (r.get("matmul_peak_gflops") or {}).get("bf16"),
                  "inp": "x".join(map(str, r["input"]))} for r in d["results"]]
@@ -405,6 +454,8 @@ def render(all_data: dict[str, Any]) -> str:
         for w, g in (d.get("memory_growth") or {}).items():
             lines.append(f"- {w} process(es): {g['files_ratio']}x the files -> {g['peak_memory_ratio']}x the total peak memory")
         lines.append("")
+    if "gpu" in b:
+        lines += _gpu_section(b["gpu"])
     demo = all_data.get("demo") or {}
     if demo:
         how = ("`--run-demo`: `make demo` from an empty results folder" if "log" not in demo
@@ -429,7 +480,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="auto")
-    p.add_argument("--only", default=",".join(SUITE), help="comma-separated subset of " + ", ".join(SUITE))
+    p.add_argument("--only", default=None, help="comma-separated subset of " + ", ".join(SUITE) + " (default: all; "
+                   + ", ".join(sorted(CUDA_ONLY)) + " only on CUDA)")
+    p.add_argument("--results", default=str(HERE / "results"), help="folder of the JSON files (default: benchmarks/results)")
+    p.add_argument("--report", default=str(HERE / "RESULTS.md"), help="the Markdown report (default: benchmarks/RESULTS.md)")
     p.add_argument("--study", action="append", default=None, help="study folder(s) under results/ (default: demo)")
     p.add_argument("--run-demo", action="store_true", help="run `make demo` first to refresh the per-rule times")
     p.add_argument("--note", default="", help="a line printed under the machine (e.g. 'taken under load')")
@@ -440,10 +494,12 @@ def main() -> None:
     from _util import device_of, machine, write_json
     from medvit.provenance import now_iso
 
-    device = device_of(args.device)
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    names = [n for n in args.only.split(",") if n]
+    # --report-only renders JSON files: a GPU run's report can be rebuilt on a machine without one
+    device = torch.device(args.device) if args.report_only and args.device != "auto" else device_of(args.device)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    default = [n for n in SUITE if device.type == "cuda" or n not in CUDA_ONLY]
+    names = [n for n in (args.only.split(",") if args.only else default) if n]
     unknown = sorted(set(names) - set(SUITE))
     if unknown:
         sys.exit(f"error: unknown benchmark(s) {unknown}; choose from {list(SUITE)}")
@@ -474,15 +530,20 @@ def main() -> None:
     # when it ran, not as it is while rendering
     recorded = [d["machine"] for d in benchmarks.values() if isinstance(d.get("machine"), dict)]
     mach = recorded[0] if args.report_only and recorded else machine(device)
+    try:
+        shown = results.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        shown = str(results)
     all_data = {"created": now_iso(), "quick": args.quick, "device_type": device.type, "machine": mach,
+                "results_dir": shown,
                 "note": args.note, "status": status, "benchmarks": benchmarks,
                 "rules": {s: rule_times(ROOT / "results" / s) for s in studies if (ROOT / "results" / s).is_dir()},
                 "torch": torch.__version__, "demo": demo}
     write_json(results / f"all_{device.type}.json", all_data)
     from medvit.fileio import atomic_write_text
 
-    atomic_write_text(HERE / "RESULTS.md", render(all_data))
-    print(f"wrote {HERE / 'RESULTS.md'}")
+    atomic_write_text(Path(args.report), render(all_data))
+    print(f"wrote {args.report}")
 
 
 if __name__ == "__main__":

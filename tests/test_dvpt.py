@@ -3,6 +3,7 @@ frozen backbone, adapter round trip."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -91,6 +92,26 @@ def test_vpt_deep_inserts_and_removes_prompts():
     summary = trainable_summary(model)
     assert summary["trainable_params"] == 12 * 5 * 192 + sum(
         p.numel() for n, p in model.backbone.named_parameters() if n.startswith(("head.", "fc_norm.")))
+
+
+@pytest.mark.parametrize("method", ["vpt", "dvpt"])
+def test_a_deep_copy_runs_its_own_adapters(method):
+    """EMA copies and copies moved to another device must use their own prompts/DVPT modules,
+    not the original's (hooks that closed over the original model did)."""
+    torch.manual_seed(0)
+    model = build_prompted_vit("tiny", method, **TINY).eval()
+    clone = copy.deepcopy(model)
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(clone(x), model(x))
+    adapter = clone.dvpt if method == "dvpt" else clone.prompts
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p))
+    assert not torch.allclose(clone(x), model(x))
+    clone(x).sum().backward()
+    assert all(p.grad is not None for p in adapter.parameters())
+    original = model.dvpt if method == "dvpt" else model.prompts
+    assert all(p.grad is None for p in original.parameters())
 
 
 @pytest.mark.parametrize("method", ["linear", "vpt", "dvpt"])

@@ -269,6 +269,38 @@ def test_train_config_switches_are_validated():
         TrainConfig(compile=1)
     with pytest.raises(ConfigError, match="train.retain_freed_memory"):
         TrainConfig(retain_freed_memory="no")
+    assert TrainConfig().tf32 is True
+    with pytest.raises(ConfigError, match="train.tf32"):
+        TrainConfig(tf32="on")
+
+
+@pytest.fixture
+def tf32_flags():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_tf32_is_set_on_cuda_and_leaves_the_cpu_alone(tf32_flags):
+    from medvit.engine.speed import set_tf32
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    assert set_tf32(torch.device("cpu"), True) is False
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    # the flags are plain process state, so the CUDA branch is checked without a GPU too
+    assert set_tf32(torch.device("cuda"), True) is True
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    assert set_tf32(torch.device("cuda", 0), False) is True
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_trainer_applies_tf32_to_its_device(tmp_path, monkeypatch, tf32):
+    calls = []
+    monkeypatch.setattr(trainer_mod, "set_tf32", lambda device, on: calls.append((device.type, on)))
+    kwargs = dict(loss_fn=lambda out, b: nn.functional.cross_entropy(out, b["label"]), progress=False)
+    Trainer(conv_net(2), Blobs(8), None, TrainConfig(device="cpu", tf32=tf32), tmp_path, **kwargs)
+    assert calls == [("cpu", tf32)]
 
 
 _MALLINFO_SCRIPT = """
@@ -396,6 +428,37 @@ def test_models_benchmark_reports_the_median_pass_and_the_range():
     assert "31.0 [27.0-32.0]" in page  # the models table: median pass, range over the passes
     target = next(line for line in page.splitlines() if line.startswith("| cswin_unet training with `bf16: false`"))
     assert "31.0%" in target and "median of 3 passes" in target and target.endswith("| yes |")
+
+
+def test_gpu_benchmark_section_and_targets_are_rendered():
+    run_all = _bench_module("run_all")
+    mae = {"case": "mae_vit_base 224px/16, mask 0.75", "input": [1, 224, 224], "batch": 512, "step_s": 0.08,
+           "samples_per_s": 6400.0, "gflop_per_sample": 26.6, "speedup_vs_fp32": 4.2}
+    gpu = {"matmul_peak_gflops": {"fp32": 49000.0, "tf32": 380000.0, "bf16": 730000.0},
+           "paper": [{**mae, "precision": "fp32", "fraction_of_matmul_peak": 0.835},
+                     {**mae, "precision": "tf32", "fraction_of_matmul_peak": 0.323},
+                     {**mae, "precision": "bf16", "fraction_of_matmul_peak": 0.52},
+                     {**mae, "precision": "bf16_compiled", "fraction_of_matmul_peak": 0.6, "compile_s": 55.0}],
+           "heads": [{"batch": 4, "side": 32, "precision": "fp32", "unpadded_s": 0.04, "pad8_speedup": 1.02,
+                      "pad16_speedup": 0.99}]}
+    page = run_all.render({"created": "now", "quick": False, "device_type": "cuda", "results_dir": "benchmarks/results/cuda",
+                           "machine": {"gpu": "G"}, "rules": {}, "status": {}, "benchmarks": {"gpu": gpu}})
+    assert "## GPU at paper sizes" in page and "| bf16_compiled | 6400 |" in page and "| 55 |" in page
+    assert "padded for the CUDA flash kernel" in page and "benchmarks/results/cuda/all_cuda.json" in page
+    targets = [line for line in page.splitlines() if line.startswith("| MAE pretraining at the MAE paper setting")]
+    assert len(targets) == 2  # TF32 (the fp32 default) and bf16; not the reference fp32 or compiled rows
+    assert targets[0].endswith("| 32.3% | no |") and targets[1].endswith("| 52.0% | yes |")
+
+
+def test_cuda_only_benchmarks_stay_out_of_the_cpu_suite(monkeypatch, tmp_path):
+    run_all = _bench_module("run_all")
+    ran = []
+    monkeypatch.setattr(run_all, "run_suite", lambda names, *a: ran.extend(names) or {})
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--device", "cpu", "--results", str(tmp_path / "r"),
+                                      "--report", str(tmp_path / "R.md"), "--study", "none"])
+    run_all.main()
+    assert ran and "gpu" not in ran and set(ran) == set(run_all.SUITE) - run_all.CUDA_ONLY
+    assert (tmp_path / "R.md").exists() and (tmp_path / "r" / "all_cpu.json").exists()
 
 
 def test_num_workers_auto_is_sized_by_the_machine(tmp_path, monkeypatch):

@@ -295,6 +295,24 @@ def compile_model(model: nn.Module, enabled: bool = True, **kwargs: Any) -> nn.M
     return model
 
 
+def set_tf32(device: torch.device, enabled: bool) -> bool:
+    """On a CUDA device, let fp32 matmuls and convolutions run on TF32 tensor cores (Ampere and
+    later; ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32``,
+    process-wide) when ``enabled``, or keep them in full fp32. Returns whether the flags were
+    set: a CPU device is left as it is.
+
+    TF32 keeps fp32's range with a 10-bit mantissa in the multiplications (sums stay fp32), the
+    precision PyTorch already gives cuDNN convolutions by default. On an H100 it
+    made fp32 training steps 2.0-3.0x (MAE ViT-B/16, batch 128-512) and 2.3x (CSwin-UNet,
+    32x128x128) faster (benchmarks/bench_gpu.py); reruns stay bit-identical.
+    """
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return True
+
+
 def enable_activation_checkpointing(model: nn.Module, block_types: Iterable[type] | None = None) -> int:
     """Recompute the activations of every block during the backward pass instead of storing them.
 

@@ -24,6 +24,7 @@ are unchanged (``backbone.<timm key>``) and its weights load from any ViT/MAE ch
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -157,12 +158,12 @@ class PromptedViT(nn.Module):
             else:
                 self.dvpt = nn.ModuleDict({str(i): DVPT(dim, **cfg) for i in layers})
             for i in layers:
-                self._hooks.append(backbone.blocks[i].register_forward_hook(self._dvpt_hook(i)))
+                self._hooks.append(backbone.blocks[i].register_forward_hook(functools.partial(self._dvpt_hook, i)))
         elif method == "vpt":
             patch = backbone.patch_embed.proj
             self.prompts = DeepPrompts(depth, vpt_prompts, dim, patch.in_channels * math.prod(patch.kernel_size))
             for i, block in enumerate(backbone.blocks):
-                self._hooks.append(block.register_forward_pre_hook(self._vpt_pre_hook(i)))
+                self._hooks.append(block.register_forward_pre_hook(functools.partial(self._vpt_pre_hook, i)))
             self._hooks.append(backbone.blocks[depth - 1].register_forward_hook(self._vpt_drop_hook))
         self.set_trainable()
 
@@ -171,22 +172,21 @@ class PromptedViT(nn.Module):
         assert self.dvpt is not None
         return self.dvpt if isinstance(self.dvpt, DVPT) else self.dvpt[str(layer)]  # type: ignore[index]
 
-    def _dvpt_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output + self._dvpt_module(layer)(output)
-        return hook
+    # Hooks are bound methods (with the layer in a partial), not closures over self: deepcopy
+    # (EMA copies, moving a copy to another device) rebinds bound methods to the copy, whereas a
+    # copied closure would still run the original model's adapters.
+    def _dvpt_hook(self, layer: int, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + self._dvpt_module(layer)(output)
 
-    def _vpt_pre_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple) -> tuple:
-            assert self.prompts is not None
-            x, rest = args[0], args[1:]
-            n_prefix, k = self.backbone.num_prefix_tokens, self.prompts.count
-            p = self.prompts.tokens[layer].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-            # block 0 receives the plain sequence; later blocks the previous layer's prompts,
-            # which VPT-deep replaces by this layer's own
-            tail = x[:, n_prefix:] if layer == 0 else x[:, n_prefix + k:]
-            return (torch.cat([x[:, :n_prefix], p, tail], dim=1), *rest)
-        return hook
+    def _vpt_pre_hook(self, layer: int, module: nn.Module, args: tuple) -> tuple:
+        assert self.prompts is not None
+        x, rest = args[0], args[1:]
+        n_prefix, k = self.backbone.num_prefix_tokens, self.prompts.count
+        p = self.prompts.tokens[layer].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        # block 0 receives the plain sequence; later blocks the previous layer's prompts,
+        # which VPT-deep replaces by this layer's own
+        tail = x[:, n_prefix:] if layer == 0 else x[:, n_prefix + k:]
+        return (torch.cat([x[:, :n_prefix], p, tail], dim=1), *rest)
 
     def _vpt_drop_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         assert self.prompts is not None

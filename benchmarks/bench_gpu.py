@@ -1,0 +1,178 @@
+"""GPU-only figures, at the sizes a GPU is bought for (the other benchmarks' sizes are set for
+the 2-core CPU and leave a GPU bound by kernel launches):
+
+* ``paper``: MAE pretraining at the MAE/Medical MAE setting (ViT-B/16, 224 px, mask 0.75) and
+  CSwin-UNet on a bpMRI-scale crop, per precision: fp32 with TF32 off (PyTorch's default for
+  matmuls), fp32 with TF32 on, bf16 autocast, and bf16 under ``torch.compile`` (its compile
+  seconds too); samples/s and the fraction of the matmul peak of the dtype (TF32 rows: of the
+  TF32 peak).
+* ``heads``: CSwin-UNet's attention heads are 6 channels wide; CUDA's flash kernel needs a
+  multiple of 8. The training step with q, k, v zero-padded to 8 and to 16 (the scale kept,
+  the same function) against unpadded, interleaved.
+
+    python benchmarks/bench_gpu.py [--parts heads,paper] [--mae-batch 128,512] [--quick]
+
+Writes benchmarks/results/gpu_cuda.json. Needs CUDA (``--quick`` also runs on the CPU, as a
+smoke test of the script; no compile there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _util as U  # noqa: E402
+
+
+@contextlib.contextmanager
+def tf32(on: bool):
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def with_tf32(fn, on: bool):
+    def run() -> None:
+        with tf32(on):
+            fn()
+    return run
+
+
+def peaks(device: torch.device, rounds: int) -> dict[str, float]:
+    """Matmul peaks (FLOP/s) of fp32 (TF32 off), TF32 and bf16 on 8192^2 matmuls."""
+    n = 8192 if device.type == "cuda" else 1024
+    a32, b32 = (torch.randn(n, n, device=device) for _ in range(2))
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    med = U.interleaved({"fp32": with_tf32(lambda: a32 @ b32, False), "tf32": with_tf32(lambda: a32 @ b32, True),
+                         "bf16": lambda: a16 @ b16}, device, rounds=rounds, warm_calls=1)
+    return {k: 2 * n**3 / v for k, v in med.items()}
+
+
+def paper_rows(device: torch.device, quick: bool, rounds: int, mae_batches: list[int]
+               ) -> tuple[list[dict], dict[str, float]]:
+    from medvit.models import create_model
+    from medvit.models.mae import build_mae
+
+    # (name, builder, input shape, also compiled): compiling CSwin-UNet takes minutes (344 s on the CPU)
+    cases = [("cswin_unet", lambda: create_model("cswin_unet", in_chans=3, num_classes=1),
+              (1, 3, 32, 64, 64) if quick else (2, 3, 32, 128, 128), False)]
+    cases += [("mae_vit_base 224px/16, mask 0.75", lambda: build_mae("vit_base", in_chans=1, img_size=224, patch_size=16,
+                                                                     mask_ratio=0.75), (2 if quick else b, 1, 224, 224), True)
+              for b in mae_batches]
+    pk = peaks(device, rounds)
+    print("matmul peaks (TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in pk.items()))
+    rows = []
+    for name, build, shape, compile_too in cases:
+        torch.manual_seed(0)
+        model = build().to(device)
+        x = torch.randn(*shape, device=device)
+        flops = U.train_flops(model, x)
+        steps = {"fp32": with_tf32(U.train_step_fn(model, x, device, False), False),
+                 "tf32": with_tf32(U.train_step_fn(model, x, device, False), True),
+                 "bf16": U.train_step_fn(model, x, device, True)}
+        med = U.interleaved(steps, device, rounds=rounds, warm_calls=1)
+        compiled = {}
+        if compile_too and device.type == "cuda":
+            torch._dynamo.reset()
+            model.compile()
+            step = U.train_step_fn(model, x, device, True)
+            t0 = time.perf_counter()
+            step()
+            U.sync(device)
+            compiled["compile_s"] = round(time.perf_counter() - t0, 1)
+            med["bf16_compiled"] = U.interleaved({"c": step}, device, rounds=rounds, warm_calls=1)["c"]
+        for precision, seconds in med.items():
+            peak = pk["bf16" if precision.startswith("bf16") else precision]
+            row = {"case": name, "input": list(shape[1:]), "batch": shape[0], "precision": precision,
+                   "samples_per_s": round(shape[0] / seconds, 1), "step_s": round(seconds, 4),
+                   "gflop_per_sample": round(flops / shape[0] / 1e9, 2),
+                   "fraction_of_matmul_peak": round(flops / seconds / peak, 4),
+                   "speedup_vs_fp32": round(med["fp32"] / seconds, 2),
+                   **(compiled if precision == "bf16_compiled" else {})}
+            rows.append(row)
+            print(f"{name:34s} {'x'.join(map(str, shape[2:])):11s} batch {shape[0]:<4d} {precision:14s} "
+                  f"{row['samples_per_s']:8.1f}/s  "
+                  f"{100 * row['fraction_of_matmul_peak']:5.1f}% of peak  x{row['speedup_vs_fp32']} vs fp32"
+                  + (f"  (compiled in {compiled['compile_s']} s)" if precision == "bf16_compiled" else ""))
+        del model
+        torch.cuda.empty_cache()
+    return rows, {k: round(v / 1e9, 1) for k, v in pk.items()}
+
+
+def padded_attention(multiple: int):
+    def attention(q, k, v, dropout_p: float = 0.0):
+        d = q.shape[-1]
+        pad = -d % multiple
+        if not pad:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=d ** -0.5)[..., :d]
+    return attention
+
+
+def head_rows(device: torch.device, quick: bool, rounds: int) -> list[dict]:
+    from medvit.models import cswin, create_model
+
+    rows = []
+    original = cswin.flash_friendly_attention
+    for batch, side in ([(1, 32)] if quick else [(4, 32), (2, 64)]):
+        torch.manual_seed(0)
+        model = create_model("cswin_unet", in_chans=3, num_classes=1).to(device)
+        x = torch.randn(batch, 3, side, side, side, device=device)
+        for bf16 in (False, True):
+            step = U.train_step_fn(model, x, device, bf16)
+
+            def variant(fn):
+                def run() -> None:
+                    cswin.flash_friendly_attention = fn
+                    try:
+                        step()
+                    finally:
+                        cswin.flash_friendly_attention = original
+                return run
+
+            med = U.interleaved({"unpadded": variant(original), "pad8": variant(padded_attention(8)),
+                                 "pad16": variant(padded_attention(16))}, device, rounds=rounds, warm_calls=1)
+            row = {"batch": batch, "side": side, "precision": "bf16" if bf16 else "fp32",
+                   **{f"{k}_s": round(v, 5) for k, v in med.items()},
+                   "pad8_speedup": round(med["unpadded"] / med["pad8"], 3),
+                   "pad16_speedup": round(med["unpadded"] / med["pad16"], 3)}
+            rows.append(row)
+            print(f"cswin_unet batch {batch} at {side}^3 {row['precision']}: unpadded {med['unpadded'] * 1e3:.1f} ms, "
+                  f"pad to 8 x{row['pad8_speedup']}, pad to 16 x{row['pad16_speedup']}")
+    return rows
+
+
+def main() -> None:
+    p = U.parser(__doc__)
+    p.add_argument("--parts", default="heads,paper", help="comma-separated: heads, paper")
+    p.add_argument("--mae-batch", default="128", help="comma-separated batch sizes of the MAE paper case (default 128)")
+    args = p.parse_args()
+    device = U.device_of(args.device)
+    if device.type != "cuda" and not args.quick:  # --quick on the CPU: a smoke run of the script
+        raise SystemExit("bench_gpu.py needs a CUDA GPU (--device cuda)")
+    rounds = 3 if args.quick else 10
+    out = U.out_path(args, "gpu", device)
+    payload = {**U.header(device, args.quick)}
+    for part in args.parts.split(","):
+        if part == "paper":
+            batches = [int(b) for b in args.mae_batch.split(",")]
+            payload["paper"], payload["matmul_peak_gflops"] = paper_rows(device, args.quick, rounds, batches)
+        elif part == "heads":
+            payload["heads"] = head_rows(device, args.quick, rounds)
+        else:
+            raise SystemExit(f"unknown part {part!r}; allowed: paper, heads")
+        U.write_json(out, payload)  # after every part, so a time limit keeps what was measured
+
+
+if __name__ == "__main__":
+    main()
