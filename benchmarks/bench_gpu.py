@@ -9,8 +9,11 @@ the 2-core CPU and leave a GPU bound by kernel launches):
 * ``heads``: CSwin-UNet's attention heads are 6 channels wide; CUDA's flash kernel needs a
   multiple of 8. The training step with q, k, v zero-padded to 8 and to 16 (the scale kept,
   the same function) against unpadded, interleaved.
+* ``syncs``: does the host waiting on the GPU inside a training step cost time? Steps with no
+  wait, with the Trainer's two (the loss's finiteness check before backward, ``float(loss)``
+  after it), and with one after backward.
 
-    python benchmarks/bench_gpu.py [--parts heads,paper] [--mae-batch 128,512] [--quick]
+    python benchmarks/bench_gpu.py [--parts heads,paper,syncs] [--mae-batch 128,512] [--quick]
 
 Writes benchmarks/results/gpu_cuda.json. Needs CUDA (``--quick`` also runs on the CPU, as a
 smoke test of the script; no compile there).
@@ -152,9 +155,67 @@ def head_rows(device: torch.device, quick: bool, rounds: int) -> list[dict]:
     return rows
 
 
+def sync_rows(device: torch.device, quick: bool, rounds: int) -> list[dict]:
+    """ms per training step with the host waiting on the GPU never, twice per step (what the
+    Trainer does: the loss's finiteness check before backward and ``float(loss)`` after it), or
+    once after backward (both values in one transfer). Steps of 10 in a row, interleaved."""
+    from medvit.engine.device import autocast_context
+    from medvit.models.mae import build_mae
+
+    def vit_base():
+        return build_mae("vit_base", in_chans=1, img_size=224, patch_size=16, mask_ratio=0.75)
+
+    cases = [("vit_tiny 64px b32", lambda: U.ZOO["vit_tiny"]["build"](64), (32, 1, 64, 64), False),
+             ("mae_vit_tiny 64px b32", lambda: U.ZOO["mae_vit_tiny"]["build"](64), (32, 1, 64, 64), False),
+             ("cswin_unet 32^3 b4", lambda: U.ZOO["cswin_unet"]["build"](32), (4, 3, 32, 32, 32), False)]
+    if not quick:
+        cases += [("mae_vit_base 224 b128 bf16", vit_base, (128, 1, 224, 224), True),
+                  ("mae_vit_base 224 b128 tf32", vit_base, (128, 1, 224, 224), False)]
+    rows = []
+    with tf32(True):
+        for name, build, shape, bf16 in cases:
+            torch.manual_seed(0)
+            model = build().to(device).train()
+            x = torch.randn(*shape, device=device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+            def make(mode: str):
+                def step() -> None:
+                    with autocast_context(device, bf16):
+                        loss = U.output_tensor(model(x)).float().mean()
+                    if mode == "two" and not torch.isfinite(loss.detach()).all():
+                        raise RuntimeError("non-finite loss")
+                    finite = torch.isfinite(loss.detach())
+                    loss.backward()
+                    if mode == "two":
+                        float(loss.detach())
+                    elif mode == "one":
+                        torch.stack([loss.detach(), finite.float()]).tolist()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                return step
+
+            def ten(fn):
+                def run() -> None:
+                    for _ in range(10):
+                        fn()
+                return run
+
+            med = U.interleaved({m: ten(make(m)) for m in ("none", "two", "one")}, device, rounds=rounds // 2 or 1)
+            row = {"case": name, **{f"{k}_ms": round(v / 10 * 1e3, 2) for k, v in med.items()},
+                   "two_over_none": round(med["two"] / med["none"], 3), "one_over_none": round(med["one"] / med["none"], 3)}
+            rows.append(row)
+            print(f"{name:28s} ms/step: no sync {row['none_ms']}, two syncs {row['two_ms']}, one sync {row['one_ms']}")
+            model = opt = None  # free this case's memory before the next
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     p = U.parser(__doc__)
-    p.add_argument("--parts", default="heads,paper", help="comma-separated: heads, paper")
+    p.add_argument("--parts", default="heads,paper,syncs", help="comma-separated: heads, paper, syncs")
     p.add_argument("--mae-batch", default="128", help="comma-separated batch sizes of the MAE paper case (default 128)")
     args = p.parse_args()
     device = U.device_of(args.device)
@@ -169,8 +230,10 @@ def main() -> None:
             payload["paper"], payload["matmul_peak_gflops"] = paper_rows(device, args.quick, rounds, batches)
         elif part == "heads":
             payload["heads"] = head_rows(device, args.quick, rounds)
+        elif part == "syncs":
+            payload["syncs"] = sync_rows(device, args.quick, rounds)
         else:
-            raise SystemExit(f"unknown part {part!r}; allowed: paper, heads")
+            raise SystemExit(f"unknown part {part!r}; allowed: heads, paper, syncs")
         U.write_json(out, payload)  # after every part, so a time limit keeps what was measured
 
 

@@ -7,7 +7,7 @@
 # checks: the CUDA tests (bf16 autocast, determinism, kill-and-resume on CUDA, every model family
 #         against the CPU: tests/test_cuda.py), then the model, switch and peer benchmarks on
 #         CUDA -> OUT_DIR/RESULTS_cuda.md and JSON, then bench_gpu.py (paper sizes, TF32,
-#         compile, CSwin head padding) -> OUT_DIR/gpu_cuda.json.
+#         compile, CSwin head padding, host waits per step) -> OUT_DIR/gpu_cuda.json.
 # brain:  the detector stages of workflows/studies/brain.yaml (synthetic data, split, YOLOv8n
 #         training, detection metrics, PTP) -> OUT_DIR/brain_detector.tgz.
 # Each part has a time limit (seconds: TEST_LIMIT, BENCH_LIMIT, GPU_LIMIT, BRAIN_LIMIT) so the

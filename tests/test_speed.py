@@ -440,11 +440,14 @@ def test_gpu_benchmark_section_and_targets_are_rendered():
                      {**mae, "precision": "bf16", "fraction_of_matmul_peak": 0.52},
                      {**mae, "precision": "bf16_compiled", "fraction_of_matmul_peak": 0.6, "compile_s": 55.0}],
            "heads": [{"batch": 4, "side": 32, "precision": "fp32", "unpadded_s": 0.04, "pad8_speedup": 1.02,
-                      "pad16_speedup": 0.99}]}
+                      "pad16_speedup": 0.99}],
+           "syncs": [{"case": "vit_tiny 64px b32", "none_ms": 20.1, "two_ms": 19.5, "one_ms": 20.1,
+                      "two_over_none": 0.97, "one_over_none": 1.0}]}
     page = run_all.render({"created": "now", "quick": False, "device_type": "cuda", "results_dir": "benchmarks/results/cuda",
                            "machine": {"gpu": "G"}, "rules": {}, "status": {}, "benchmarks": {"gpu": gpu}})
     assert "## GPU at paper sizes" in page and "| bf16_compiled | 6400 |" in page and "| 55 |" in page
     assert "padded for the CUDA flash kernel" in page and "benchmarks/results/cuda/all_cuda.json" in page
+    assert "| vit_tiny 64px b32 | 20.1 | 19.5 | 20.1 | 0.97 | 1 |" in page
     targets = [line for line in page.splitlines() if line.startswith("| MAE pretraining at the MAE paper setting")]
     assert len(targets) == 2  # TF32 (the fp32 default) and bf16; not the reference fp32 or compiled rows
     assert targets[0].endswith("| 32.3% | no |") and targets[1].endswith("| 52.0% | yes |")
