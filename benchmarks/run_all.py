@@ -231,23 +231,21 @@ def _gpu_section(d: dict[str, Any]) -> list[str]:
                                    ("gflop_per_sample", "GFLOP/sample"), ("frac", "% of peak"),
                                    ("speedup_vs_fp32", "x fp32"), ("compile_s", "compile s")]))
         lines.append("")
-    if d.get("heads"):
-        lines += ["### CSwin-UNet: attention heads padded for the CUDA flash kernel", "",
-                  "Head dim 6, zero-padded to 8 (flash's multiple) or 16 with the scale of 6 kept (the same "
-                  "function): speed-up of the training step over unpadded (> 1 helps).", ""]
-        lines.append(_table(d["heads"], [("batch", "batch"), ("side", "side (voxels)"), ("precision", "precision"),
-                                         ("unpadded_s", "unpadded s/step"), ("pad8_speedup", "pad to 8"),
-                                         ("pad16_speedup", "pad to 16")]))
-        lines.append("")
-    if d.get("syncs"):
-        lines += ["### Host waits on the GPU inside a training step", "",
-                  "ms per step (10 steps in a row, interleaved, TF32 on): the host never waiting, waiting twice per "
-                  "step as the Trainer does (the loss's finiteness check before backward, `float(loss)` after it), "
-                  "and once after backward.", ""]
-        lines.append(_table(d["syncs"], [("case", "case"), ("none_ms", "no wait"), ("two_ms", "two waits"),
-                                         ("one_ms", "one wait"), ("two_over_none", "two / none"),
-                                         ("one_over_none", "one / none")]))
-        lines.append("")
+    subsections = [  # (key, heading, text, columns)
+        ("heads", "CSwin-UNet: attention heads padded for the CUDA flash kernel",
+         "Head dim 6, zero-padded to 8 (flash's multiple) or 16 with the scale of 6 kept (the same function): "
+         "speed-up of the training step over unpadded (> 1 helps).",
+         [("batch", "batch"), ("side", "side (voxels)"), ("precision", "precision"), ("unpadded_s", "unpadded s/step"),
+          ("pad8_speedup", "pad to 8"), ("pad16_speedup", "pad to 16")]),
+        ("syncs", "Host waits on the GPU inside a training step",
+         "ms per step (10 steps in a row, interleaved, TF32 on): the host never waiting, waiting twice per step as "
+         "the Trainer does (the loss's finiteness check before backward, `float(loss)` after it), and once after "
+         "backward.",
+         [("case", "case"), ("none_ms", "no wait"), ("two_ms", "two waits"), ("one_ms", "one wait"),
+          ("two_over_none", "two / none"), ("one_over_none", "one / none")])]
+    for key, heading, text, cols in subsections:
+        if d.get(key):
+            lines += [f"### {heading}", "", text, "", _table(d[key], cols), ""]
     return lines
 
 
