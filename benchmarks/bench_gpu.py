@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util as U  # noqa: E402
@@ -111,14 +110,13 @@ def paper_rows(device: torch.device, quick: bool, rounds: int, mae_batches: list
     return rows, {k: round(v / 1e9, 1) for k, v in pk.items()}
 
 
-def padded_attention(multiple: int):
+def padded_to_multiple(multiple: int):
+    """CSwin's attention with head dims zero-padded to a multiple of ``multiple``."""
+    from medvit.models.cswin import padded_attention
+
     def attention(q, k, v, dropout_p: float = 0.0):
         d = q.shape[-1]
-        pad = -d % multiple
-        if not pad:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=d ** -0.5)[..., :d]
+        return padded_attention(q, k, v, d + -d % multiple, dropout_p)
     return attention
 
 
@@ -143,8 +141,8 @@ def head_rows(device: torch.device, quick: bool, rounds: int) -> list[dict]:
                         cswin.flash_friendly_attention = original
                 return run
 
-            med = U.interleaved({"unpadded": variant(original), "pad8": variant(padded_attention(8)),
-                                 "pad16": variant(padded_attention(16))}, device, rounds=rounds, warm_calls=1)
+            med = U.interleaved({"unpadded": variant(original), "pad8": variant(padded_to_multiple(8)),
+                                 "pad16": variant(padded_to_multiple(16))}, device, rounds=rounds, warm_calls=1)
             row = {"batch": batch, "side": side, "precision": "bf16" if bf16 else "fp32",
                    **{f"{k}_s": round(v, 5) for k, v in med.items()},
                    "pad8_speedup": round(med["unpadded"] / med["pad8"], 3),

@@ -200,11 +200,6 @@ def _pct_passes(row: dict[str, Any], dtype: str) -> str | float | None:
     return f"{value} {spread}" if value is not None and spread else value
 
 
-def _matmul_side(all_data: dict[str, Any]) -> int:
-    """The side of the start-of-run peak's matmuls (medvit.engine.speed.matmul_flops' default)."""
-    return 4096 if all_data.get("device_type") == "cuda" else 1024
-
-
 def _passes_sentence(models: dict[str, Any]) -> str:
     passes = max((r.get("passes", 1) for r in models["results"]), default=1)
     if passes == 1:
@@ -353,8 +348,13 @@ def render(all_data: dict[str, Any]) -> str:
     if "models" in b:
         d = b["models"]
         pk = d.get("matmul_peak_gflops", {})
+        import torch
+
+        from medvit.engine.speed import default_matmul_size
+
+        n = default_matmul_size(torch.device(all_data.get("device_type", "cpu")))
         lines += ["## Models: throughput, fraction of the matmul peak, memory", "",
-                  f"Matmul peak ({_matmul_side(all_data)} x {_matmul_side(all_data)}, best of 5 at the start): fp32 "
+                  f"Matmul peak ({n} x {n}, best of 5 at the start): fp32 "
                   f"{pk.get('fp32')} GFLOP/s, bf16 {pk.get('bf16')} "
                   "GFLOP/s. Fractions are training FLOPs (forward + backward, attention included) per second over the "
                   "matmul rate timed in the same interleaved rounds as that model's fp32 and bf16 steps (the `peak` "

@@ -36,7 +36,8 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _default_matmul_size(device: torch.device) -> int:
+def default_matmul_size(device: torch.device) -> int:
+    """Side n of the n x n matmuls that measure a device's peak: large enough to reach it."""
     return 4096 if device.type == "cuda" else 1024
 
 
@@ -51,7 +52,7 @@ def matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.
         repeats: timed calls; the best one counts (least disturbed by other processes).
     """
     device = torch.device(device)
-    n = n or _default_matmul_size(device)
+    n = n or default_matmul_size(device)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     a @ b
@@ -164,7 +165,7 @@ def probe_bf16(device: torch.device | str = "cpu", use_cache: bool = True, n: in
                 return BF16Probe(**{**hit, "key": key, "source": "cache"})
             except TypeError:
                 pass  # an older format: measure again
-    n = n or _default_matmul_size(device)
+    n = n or default_matmul_size(device)
     mats = {dt: (torch.randn(n, n, device=device).to(dt), torch.randn(n, n, device=device).to(dt))
             for dt in (torch.float32, torch.bfloat16)}
     best = {dt: float("inf") for dt in mats}

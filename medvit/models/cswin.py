@@ -89,6 +89,19 @@ def locally_enhanced_positions(conv: nn.Conv3d, v: torch.Tensor, window: Sequenc
 _CPU_FLASH_MIN_HEAD_DIM = 16
 
 
+def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, dropout_p)`` computed with q, k and v
+    zero-padded to ``head_dim`` channels and the scale of their true head dim d: zero columns
+    add nothing to q.k and give zero output columns, so it is the same function (and plain SDPA
+    when ``head_dim <= d``). Shapes: q, k, v (N, heads, T, d) -> (N, heads, T, d)."""
+    d = q.shape[-1]
+    if head_dim <= d:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    q, k, v = (F.pad(t, (0, head_dim - d)) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=d ** -0.5)[..., :d]
+
+
 def flash_friendly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, dropout_p)``, with head dims under 16
     zero-padded to 16 on the CPU while the flash kernel is enabled (outside autocast).
@@ -100,15 +113,12 @@ def flash_friendly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Shapes: q, k, v (N, heads, T, d) -> (N, heads, T, d).
     """
-    d = q.shape[-1]
-    pad = _CPU_FLASH_MIN_HEAD_DIM - d
     # under medvit's CPU autocast attention runs unfused (UnfusedAttention): padding there is
     # only more work. torch.backends.cuda's flash flag gates the CPU flash kernel too.
-    if (pad <= 0 or q.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+    if (q.device.type != "cpu" or torch.is_autocast_enabled("cpu")
             or not torch.backends.cuda.flash_sdp_enabled()):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=d ** -0.5)[..., :d]
+    return padded_attention(q, k, v, _CPU_FLASH_MIN_HEAD_DIM, dropout_p)
 
 
 class CrossShapedWindowAttention(nn.Module):
