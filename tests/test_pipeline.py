@@ -46,8 +46,25 @@ def run_snakemake(workdir: Path, study: Path, *args: str, timeout: int = 900, en
     cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
            "--configfile", str(study), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:] + failed_job_logs(workdir, output)
+    return output
+
+
+def failed_job_logs(workdir: Path, output: str, lines: int = 40) -> str:
+    """The last ``lines`` lines of each failed job's own log (Snakemake's `Error in rule`
+    blocks name it): the job's traceback, which Snakemake's output does not show. Empty when
+    no failed job names a log."""
+    parts = []
+    for block in output.split("Error in rule")[1:]:
+        match = re.search(r"^\s*log: (\S+)", block[:3000], re.M)
+        if not match:
+            continue
+        path = Path(match.group(1))
+        path = path if path.is_absolute() else workdir / path
+        text = path.read_text(errors="replace") if path.is_file() else "(no log file)"
+        parts.append(f"\n--- {path} (last {lines} lines)\n" + "\n".join(text.splitlines()[-lines:]))
+    return "".join(dict.fromkeys(parts))
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -134,3 +151,17 @@ def test_study_report_renders_in_headless_chromium(tiny_run, tmp_path):
 
     workdir, _ = tiny_run
     render_in_chromium(workdir / "results" / "tiny" / "report" / "index.html", tmp_path)
+
+
+def test_a_failed_jobs_own_log_is_shown(tmp_path):
+    """When a workflow test's Snakemake run fails, the assertion message carries the failed
+    job's log (its traceback), read from Snakemake's real `Error in rule` output."""
+    (tmp_path / "Snakefile").write_text(
+        'rule boom:\n    output: "out.txt"\n    log: "logs/boom.log"\n'
+        '    shell: "echo \'ValueError: the real cause\' > {log}; exit 1"\n')
+    proc = subprocess.run([str(BIN / "snakemake"), "--cores", "1", "-s", str(tmp_path / "Snakefile"),
+                           "--directory", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    shown = failed_job_logs(tmp_path, proc.stdout + proc.stderr)
+    assert "logs/boom.log" in shown and "ValueError: the real cause" in shown
+    assert failed_job_logs(tmp_path, "Finished job 0.") == ""

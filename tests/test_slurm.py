@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_pipeline import failed_job_logs  # the workflow tests' reader of failed jobs' logs
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -70,6 +72,31 @@ def scontrol_state(job_id: str, env: dict) -> str:
     return match.group(1) if match else f"unknown ({out.strip()[:200]})"
 
 
+def cluster_report(state: Path, env: dict) -> str:
+    """What a failed test needs to say why jobs did not run: the node's state and reason, the
+    queue with each job's reason, and the last lines of both daemons' logs."""
+    parts = []
+    for cmd in (["sinfo", "-N", "-o", "%N %T %E"], ["squeue", "-a", "-o", "%i %T %r %j"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=30)
+        parts.append(f"--- {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    for name in ("slurmctld.log", "slurmd.log"):
+        path = state / name
+        lines = path.read_text(errors="replace").splitlines()[-30:] if path.is_file() else ["(none)"]
+        parts.append(f"--- {name} (last lines)\n" + "\n".join(lines))
+    return "\n".join(parts)
+
+
+def cancel_all_jobs(env: dict) -> None:
+    """Leave the node empty for the next test, whatever the last one left queued."""
+    subprocess.run(["scancel", "--user", os.environ.get("USER") or "root"], capture_output=True, env=env, timeout=30)
+    for _ in range(60):
+        queue = subprocess.run(["squeue", "-h", "-t", "PENDING,RUNNING,COMPLETING"], capture_output=True, text=True,
+                               env=env, timeout=30).stdout
+        if not queue.strip():
+            return
+        time.sleep(1)
+
+
 @pytest.mark.slurm
 def test_two_studies_run_through_slurm(slurm, tmp_path):
     state, env = slurm
@@ -85,10 +112,22 @@ def test_two_studies_run_through_slurm(slurm, tmp_path):
            f"STUDIES={' '.join(map(str, studies))}", f"PROFILE={REPO / 'workflows/profiles/slurm'}",
            f"SNAKEMAKE_ARGS={args}"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+    # its own session, so that on a timeout make, xargs and both Snakemakes stop together
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=1800)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        log, _ = proc.communicate(timeout=60)
+        log = "(timed out after 1800 s)\n" + log
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        cancel_all_jobs(env)
     wall = time.perf_counter() - t0
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-8000:] + "\n--- slurmctld.log\n" + (state / "slurmctld.log").read_text()[-3000:]
+    assert proc.returncode == 0, log[-8000:] + failed_job_logs(tmp_path, log) + "\n" + cluster_report(state, env)
     print(f"two studies through SLURM: {wall:.0f} s")
 
     # Every job was submitted with sbatch: Snakemake logs the SLURM job id and the log file.
@@ -153,7 +192,8 @@ def test_preempted_training_job_checkpoints_and_resumes_after_requeue(slurm, tmp
     """SLURM itself stops a running training job (`scontrol requeue`: SIGTERM, then the job
     goes back to the queue); the job's second run resumes from the checkpoint written on the
     signal. The training script is tests/test_preemption.py's."""
-    _, env = slurm
+    state, env = slurm
+    cancel_all_jobs(env)
     spec = importlib.util.spec_from_file_location("_preemption", REPO / "tests" / "test_preemption.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -170,7 +210,7 @@ def test_preempted_training_job_checkpoints_and_resumes_after_requeue(slurm, tmp
     loads = out / "loads.txt"
     deadline = time.monotonic() + 600
     while not (loads.exists() and len(loads.read_text().split()) >= 67):   # inside epoch 2
-        assert time.monotonic() < deadline, scontrol_state(job_id, env)
+        assert time.monotonic() < deadline, scontrol_state(job_id, env) + "\n" + cluster_report(state, env)
         time.sleep(0.1)
     requeue = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, env=env)
     assert requeue.returncode == 0, requeue.stderr
@@ -180,7 +220,8 @@ def test_preempted_training_job_checkpoints_and_resumes_after_requeue(slurm, tmp
         if not released and scontrol_state(job_id, env) == "PENDING":
             released = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
                                       capture_output=True, text=True, env=env).returncode == 0
-        assert time.monotonic() < deadline, (scontrol_state(job_id, env), (tmp_path / f"slurm-{job_id}.log").read_text())
+        assert time.monotonic() < deadline, (scontrol_state(job_id, env), (tmp_path / f"slurm-{job_id}.log").read_text(),
+                                             cluster_report(state, env))
         time.sleep(1)
     log = (out / "train.log").read_text()
     assert "SIGTERM: saved checkpoints/last at epoch 2" in log

@@ -80,6 +80,19 @@ fi
 
 # ------------------------------------------------------------------------ configuration
 HOST=$(hostname -s)
+# Daemons of another SLURM on this machine (a run killed before its stop_slurm.sh, or a
+# concurrent one) must not answer for ours: they are listed, and ours take two free ports
+# unless MEDVIT_SLURMCTLD_PORT / MEDVIT_SLURMD_PORT say which.
+others=$(pgrep -a -x 'slurmctld|slurmd' || true)
+[ -z "$others" ] || log "other SLURM daemons already run here (left alone): $(echo "$others" | tr '\n' ';')"
+read -r CTLD_PORT SLURMD_PORT < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))')
+CTLD_PORT=${MEDVIT_SLURMCTLD_PORT:-$CTLD_PORT}
+SLURMD_PORT=${MEDVIT_SLURMD_PORT:-$SLURMD_PORT}
 CPUS=$(nproc)
 MEM_MB=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
 mkdir -p "$STATE/ctld" "$STATE/spool"
@@ -114,8 +127,8 @@ SlurmctldLogFile=$STATE/slurmctld.log
 SlurmdLogFile=$STATE/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-SlurmctldPort=${MEDVIT_SLURMCTLD_PORT:-6817}
-SlurmdPort=${MEDVIT_SLURMD_PORT:-6818}
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -148,4 +161,4 @@ for _ in $(seq 60); do
   sleep 1
 done
 [ "$state" = "idle" ] || fail "node $HOST is '${state:-unknown}', not idle, after 60 s"
-log "node $HOST idle ($CPUS CPUs, ${MEM_MB} MB); SLURM_CONF=$CONF"
+log "node $HOST idle ($CPUS CPUs, ${MEM_MB} MB; ports $CTLD_PORT, $SLURMD_PORT); SLURM_CONF=$CONF"
