@@ -191,10 +191,12 @@ def _cmd_adapt_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medvit import __version__
+    import medvit
 
     parser = argparse.ArgumentParser(prog="medvit", description="medvit: medical image analysis with vision transformers, one stage per subcommand.")
-    parser.add_argument("--version", action="version", version=f"medvit {__version__}")
+    # where the code runs from, as pip does: which checkout a venv's `medvit` command runs
+    parser.add_argument("--version", action="version",
+                        version=f"medvit {medvit.__version__} from {Path(medvit.__file__).resolve().parent}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     manifest = sub.add_parser("manifest", help="manifest tools")

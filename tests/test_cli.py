@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import medvit
 from medvit.cli import main
 
 
@@ -86,3 +87,13 @@ def test_console_command_without_torch_exits_normally(monkeypatch):
     with pytest.raises(SystemExit) as info:
         cli.console_main()
     assert info.value.code == 2
+
+
+def test_the_medvit_command_runs_this_checkout(tmp_path):
+    """The venv's `medvit` command (which every workflow job runs) imports the code under test,
+    not another checkout's: `--version` names where it runs from."""
+    exe = Path(sys.executable).parent / "medvit"
+    proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    repo = Path(__file__).resolve().parents[1]
+    assert proc.returncode == 0 and proc.stdout.strip() == f"medvit {medvit.__version__} from {repo / 'medvit'}", (
+        proc.stdout + proc.stderr)
