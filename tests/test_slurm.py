@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -88,10 +89,11 @@ def cluster_report(state: Path, env: dict) -> str:
 
 def cancel_all_jobs(env: dict) -> None:
     """Leave the node empty for the next test, whatever the last one left queued."""
-    subprocess.run(["scancel", "--user", os.environ.get("USER") or "root"], capture_output=True, env=env, timeout=30)
+    user = pwd.getpwuid(os.getuid()).pw_name
+    subprocess.run(["scancel", "--user", user], capture_output=True, env=env, timeout=30)
     for _ in range(60):
-        queue = subprocess.run(["squeue", "-h", "-t", "PENDING,RUNNING,COMPLETING"], capture_output=True, text=True,
-                               env=env, timeout=30).stdout
+        queue = subprocess.run(["squeue", "-h", "-u", user, "-t", "PENDING,RUNNING,COMPLETING"], capture_output=True,
+                               text=True, env=env, timeout=30).stdout
         if not queue.strip():
             return
         time.sleep(1)
