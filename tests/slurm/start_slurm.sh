@@ -83,7 +83,7 @@ HOST=$(hostname -s)
 # Daemons of another SLURM on this machine (a run killed before its stop_slurm.sh, or a
 # concurrent one) must not answer for ours: they are listed, and ours take two free ports
 # unless MEDVIT_SLURMCTLD_PORT / MEDVIT_SLURMD_PORT say which.
-others=$(pgrep -a -x 'slurmctld|slurmd' || true)
+others=$( (pgrep -a -x slurmctld; pgrep -a -x slurmd) || true)
 [ -z "$others" ] || log "other SLURM daemons already run here (left alone): $(echo "$others" | tr '\n' ';')"
 read -r CTLD_PORT SLURMD_PORT < <(python3 -c '
 import socket
