@@ -8,8 +8,9 @@ A second test has SLURM preempt a running training job (`scontrol requeue`: SIGT
 the queue) and checks that its second run resumes from the checkpoint written on the signal.
 The daemons are stopped by PID at the end (tests/slurm/stop_slurm.sh).
 
-Deselected by `make test` (marker `slurm`); `make test-slurm` and CI (.ci/run) run it. The
-dry run of the profile needs no SLURM and runs with the other tests.
+Deselected by plain `pytest` and `make test` (marker `slurm`, left out by pyproject's addopts);
+`make test-slurm` (`-m slurm`) and CI (.ci/run) run it. The dry run of the profile needs no
+SLURM and runs with the other tests.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def cancel_all_jobs(env: dict) -> None:
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_two_studies_run_through_slurm(slurm, tmp_path):
     state, env = slurm
     names = ["slurm_a", "slurm_b"]
@@ -190,6 +192,7 @@ def test_profile_dry_run_shows_each_training_jobs_request(tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_preempted_training_job_checkpoints_and_resumes_after_requeue(slurm, tmp_path):
     """SLURM itself stops a running training job (`scontrol requeue`: SIGTERM, then the job
     goes back to the queue); the job's second run resumes from the checkpoint written on the
