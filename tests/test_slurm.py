@@ -40,6 +40,10 @@ STOP = REPO / "tests" / "slurm" / "stop_slurm.sh"
 # states; the node keeps finished jobs for MinJobAge = 1 h), no account, quick polling (the
 # defaults, 40 s then 10 s, are meant for busy clusters), and a 2-core node (training rules
 # ask for 4 threads = --cpus-per-task 4).
+# On a heavily loaded 2-core machine the two studies took 901-1090 s (docs/cluster.md): the limit leaves
+# room for a machine twice as busy; the test checks correctness, benchmarks measure speed.
+TWO_STUDIES_TIMEOUT_S = 2700
+
 TEST_CLUSTER_ARGS = ("--slurm-status-command squeue --slurm-no-account --slurm-init-seconds-before-status-checks 2 "
                      "--seconds-between-status-checks 2 --latency-wait 5 --max-threads {cpus}")
 
@@ -120,11 +124,11 @@ def test_two_studies_run_through_slurm(slurm, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:
-        log, _ = proc.communicate(timeout=1800)
+        log, _ = proc.communicate(timeout=TWO_STUDIES_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)
         log, _ = proc.communicate(timeout=60)
-        log = "(timed out after 1800 s)\n" + log
+        log = f"(timed out after {TWO_STUDIES_TIMEOUT_S} s)\n" + log
     finally:
         if proc.returncode is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -213,7 +217,7 @@ def test_preempted_training_job_checkpoints_and_resumes_after_requeue(slurm, tmp
     assert submit.returncode == 0, submit.stderr
     job_id = submit.stdout.strip().split(";")[0]
     loads = out / "loads.txt"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 1200
     while not (loads.exists() and len(loads.read_text().split()) >= 67):   # inside epoch 2
         assert time.monotonic() < deadline, scontrol_state(job_id, env) + "\n" + cluster_report(state, env)
         time.sleep(0.1)
