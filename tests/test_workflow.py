@@ -283,6 +283,10 @@ def test_run_with_fake_stages_and_rerun_only_what_changed(tmp_path):
     assert rc == 0, out
     assert job_counts(out) == {"train": 2, "predict": 2, "evaluate": 2, "compare": 1, "report": 1, "all": 1}
     assert "brain_resnet18" not in out
+    # without the params trigger (workflows/README.md: keeping models after an upgrade that
+    # adds a setting) the changed settings rerun nothing
+    rc, out = run("-n", "--rerun-triggers", "mtime", "input")
+    assert rc == 0 and "Nothing to be done" in out, out
 
     # adding a model trains just that model; evaluation settings re-evaluate without retraining
     study["tasks"]["histo"]["train"] = {}
