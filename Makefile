@@ -22,14 +22,14 @@ demo: setup
 	$(BIN)/snakemake --cores $(CORES) --profile workflows/profiles/local
 
 # The SLURM integration test needs root (it installs and starts a one-node SLURM): CI runs
-# it with `make test-slurm`; `make test` leaves it out.
+# it with `make test-slurm` (-m slurm); every other pytest run leaves it out (pyproject's addopts).
 # Tests run in parallel (pytest-xdist), one worker per core but at most one per 3 GiB of
 # available memory (a workflow test runs Snakemake with two training jobs at once); a test
 # file stays on one worker, so a module's shared Snakemake run is made once. TEST_WORKERS=0
 # runs them in this process.
 TEST_WORKERS ?= $(or $(shell awk -v n=$$(nproc 2>/dev/null || echo 1) '/MemAvailable/ {m = int($$2 / 3145728); print (m < 1 ? 1 : (m < n ? m : n))}' /proc/meminfo 2>/dev/null),auto)
 test: setup
-	$(BIN)/python -m pytest -q -m "not slurm" -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-slurm: setup
 	$(BIN)/python -m pytest -q -m slurm tests/test_slurm.py
