@@ -134,6 +134,9 @@ def test_two_studies_run_through_slurm(slurm, tmp_path):
             log, _ = proc.communicate()
         log = f"(timed out after {TWO_STUDIES_TIMEOUT_S} s)\n" + log
     finally:
+        if proc.poll() is None:  # interrupted (e.g. Ctrl-C): the run has its own session, so no SIGINT reached it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         cancel_all_jobs(env)
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, log[-8000:] + failed_job_logs(tmp_path, log) + "\n" + cluster_report(state, env)
