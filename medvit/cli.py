@@ -39,8 +39,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from medvit.data.realdata import import_dataset
+    from medvit.errors import MedvitError
 
-    manifest = import_dataset(args.dataset, args.source, args.out)
+    if args.source is not None and args.source_from is not None and args.source != args.source_from:
+        raise MedvitError(f"two sources given: {args.source} and --from {args.source_from}")
+    manifest = import_dataset(args.dataset, args.source or args.source_from, args.out)
     print(f"wrote {manifest}")
     return 0
 
@@ -226,8 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=_cmd_synth)
 
     imp = sub.add_parser("import", help="turn a shipped real dataset into files and a manifest")
-    imp.add_argument("dataset", choices=["pneumoniamnist"])
-    imp.add_argument("source", type=Path, help="the dataset file (e.g. pneumoniamnist.npz)")
+    imp.add_argument("dataset", choices=["pneumoniamnist", "nih-cxr14"])
+    imp.add_argument("source", type=Path, nargs="?", default=None,
+                     help="the dataset file (default: the copy the repository ships, e.g. "
+                          "data_manifests/pneumoniamnist/pneumoniamnist.npz)")
+    imp.add_argument("--from", dest="source_from", type=Path, default=None, metavar="PATH",
+                     help="the dataset file (same as SOURCE)")
     imp.add_argument("--out", type=Path, required=True)
     imp.set_defaults(func=_cmd_import)
 

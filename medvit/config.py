@@ -34,8 +34,10 @@ SCHEMA_PATH = Path(medvit.__file__).resolve().parents[1] / "workflows" / "schema
 TASKS = ("xray", "brain", "prostate", "histo")
 """Task families a study may contain, in report order."""
 
-SOURCES = {"pneumoniamnist": Path("data_manifests/pneumoniamnist/pneumoniamnist.npz")}
-"""Shipped real datasets a task may name as ``source`` -> the file imported (relative to the working directory)."""
+SOURCES = {"pneumoniamnist": Path("data_manifests/pneumoniamnist/pneumoniamnist.npz"),
+           "nih-cxr14": Path("data_manifests/nih_cxr14/chestxray14_nih1000_64.npz")}
+"""Real datasets a task may name as ``source`` -> the file ``medvit import`` reads (relative to the
+repository root, the working directory of a Snakemake run)."""
 
 # Human wording for the patterns used in the schema.
 _PATTERN_WORDS = {"^[A-Za-z0-9_-]+$": "letters, digits, '_' and '-' only"}

@@ -17,6 +17,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from medvit.config import SOURCES
 from medvit.errors import MedvitError
 from medvit.provenance import sha256_file
 
@@ -31,6 +32,40 @@ PNEUMONIAMNIST_ATTRIBUTION = """\
 - Redistribution keeps this attribution and the licence; a project that ships the file ships
   this text beside it.
 """
+
+
+NIH_CXR14_SHA256 = "20d28d54107a12b1d116e28983e3486853050a7f58987ea3297bc96d698f7207"
+NIH_CXR14_ATTRIBUTION = """\
+- Source dataset: NIH Clinical Center ChestX-ray14. Xiaosong Wang, Yifan Peng, Le Lu, Zhiyong Lu,
+  Mohammadhadi Bagheri, Ronald M. Summers. "ChestX-ray8: Hospital-scale Chest X-ray Database and
+  Benchmarks on Weakly-Supervised Classification and Localization of Common Thorax Diseases."
+  CVPR 2017. NIH states the data may be used without restriction; acknowledge the NIH Clinical
+  Center as the source and cite the paper. Keep this attribution with the file.
+- Where from: images from GitHub `dinbe0527/kcr2019d1` (`NIH1000/`); labels joined from the
+  ChestX-ray14 label lists in GitHub `arnoweng/CheXNet` (`ChestX-ray14/labels/`).
+"""
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SOURCES: dict[str, Path] = SOURCES
+"""Where ``medvit import NAME`` reads each dataset when no source is given (relative to the
+repository root; a path the user gives is read as given). The same table names the file a
+study's ``source`` imports."""
+
+
+def default_source(name: str) -> Path:
+    """The default file of dataset ``name``: :data:`DEFAULT_SOURCES` under the repository root."""
+    if name not in DEFAULT_SOURCES:
+        raise MedvitError(f"unknown dataset {name!r}; known: {', '.join(sorted(DEFAULT_SOURCES))}")
+    return _REPO_ROOT / DEFAULT_SOURCES[name]
+
+
+def _verify_source(source: Path, filename: str, expected: str) -> None:
+    """Refuse a missing file or one whose SHA-256 is not ``expected``."""
+    if not source.is_file():
+        raise MedvitError(f"{filename} source not found: {source}")
+    digest = sha256_file(source)
+    if digest != expected:
+        raise MedvitError(f"{source} is not the known {filename}: SHA-256 {digest}, expected {expected}")
 
 
 def _write_atomic_csv(df: pd.DataFrame, path: Path) -> None:
@@ -61,12 +96,7 @@ def import_pneumoniamnist(source: str | Path, out_dir: str | Path, limit: int | 
         MedvitError: missing source, checksum mismatch or unexpected contents.
     """
     source, out_dir = Path(source), Path(out_dir)
-    if not source.is_file():
-        raise MedvitError(f"pneumoniamnist source not found: {source}")
-    digest = sha256_file(source)
-    if digest != PNEUMONIAMNIST_SHA256:
-        raise MedvitError(f"{source} is not the known pneumoniamnist.npz: SHA-256 {digest}, expected "
-                          f"{PNEUMONIAMNIST_SHA256}")
+    _verify_source(source, "pneumoniamnist.npz", PNEUMONIAMNIST_SHA256)
     print(f"pneumoniamnist: {source} (SHA-256 verified) -> {out_dir}", flush=True)
     rows = []
     with np.load(source, allow_pickle=False) as data:
@@ -98,15 +128,83 @@ def import_pneumoniamnist(source: str | Path, out_dir: str | Path, limit: int | 
     return manifest
 
 
-IMPORTERS: dict[str, Callable[..., Path]] = {"pneumoniamnist": import_pneumoniamnist}
+def import_nih_cxr14(source: str | Path, out_dir: str | Path, limit: int | None = None) -> Path:
+    """Turn ``chestxray14_nih1000_64.npz`` into 64x64 PNGs and a multi-label manifest.
 
-
-def import_dataset(name: str, source: str | Path, out_dir: str | Path, limit: int | None = None) -> Path:
-    """Import a shipped dataset by name (``medvit import NAME SOURCE --out DIR``).
+    1000 frontal NIH ChestX-ray14 radiographs of 264 patients with the 14 findings. Columns:
+    ``patient_id`` (the NIH patient number, ``nih-00001234``), ``sample_id`` (the NIH file name
+    without ``.png``, e.g. ``nih-00001234_001``), ``image``, ``labels`` (the findings present,
+    ``|``-separated, names as in the file's ``class_names``, e.g. ``Effusion|Pleural_Thickening``;
+    empty for no finding), ``split`` (the file's patient-disjoint ``chexnet_split``: train 725,
+    val 94, test 181 images), ``kcr_split`` (the source repository's own split, ``valid``
+    written ``val``; it puts patients in two splits, so the leakage guard refuses it as a
+    split), ``follow_up``, ``image_index`` (the NIH file name) and ``source_index``.
 
     Args:
-        name: one of :data:`IMPORTERS` (``"pneumoniamnist"``).
-        source: the dataset file.
+        source: the ``.npz`` file; its SHA-256 must match :data:`NIH_CXR14_SHA256`.
+        out_dir: output folder; gets ``images/<split>/*.png``, ``manifest.csv`` and
+            ``ATTRIBUTION.md``.
+        limit: import only the first ``limit`` images of each ``chexnet_split`` split.
+
+    Returns:
+        Path of the manifest.
+
+    Raises:
+        MedvitError: missing source, checksum mismatch or unexpected contents.
+    """
+    source, out_dir = Path(source), Path(out_dir)
+    _verify_source(source, "chestxray14_nih1000_64.npz", NIH_CXR14_SHA256)
+    print(f"nih-cxr14: {source} (SHA-256 verified) -> {out_dir}", flush=True)
+    with np.load(source, allow_pickle=False) as data:
+        try:
+            images, labels, names = data["images"], data["labels"], [str(c) for c in data["class_names"]]
+            patients, follow_up = data["patient_id"], data["follow_up"]
+            index, split, kcr = data["image_index"], data["chexnet_split"], data["kcr_split"]
+        except KeyError as exc:
+            raise MedvitError(f"{source} has no array {exc}; expected images, labels, class_names, patient_id, "
+                              "follow_up, image_index, chexnet_split, kcr_split") from None
+    if images.shape[1:] != (64, 64) or labels.shape != (len(images), len(names)):
+        raise MedvitError(f"{source}: unexpected shapes images {images.shape}, labels {labels.shape}")
+    rows, taken = [], {}
+    for i in tqdm(range(len(images)), desc="nih-cxr14", unit="img", disable=None):
+        sp = str(split[i])
+        if limit is not None and taken.get(sp, 0) >= limit:
+            continue
+        taken[sp] = taken.get(sp, 0) + 1
+        sid = "nih-" + Path(str(index[i])).stem
+        rel = f"images/{sp}/{sid}.png"
+        (out_dir / "images" / sp).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(images[i], dtype=np.uint8)).save(out_dir / rel)
+        kcr_value = str(kcr[i])
+        rows.append({"patient_id": f"nih-{int(patients[i]):08d}", "sample_id": sid, "image": rel,
+                     "labels": "|".join(n for n, v in zip(names, labels[i]) if v),
+                     "split": sp, "kcr_split": "val" if kcr_value == "valid" else kcr_value,
+                     "follow_up": int(follow_up[i]), "image_index": str(index[i]), "source_index": i})
+    df = pd.DataFrame(rows)
+    for sp in ("train", "val", "test"):
+        part = df[df["split"] == sp]
+        print(f"  {sp}: {len(part)} images of {part['patient_id'].nunique()} patients, "
+              f"{(part['labels'] != '').sum()} with a finding", flush=True)
+    manifest = out_dir / "manifest.csv"
+    _write_atomic_csv(df, manifest)
+    (out_dir / "ATTRIBUTION.md").write_text(
+        "# NIH ChestX-ray14 (1000-image subset, 64 px) -- attribution\n\n"
+        f"Imported by `medvit import nih-cxr14` from a file with SHA-256 {NIH_CXR14_SHA256}.\n"
+        "Patient ids are the NIH patient numbers; `split` is the patient-disjoint CheXNet split.\n\n"
+        + NIH_CXR14_ATTRIBUTION, encoding="utf-8")
+    return manifest
+
+
+IMPORTERS: dict[str, Callable[..., Path]] = {"pneumoniamnist": import_pneumoniamnist,
+                                             "nih-cxr14": import_nih_cxr14}
+
+
+def import_dataset(name: str, source: str | Path | None, out_dir: str | Path, limit: int | None = None) -> Path:
+    """Import a shipped dataset by name (``medvit import NAME [SOURCE] --out DIR``).
+
+    Args:
+        name: one of :data:`IMPORTERS`.
+        source: the dataset file; None reads :func:`default_source`.
         out_dir: output folder for images, manifest and attribution.
         limit: import only the first ``limit`` samples of each split.
 
@@ -118,7 +216,10 @@ def import_dataset(name: str, source: str | Path, out_dir: str | Path, limit: in
     """
     if name not in IMPORTERS:
         raise MedvitError(f"unknown dataset {name!r}; known: {', '.join(sorted(IMPORTERS))}")
+    if source is None:
+        source = default_source(name)
     return IMPORTERS[name](source, out_dir, limit=limit)
 
 
-__all__ = ["import_dataset", "import_pneumoniamnist", "IMPORTERS", "PNEUMONIAMNIST_SHA256"]
+__all__ = ["import_dataset", "import_pneumoniamnist", "import_nih_cxr14", "default_source", "IMPORTERS",
+           "DEFAULT_SOURCES", "PNEUMONIAMNIST_SHA256", "NIH_CXR14_SHA256"]

@@ -115,6 +115,7 @@ def _alternation(names):
 
 SYNTH_TASKS = [t for t in TASKS if manifest_origin(config, t) == "synthetic"]
 PNEUMONIAMNIST_TASKS = [t for t in TASKS if manifest_origin(config, t) == "pneumoniamnist"]
+REAL_TASKS = [t for t in TASKS if manifest_origin(config, t) in set(SOURCES) - {"pneumoniamnist"}]
 MODELS = sorted({m for t in TASKS for m in config["tasks"][t]["models"]})
 
 wildcard_constraints:

@@ -52,6 +52,31 @@ rule import_pneumoniamnist:
         "medvit import pneumoniamnist {input.npz} --out {params.out_dir} > {log} 2>&1"
 
 
+rule import_real:
+    input:
+        src=lambda w: source_file(manifest_origin(config, w.task)),
+    output:
+        manifest=f"{OUT}/data/{{task}}/manifest.csv",
+    wildcard_constraints:
+        task=_alternation(REAL_TASKS),
+    params:
+        dataset=lambda w: manifest_origin(config, w.task),
+        out_dir=lambda w, output: os.path.dirname(output.manifest),
+    log:
+        f"{OUT}/logs/import_real/{{task}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/import_real/{{task}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+        gpu=0,
+    conda:
+        CONDA_ENV
+    shell:
+        "medvit import {params.dataset} --from {input.src:q} --out {params.out_dir:q} > {log} 2>&1"
+
+
 rule split:
     input:
         manifest=manifest_of,
