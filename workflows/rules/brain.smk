@@ -61,8 +61,8 @@ if "brain" in TASKS:
             conda:
                 CONDA_ENV
             shell:
-                "medvit detect --config {params.study} --task brain --split {input.split}"
-                " --out {params.out_dir} > {log} 2>&1"
+                "medvit detect --config {params.study:q} --task brain --split {input.split:q}"
+                " --out {params.out_dir:q} > {log:q} 2>&1"
 
         rule brain_detector_evaluate:
             input:
@@ -85,8 +85,8 @@ if "brain" in TASKS:
             conda:
                 CONDA_ENV
             shell:
-                "medvit evaluate --config {params.study} --task brain --model detector"
-                " --predictions {input.predictions} --out {output.metrics} > {log} 2>&1"
+                "medvit evaluate --config {params.study:q} --task brain --model detector"
+                " --predictions {input.predictions:q} --out {output.metrics:q} > {log:q} 2>&1"
 
         rule brain_ptp:
             input:
@@ -109,8 +109,8 @@ if "brain" in TASKS:
             conda:
                 CONDA_ENV
             shell:
-                "medvit ptp --config {params.study} --task brain --predictions {input.predictions}"
-                " --section detection --out {output.ptp} > {log} 2>&1"
+                "medvit ptp --config {params.study:q} --task brain --predictions {input.predictions:q}"
+                " --section detection --out {output.ptp:q} > {log:q} 2>&1"
 
         EXTRA_TARGETS += [f"{_DET}/ptp.json", f"{_DET}/metrics.json", f"{_DET}/detection_metrics.json",
                           f"{_DET}/examples.png"]
@@ -144,8 +144,8 @@ if "brain" in TASKS:
                     json.loads(settings("brain", drop=("models", "train"), extra=_RUN, keep=("distill",))),
                     sort_keys=True),
                 evaluation=json.dumps(config["evaluation"], sort_keys=True),
-                flags=lambda w, input: (f" --teacher {input.teacher}" if w.role == "student_distilled" else
-                                        f" --reuse {input.reuse}" if w.role == "teacher" and _REUSE else ""),
+                flags=lambda w, input: (["--teacher", input.teacher] if w.role == "student_distilled" else
+                                        ["--reuse", input.reuse] if w.role == "teacher" and _REUSE else []),
                 out_dir=lambda w, output: os.path.dirname(output.weights),
             log:
                 f"{OUT}/logs/brain/distill_{{role}}.log",
@@ -159,8 +159,8 @@ if "brain" in TASKS:
             conda:
                 CONDA_ENV
             shell:
-                "medvit distill {wildcards.role} --config {params.study} --task brain --split {input.split}"
-                "{params.flags} --out {params.out_dir} > {log} 2>&1"
+                "medvit distill {wildcards.role:q} --config {params.study:q} --task brain --split {input.split:q}"
+                " {params.flags:q} --out {params.out_dir:q} > {log:q} 2>&1"
 
         rule brain_distill_compare:
             input:
@@ -184,8 +184,8 @@ if "brain" in TASKS:
             conda:
                 CONDA_ENV
             shell:
-                "medvit distill-compare --config {params.study} --task brain --distill-dir {params.distill_dir}"
-                " --out {output.comparison} > {log} 2>&1"
+                "medvit distill-compare --config {params.study:q} --task brain --distill-dir {params.distill_dir:q}"
+                " --out {output.comparison:q} > {log:q} 2>&1"
 
         EXTRA_TARGETS += [f"{_DIS}/comparison.json"]
 
@@ -221,7 +221,7 @@ if "brain" in TASKS:
             conda:
                 CONDA_ENV
             shell:
-                "medvit cascade --config {params.study} --task brain --split {input.split}"
-                " --detector {params.det_dir} --classifier {input.classifier} --out {params.out_dir} > {log} 2>&1"
+                "medvit cascade --config {params.study:q} --task brain --split {input.split:q}"
+                " --detector {params.det_dir:q} --classifier {input.classifier:q} --out {params.out_dir:q} > {log:q} 2>&1"
 
         EXTRA_TARGETS += [f"{_CAS}/metrics.json", f"{_CAS}/ptp.json"]

@@ -24,8 +24,8 @@ rule synth:
     conda:
         CONDA_ENV
     shell:
-        "medvit synth {wildcards.task} --patients {params.patients} --image-size {params.image_size}"
-        " --seed {params.seed} --out {params.out_dir} > {log} 2>&1"
+        "medvit synth {wildcards.task:q} --patients {params.patients:q} --image-size {params.image_size:q}"
+        " --seed {params.seed:q} --out {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule import_pneumoniamnist:
@@ -49,7 +49,7 @@ rule import_pneumoniamnist:
     conda:
         CONDA_ENV
     shell:
-        "medvit import pneumoniamnist {input.npz} --out {params.out_dir} > {log} 2>&1"
+        "medvit import pneumoniamnist {input.npz:q} --out {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule import_real:
@@ -74,7 +74,7 @@ rule import_real:
     conda:
         CONDA_ENV
     shell:
-        "medvit import {params.dataset} --from {input.src:q} --out {params.out_dir:q} > {log} 2>&1"
+        "medvit import {params.dataset:q} --from {input.src:q} --out {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule split:
@@ -97,4 +97,4 @@ rule split:
     conda:
         CONDA_ENV
     shell:
-        "medvit split --config {params.study} --task {wildcards.task} --out {output.split} > {log} 2>&1"
+        "medvit split --config {params.study:q} --task {wildcards.task:q} --out {output.split:q} > {log:q} 2>&1"

@@ -53,8 +53,8 @@ for _task in ADAPT_TASKS:
         conda:
             CONDA_ENV
         shell:
-            "medvit adapt --config {params.study} --task {params.task} --method {wildcards.method}"
-            " --split {input.split} --out {params.out_dir} > {log} 2>&1"
+            "medvit adapt --config {params.study:q} --task {params.task:q} --method {wildcards.method:q}"
+            " --split {input.split:q} --out {params.out_dir:q} > {log:q} 2>&1"
 
     rule:
         name:
@@ -82,8 +82,8 @@ for _task in ADAPT_TASKS:
         conda:
             CONDA_ENV
         shell:
-            "medvit adapt-compare --config {params.study} --task {params.task} --adapt-dir {params.adapt_dir}"
-            " --out {output.comparison} > {log} 2>&1"
+            "medvit adapt-compare --config {params.study:q} --task {params.task:q} --adapt-dir {params.adapt_dir:q}"
+            " --out {output.comparison:q} > {log:q} 2>&1"
 
     EXTRA_TARGETS.append(f"{OUT}/{_task}/adapt/comparison.json")
     # each run too (common.smk: EXTRA_TARGETS)

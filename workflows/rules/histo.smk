@@ -52,8 +52,8 @@ rule train_seed:
     conda:
         CONDA_ENV
     shell:
-        "medvit train --config {params.study} --task {wildcards.task} --model {wildcards.model}"
-        " --split {input.split} --out {params.model_dir} --seed {wildcards.seed} > {log} 2>&1"
+        "medvit train --config {params.study:q} --task {wildcards.task:q} --model {wildcards.model:q}"
+        " --split {input.split:q} --out {params.model_dir:q} --seed {wildcards.seed:q} > {log:q} 2>&1"
 
 
 rule predict_seed:
@@ -80,8 +80,8 @@ rule predict_seed:
     conda:
         CONDA_ENV
     shell:
-        "medvit predict --config {params.study} --task {wildcards.task} --model {wildcards.model}"
-        " --split {input.split} --weights {input.weights} --out {output.predictions} > {log} 2>&1"
+        "medvit predict --config {params.study:q} --task {wildcards.task:q} --model {wildcards.model:q}"
+        " --split {input.split:q} --weights {input.weights:q} --out {output.predictions:q} > {log:q} 2>&1"
 
 
 rule evaluate_seed:
@@ -107,8 +107,8 @@ rule evaluate_seed:
     conda:
         CONDA_ENV
     shell:
-        "medvit evaluate --config {params.study} --task {wildcards.task} --model {wildcards.model}"
-        " --predictions {input.predictions} --out {output.metrics} > {log} 2>&1"
+        "medvit evaluate --config {params.study:q} --task {wildcards.task:q} --model {wildcards.model:q}"
+        " --predictions {input.predictions:q} --out {output.metrics:q} > {log:q} 2>&1"
 
 
 # CPU timing: the job asks for the threads it times with (compare.cpu_threads) and no GPU.
@@ -143,7 +143,7 @@ rule compare:
     conda:
         CONDA_ENV
     shell:
-        "medvit compare --config {params.study} --task {wildcards.task} --out {params.out_dir} > {log} 2>&1"
+        "medvit compare --config {params.study:q} --task {wildcards.task:q} --out {params.out_dir:q} > {log:q} 2>&1"
 
 
 EXTRA_TARGETS += [

@@ -51,8 +51,8 @@ if "prostate" in TASKS:
         conda:
             CONDA_ENV
         shell:
-            "medvit ssl-pretrain --config {params.study} --task prostate --split {input.split}"
-            " --fold {wildcards.fold} --out {params.out_dir} > {log} 2>&1"
+            "medvit ssl-pretrain --config {params.study:q} --task prostate --split {input.split:q}"
+            " --fold {wildcards.fold:q} --out {params.out_dir:q} > {log:q} 2>&1"
 
     rule prostate_fold:
         input:
@@ -67,7 +67,7 @@ if "prostate" in TASKS:
         params:
             study=STUDY_FILE,
             settings=prostate_fold_settings,
-            init=lambda w, input: f"--init {input.init}" if "init" in input.keys() else "",
+            init=lambda w, input: ["--init", input.init] if "init" in input.keys() else [],
             out_dir=lambda w, output: os.path.dirname(output.weights),
         log:
             f"{OUT}/logs/train/prostate_{{model}}_fold{{fold}}.log",
@@ -81,8 +81,8 @@ if "prostate" in TASKS:
         conda:
             CONDA_ENV
         shell:
-            "medvit cv-fold --config {params.study} --task prostate --model {wildcards.model}"
-            " --split {input.split} --fold {wildcards.fold} {params.init} --out {params.out_dir} > {log} 2>&1"
+            "medvit cv-fold --config {params.study:q} --task prostate --model {wildcards.model:q}"
+            " --split {input.split:q} --fold {wildcards.fold:q} {params.init:q} --out {params.out_dir:q} > {log:q} 2>&1"
 
     rule prostate_cv_pool:
         input:
@@ -96,7 +96,7 @@ if "prostate" in TASKS:
         params:
             study=STUDY_FILE,
             settings=lambda w: settings("prostate", drop=_PROSTATE_LOCAL + ("ssl", "train", "cswin")),
-            folds=lambda w, input: " ".join(os.path.dirname(p) for p in input.weights),
+            folds=lambda w, input: [os.path.dirname(p) for p in input.weights],
             model_dir=lambda w, output: os.path.dirname(output.weights),
         log:
             f"{OUT}/logs/train/prostate_{{model}}.log",
@@ -110,8 +110,8 @@ if "prostate" in TASKS:
         conda:
             CONDA_ENV
         shell:
-            "medvit cv-pool --config {params.study} --task prostate --model {wildcards.model}"
-            " --split {input.split} --folds {params.folds} --out {params.model_dir} > {log} 2>&1"
+            "medvit cv-pool --config {params.study:q} --task prostate --model {wildcards.model:q}"
+            " --split {input.split:q} --folds {params.folds:q} --out {params.model_dir:q} > {log:q} 2>&1"
 
     ruleorder: prostate_cv_pool > train
     ruleorder: prostate_cv_pool > predict
@@ -139,8 +139,8 @@ if "prostate" in TASKS:
                 conda:
                     CONDA_ENV
                 shell:
-                    "medvit synth prostate --patients {params.patients} --image-size {params.image_size}"
-                    " --seed {params.seed} --out {params.out_dir} > {log} 2>&1"
+                    "medvit synth prostate --patients {params.patients:q} --image-size {params.image_size:q}"
+                    " --seed {params.seed:q} --out {params.out_dir:q} > {log:q} 2>&1"
 
         rule prostate_external:
             input:
@@ -168,8 +168,8 @@ if "prostate" in TASKS:
             conda:
                 CONDA_ENV
             shell:
-                "medvit external-test --config {params.study} --task prostate --model {wildcards.model}"
-                " --split {input.split} --weights {input.weights} --out {params.out_dir} > {log} 2>&1"
+                "medvit external-test --config {params.study:q} --task prostate --model {wildcards.model:q}"
+                " --split {input.split:q} --weights {input.weights:q} --out {params.out_dir:q} > {log:q} 2>&1"
 
     rule prostate_cv_summary:
         input:
@@ -193,8 +193,8 @@ if "prostate" in TASKS:
         conda:
             CONDA_ENV
         shell:
-            "medvit cv-summary --config {params.study} --task prostate --split {input.split}"
-            " --out {output.summary} > {log} 2>&1"
+            "medvit cv-summary --config {params.study:q} --task prostate --split {input.split:q}"
+            " --out {output.summary:q} > {log:q} 2>&1"
 
     EXTRA_TARGETS.append(f"{_PDIR}/cv_summary.json")
     # each fold too (common.smk: EXTRA_TARGETS)

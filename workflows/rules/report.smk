@@ -22,8 +22,8 @@ rule evaluate:
     conda:
         CONDA_ENV
     shell:
-        "medvit evaluate --config {params.study} --task {wildcards.task} --model {wildcards.model}"
-        " --predictions {input.predictions} --out {output.metrics} > {log} 2>&1"
+        "medvit evaluate --config {params.study:q} --task {wildcards.task:q} --model {wildcards.model:q}"
+        " --predictions {input.predictions:q} --out {output.metrics:q} > {log:q} 2>&1"
 
 
 rule report:
@@ -53,4 +53,4 @@ rule report:
     conda:
         CONDA_ENV
     shell:
-        "medvit report --config {params.study} --out {output.html} {input.metrics} > {log} 2>&1"
+        "medvit report --config {params.study:q} --out {output.html:q} {input.metrics:q} > {log:q} 2>&1"

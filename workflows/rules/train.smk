@@ -26,8 +26,8 @@ rule train:
     conda:
         CONDA_ENV
     shell:
-        "medvit train --config {params.study} --task {wildcards.task} --model {wildcards.model}"
-        " --split {input.split} --out {params.model_dir} > {log} 2>&1"
+        "medvit train --config {params.study:q} --task {wildcards.task:q} --model {wildcards.model:q}"
+        " --split {input.split:q} --out {params.model_dir:q} > {log:q} 2>&1"
 
 
 rule predict:
@@ -51,5 +51,5 @@ rule predict:
     conda:
         CONDA_ENV
     shell:
-        "medvit predict --config {params.study} --task {wildcards.task} --model {wildcards.model}"
-        " --split {input.split} --weights {input.weights} --out {output.predictions} > {log} 2>&1"
+        "medvit predict --config {params.study:q} --task {wildcards.task:q} --model {wildcards.model:q}"
+        " --split {input.split:q} --weights {input.weights:q} --out {output.predictions:q} > {log:q} 2>&1"

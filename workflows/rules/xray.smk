@@ -36,5 +36,5 @@ rule pretrain:
     conda:
         CONDA_ENV
     shell:
-        "medvit pretrain --config {params.study} --task xray --split {input.split}"
-        " --out {params.out_dir} > {log} 2>&1"
+        "medvit pretrain --config {params.study:q} --task xray --split {input.split:q}"
+        " --out {params.out_dir:q} > {log:q} 2>&1"
