@@ -82,3 +82,137 @@ def test_study_path_with_command_substitution_and_spaces_runs_nothing(tmp_path):
     assert not list(tmp_path.rglob("PWNED")) and not (REPO / "PWNED").exists(), out[-3000:]
     assert proc.returncode == 0, out[-3000:]
     assert (tmp_path / target).is_file()
+
+
+# ------------------------------------------------------------------ 2, 3. pixel budgets from headers
+
+from medvit.data.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, read_image  # noqa: E402
+
+
+def _dicom(path: Path, frames: int, rows: int, cols: int, *, pixel_bytes: bytes | None = None, ipp=None,
+           series: str = "1.2.826.0.7.1") -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "CT", "1.2.826.0.7", series
+    ds.Rows, ds.Columns = rows, cols
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if ipp is not None:
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = list(ipp), [1, 0, 0, 0, 1, 0]
+    values = np.arange(frames * rows * cols, dtype=np.uint16) % 4000
+    ds.PixelData = values.tobytes() if pixel_bytes is None else pixel_bytes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _nifti(path: Path, shape: tuple[int, ...], header_only: bool = False) -> Path:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+    img.header.set_data_shape(shape)
+    header = img.header.binaryblock + b"\0" * 4  # 348-byte header, empty extension flag
+    data = b"" if header_only else (np.arange(math.prod(shape), dtype=np.int16) % 300).tobytes()
+    with gzip.open(path, "wb", compresslevel=1) as fh:
+        fh.write(header + data)
+    return path
+
+
+def _tiff(path: Path, pages: int, size: int) -> Path:
+    from PIL import Image
+
+    ims = [Image.fromarray(((np.arange(size * size) + k) % 250).astype(np.uint8).reshape(size, size))
+           for k in range(pages)]
+    ims[0].save(path, save_all=True, append_images=ims[1:], compression="tiff_deflate")
+    return path
+
+
+import math  # noqa: E402
+
+
+def _over_budget_files(folder: Path) -> dict[str, Path]:
+    """Files of 100,000 to 300,000 pixel values whose every page/frame/slice is small."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series = folder / "series"
+    for k in range(30):
+        _dicom(series / f"s{k:02d}.dcm", 1, 64, 64, ipp=(0, 0, 2.0 * k))
+    np.save(folder / "volume.npy", (np.arange(64**3) % 97).astype(np.uint8).reshape(64, 64, 64))
+    return {
+        "nifti": _nifti(folder / "volume.nii.gz", (64, 64, 64)),
+        "dicom_multiframe": _dicom(folder / "multiframe.dcm", 40, 64, 64),
+        "dicom_series": series,
+        "npy": folder / "volume.npy",
+        "tiff_pages": _tiff(folder / "pages.tif", 20, 100),
+    }
+
+
+def test_pixel_budget_counts_every_frame_page_and_slice_before_decoding(tmp_path, monkeypatch):
+    files = _over_budget_files(tmp_path / "data")
+    for name, path in files.items():  # each is fine under the default budget
+        assert read_image(path).array.size > 100_000, name
+    monkeypatch.setenv(MAX_PIXELS_ENV, "100000")
+    import nibabel
+    import pydicom
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("pixel data decoded although the header is over the budget")
+
+    monkeypatch.setattr(nibabel.Nifti1Image, "get_fdata", no_decoding)
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(no_decoding))
+    monkeypatch.setattr(np, "load", no_decoding)
+    for name, path in files.items():
+        with pytest.raises(ImageReadError, match=r"image too large: .* over the budget of 100,000") as info:
+            read_image(path)
+        assert MAX_PIXELS_ENV in info.value.reason, name
+    assert "the first 11 pages (first page 100x100) = 110,000" in str(
+        pytest.raises(ImageReadError, read_image, files["tiff_pages"]).value)
+    assert "40 frame(s) of 64x64" in str(pytest.raises(ImageReadError, read_image, files["dicom_multiframe"]).value)
+    assert "30 slices" in str(pytest.raises(ImageReadError, read_image, files["dicom_series"]).value)
+
+
+def test_over_budget_files_are_quarantined_rows_never_a_crash(tmp_path, monkeypatch, capsys):
+    """The attack files: a tiny .nii.gz declaring 800x800x400 voxels, a .npy header declaring
+    as many, a DICOM declaring 100 frames of 2000x2000, and (under a lowered budget) a
+    multi-page TIFF whose pages are each small. The default budget refuses the first three
+    from their headers; the good rows are kept."""
+    assert 512**3 <= DEFAULT_MAX_PIXELS < 800 * 800 * 400
+    manifest = _histo(tmp_path / "data")
+    folder = manifest.parent
+    _nifti(folder / "bomb.nii.gz", (800, 800, 400), header_only=True)
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1,), np.int16))
+    with open(folder / "bomb.npy", "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {**header, "shape": (800, 800, 400)})
+    _dicom(folder / "bomb.dcm", 100, 2000, 2000, pixel_bytes=b"\0" * 64)
+    _tiff(folder / "pages.tif", 20, 100)
+    lines = manifest.read_text().splitlines()
+    head = lines[0].split(",")
+    for i, name in enumerate(["bomb.nii.gz", "bomb.npy", "bomb.dcm", "pages.tif"], start=1):
+        row = lines[i].split(",")
+        row[head.index("image")] = name
+        lines[i] = ",".join(row)
+    manifest.write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv(MAX_PIXELS_ENV, "150000")
+    report = validate_manifest(manifest)
+    reasons = {p.row: p.reason for p in report.problems if p.row is not None}
+    assert sorted(reasons) == [1, 2, 3, 4], reasons
+    assert "800x800x400 = 256,000,000 pixel values" in reasons[1] and "800x800x400" in reasons[2]
+    assert "100 frame(s) of 2000x2000" in reasons[3] and "400,000,000" in reasons[3]
+    assert "the first 16 pages (first page 100x100) = 160,000 pixel values" in reasons[4]
+    assert report.summary["samples"] == len(lines) - 1 - 4
+    assert main(["manifest", "validate", str(manifest)]) == 1
+    out = capsys.readouterr()
+    assert "image too large" in out.out and "Traceback" not in out.out + out.err
+    assert len(load_manifest(manifest, check_files=True).df) == len(lines) - 1 - 4
+    monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
+    with pytest.raises(ConfigError, match=MAX_PIXELS_ENV):
+        validate_manifest(manifest)

@@ -13,6 +13,11 @@ Supported inputs (the full rules, with the reasons behind them, are in ``docs/io
   (RAS) orientation.
 * NumPy ``.npy``, loaded with ``allow_pickle=False``.
 
+Every reader first checks the image's size against a pixel budget (:func:`max_pixels`,
+``$MEDVIT_MAX_PIXELS``), counted from the header over all channels, frames, pages and slices
+before anything is decoded, so a small file that declares a huge image is rejected instead of
+exhausting memory.
+
 Intensities are real units. The DICOM modality LUT (rescale slope/intercept) is applied and
 MONOCHROME1 is inverted so that larger always means brighter. A VOI LUT or window is applied
 only when the caller asks for display values (``window=True``). Anything that cannot be read
@@ -35,9 +40,12 @@ import numpy as np
 from medvit.errors import ImageReadError
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "ImageData",
+    "MAX_PIXELS_ENV",
     "SUPPORTED_FORMATS",
     "detect_format",
+    "max_pixels",
     "read_dicom_header",
     "read_image",
     "read_sample",
@@ -73,6 +81,14 @@ _LABEL = {
     "text": "text", None: "unrecognised data",
 }
 _PRINTABLE = set(string.printable.encode())
+MAX_PIXELS_ENV = "MEDVIT_MAX_PIXELS"
+"""Environment variable that replaces :data:`DEFAULT_MAX_PIXELS` (a positive integer)."""
+DEFAULT_MAX_PIXELS = 2**27
+"""Most pixel values (pixels x channels x frames/pages/slices) one image may declare:
+134,217,728, e.g. a 512x512x512 volume or a 6,688x6,688 RGB image. Decoding one costs up to
+about 16 bytes per value on the way to float32 (2 GiB at the cap), which leaves room for
+parallel jobs and data-loader workers on a 24 GiB machine. Pillow's own limit (about 179
+million pixels per page) is kept as well."""
 _DICOMDIR_SOP = "1.2.840.10008.1.3.10"
 
 
@@ -111,6 +127,43 @@ class ImageData:
 
 
 # --------------------------------------------------------------------------------------
+# pixel budget
+
+
+def max_pixels() -> int:
+    """The pixel budget: ``$MEDVIT_MAX_PIXELS`` if set, else :data:`DEFAULT_MAX_PIXELS`.
+
+    Raises:
+        ConfigError: the variable is set to something other than a positive integer.
+    """
+    from medvit.errors import ConfigError
+
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"${MAX_PIXELS_ENV}: got {raw!r}; allowed: a positive integer (pixel values per image, "
+                          f"default {DEFAULT_MAX_PIXELS})")
+    return value
+
+
+def _check_budget(p: Path, count: int, what: str) -> None:
+    """Refuse an image that declares more than :func:`max_pixels` values (before decoding)."""
+    budget = max_pixels()
+    if count > budget:
+        raise ImageReadError(p, f"image too large: {what} = {count:,} pixel values, over the budget of {budget:,} "
+                                f"(${MAX_PIXELS_ENV}); not decoded")
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+# --------------------------------------------------------------------------------------
 # public entry points
 
 
@@ -137,6 +190,7 @@ def read_image(path: str | os.PathLike[str], *, window: bool = False) -> ImageDa
         p = Path(os.fspath(path))
     except TypeError:
         raise ImageReadError(str(path), f"not a file path ({type(path).__name__})") from None
+    max_pixels()  # a malformed $MEDVIT_MAX_PIXELS is a ConfigError of the run, not of this file
     try:
         fmt = detect_format(p)
         if fmt == "dicom-series":
@@ -365,7 +419,7 @@ def _read_pillow(p: Path, fmt: str) -> ImageData:
         with Image.open(p) as im:
             if im.format not in _PIL_FORMATS[fmt]:
                 raise ImageReadError(p, f"content is {im.format}, not {fmt.upper()} (wrong extension?)")
-            n_pages = int(getattr(im, "n_frames", 1) or 1)
+            n_pages = _pillow_budget(p, im, fmt)
             if fmt == "tiff" and n_pages > 1:
                 pages = []
                 for i in range(n_pages):
@@ -388,6 +442,31 @@ def _read_pillow(p: Path, fmt: str) -> ImageData:
         raise ImageReadError(p, f"image too large for Pillow ({_short(exc, p)})") from exc
     except Exception as exc:
         raise ImageReadError(p, f"cannot decode {fmt.upper()} ({_short(exc, p)})") from exc
+
+
+def _pil_values(im) -> int:
+    bands = 3 if im.mode in ("P", "PA") else max(1, len(im.getbands()))
+    return int(im.width) * int(im.height) * bands
+
+
+def _pillow_budget(p: Path, im, fmt: str) -> int:
+    """Check the pixel budget over every page (multi-page TIFF: all of them) from the page
+    headers, before any page is decoded; return the number of pages to read."""
+    total = _pil_values(im)
+    if fmt != "tiff":
+        _check_budget(p, total, f"{im.width}x{im.height}x{total // max(1, im.width * im.height)}")
+        return 1
+    pages, first = 1, f"{im.width}x{im.height}"
+    while True:  # stops at the first page over the budget: a file may declare millions
+        _check_budget(p, total, f"the first {pages} pages (first page {first})" if pages > 1 else first)
+        try:
+            im.seek(pages)
+        except EOFError:
+            break
+        pages += 1
+        total += _pil_values(im)
+    im.seek(0)
+    return pages
 
 
 def _check_png_end(p: Path) -> None:
@@ -446,7 +525,25 @@ def _pil_to_array(p: Path, im) -> np.ndarray:
 # NumPy
 
 
+def _npy_header(p: Path) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and dtype from a ``.npy`` header (None when it cannot be parsed: ``np.load``
+    then says why)."""
+    from numpy.lib import format as npy_format
+
+    try:
+        with open(p, "rb") as fh:
+            version = npy_format.read_magic(fh)
+            read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+        return tuple(int(s) for s in shape), dtype
+    except Exception:
+        return None
+
+
 def _read_npy(p: Path) -> ImageData:
+    header = _npy_header(p)
+    if header is not None and not header[1].hasobject:
+        _check_budget(p, math.prod(header[0]), _dims(header[0]))
     try:
         arr = np.load(p, allow_pickle=False)
     except ValueError as exc:
@@ -504,6 +601,7 @@ def _read_nifti(p: Path) -> ImageData:
     if n_channels > 4:
         raise ImageReadError(p, f"{len(shape)}D NIfTI {shape}: {n_channels} volumes beyond the 3 spatial axes; at "
                                 "most 4 are read as channels, so split time series into 3D files (e.g. fslsplit)")
+    _check_budget(p, math.prod(shape), _dims(shape))
     if p.name.lower().endswith(".gz"):
         _check_gzip_complete(p, int(img.header.get_data_offset()) + int(np.prod(shape)) * dtype.itemsize)
     try:
@@ -650,6 +748,25 @@ def _n_frames(ds, p: Path) -> int:
         return max(1, int(ds.get("NumberOfFrames", 1) or 1))
     except Exception:
         raise ImageReadError(p, f"invalid NumberOfFrames {ds['NumberOfFrames'].value!r}") from None
+
+
+def _dicom_samples(ds) -> int:
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    try:
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except Exception:
+        samples = 1
+    return max(samples, 3 if photometric == "PALETTE COLOR" else 1)
+
+
+def _dicom_values(ds, p: Path) -> int:
+    """Pixel values a DICOM header declares (rows x columns x frames x samples), from the
+    header alone; 0 when Rows/Columns are unusable (decoding then says why)."""
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except Exception:
+        return 0
+    return max(rows, 0) * max(cols, 0) * _n_frames(ds, p) * _dicom_samples(ds)
 
 
 def _floats(value: Any, n: int) -> np.ndarray | None:
@@ -813,6 +930,7 @@ def _decode_dicom(ds, p: Path) -> _DicomPixels:
     _ensure_transfer_syntax(ds, p)
     frames = _n_frames(ds, p)
     rows, cols = int(ds.Rows), int(ds.Columns)
+    _check_budget(p, _dicom_values(ds, p), f"{frames} frame(s) of {rows}x{cols}x{_dicom_samples(ds)}")
     try:
         raw = ds.pixel_array
     except Exception as exc:
@@ -987,6 +1105,7 @@ def _read_dicom_series(folder: Path, window: bool) -> ImageData:
     for f, ds in headers:
         if _n_frames(ds, f) > 1:
             raise ImageReadError(folder, "series holds several multi-frame files; read them one by one")
+    _check_budget(folder, sum(_dicom_values(ds, f) for f, ds in headers), f"{len(headers)} slices")
     ordered, dz, orientation = _order_slices(headers, folder)
     datasets, pixels = [], []
     for f in ordered:

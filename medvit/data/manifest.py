@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from medvit.errors import ImageReadError, LeakageError, ManifestError
+from medvit.errors import ConfigError, ImageReadError, LeakageError, ManifestError
 
 logger = logging.getLogger(__name__)
 
@@ -358,10 +358,12 @@ def _file_problems(df: pd.DataFrame, root: Path, check_files: bool,
                 sample = read_sample({c: rec[c] for c in img_cols}, root)
             except ImageReadError as exc:
                 problems.append(Problem(row, _column_of(exc.path, rec, img_cols, root), f"unreadable: {exc.reason}"))
+            except ConfigError:
+                raise  # a bad setting (e.g. $MEDVIT_MAX_PIXELS) is the run's problem, not the row's
             except Exception as exc:  # noqa: BLE001 -- one odd file must not stop the run; the reason is reported
                 problems.append(Problem(row, img_cols[0], f"unreadable: {type(exc).__name__}: {exc}"))
             if sample is not None and pixels is not None and np.ptp(sample.array) > 0:  # blank images are not evidence
-                pixels[row] = hashlib.sha256(str(sample.shape).encode() + sample.array.tobytes()).hexdigest()
+                pixels[row] = _pixel_digest(sample.array)
             if sample is not None:
                 layouts[row] = (sample.shape[0], len(sample.shape) - 1)
         if "mask" in extra and "mask" not in absent:
@@ -387,6 +389,13 @@ def _file_problems(df: pd.DataFrame, root: Path, check_files: bool,
             if reason:
                 problems.append(Problem(row, "boxes", reason))
     return problems + _layout_problems(layouts, img_cols[0])
+
+
+def _pixel_digest(array: np.ndarray) -> str:
+    """SHA-256 of an array's shape and values, hashed in place (no copy of the pixels)."""
+    digest = hashlib.sha256(str(tuple(array.shape)).encode())
+    digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.hexdigest()
 
 
 def _layout_problems(layouts: dict[int, tuple[int, int]], column: str) -> list[Problem]:
