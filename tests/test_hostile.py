@@ -216,3 +216,86 @@ def test_over_budget_files_are_quarantined_rows_never_a_crash(tmp_path, monkeypa
     monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
     with pytest.raises(ConfigError, match=MAX_PIXELS_ENV):
         validate_manifest(manifest)
+
+
+# ------------------------------------------------------------------ 4. classes a model cannot learn
+
+
+def _split_manifest(tmp_path: Path, relabel: dict[int, dict[str, str]]) -> Path:
+    """An 8-patient histo manifest with a given split column (patients 0-3 train, 4-5 val,
+    6-7 test) and some rows relabelled."""
+    manifest = _histo(tmp_path / "data", patients=8)
+    import pandas as pd
+
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    order = {p: i for i, p in enumerate(sorted(df["patient_id"].unique()))}
+    df["split"] = [("train", "train", "train", "train", "val", "val", "test", "test")[order[p]]
+                   for p in df["patient_id"]]
+    for row, values in relabel.items():  # 1-based data rows
+        for column, value in values.items():
+            df.loc[row - 1, column] = value
+    df.to_csv(manifest, index=False)
+    return manifest
+
+
+def _test_rows(manifest: Path, n: int = 2) -> list[int]:
+    import pandas as pd
+
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    return [i + 1 for i in df.index[df["split"] == "test"][:n]]
+
+
+def _study(tmp_path: Path, task: dict) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"study": "s", "tasks": {"histo": {"manifest": "data/manifest.csv", **task}}}))
+    return path
+
+
+def test_a_label_only_in_test_rows_never_makes_a_binary_task_multiclass(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ROOTS_ENV, raising=False)
+    manifest = _split_manifest(tmp_path, {})
+    rows = _test_rows(manifest)
+    import pandas as pd
+
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    df.loc[[r - 1 for r in rows], "label"] = "weird"
+    df.to_csv(manifest, index=False)
+    study = _study(tmp_path, {"label_column": "label", "positive_class": "malignant"})
+    assert main(["split", "--config", str(study), "--task", "histo", "--out", "results/s/histo/split.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "positive_class 'malignant' declares a binary task" in err and "'weird'" in err
+    assert f"rows {rows[0]}, {rows[1]} (split test)" in err
+    assert not (tmp_path / "results" / "s" / "histo" / "split.csv").exists()
+    # a positive class the data does not have is refused too, naming the classes found
+    study = _study(tmp_path, {"label_column": "label", "positive_class": "cancer"})
+    assert main(["split", "--config", str(study), "--task", "histo", "--out", "results/s/histo/split.csv"]) == 2
+    err = capsys.readouterr().err
+    assert "positive_class: 'cancer' is not a class of column 'label'" in err and "benign" in err
+
+
+def test_a_class_absent_from_training_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """Multiclass (subtype): a subtype only in test rows would be an untrained output."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ROOTS_ENV, raising=False)
+    manifest = _split_manifest(tmp_path, {})
+    rows = _test_rows(manifest)
+    import pandas as pd
+
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    df.loc[[r - 1 for r in rows], "subtype"] = "rare_subtype"
+    df.to_csv(manifest, index=False)
+    study = _study(tmp_path, {"label_column": "subtype"})
+    assert main(["split", "--config", str(study), "--task", "histo", "--out", "results/s/histo/split.csv"]) == 2
+    err = capsys.readouterr().err
+    assert "class 'rare_subtype' of column 'subtype' occurs only in" in err
+    assert f"rows {rows[0]}, {rows[1]} (split test)" in err and "training split has no sample" in err
+    # the training stage refuses a split.csv with the same defect (e.g. written by hand)
+    from medvit.tasks.common import load_context
+
+    df["_row"] = range(1, len(df) + 1)
+    split = tmp_path / "data" / "split.csv"
+    df.drop(columns="_row").to_csv(split, index=False)
+    with pytest.raises(ManifestError, match="rare_subtype.*split test"):
+        load_context(study, "histo", split)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from medvit.config import load_study, task_config, task_manifest_path
-from medvit.data.manifest import Manifest, class_names, finding_names, load_manifest
+from medvit.data.manifest import Manifest, class_names, finding_names, finding_sets, load_manifest
 from medvit.data.sampling import resample_to_anomaly_ratio
 from medvit.data.splits import assign_splits, check_no_leakage, split_summary
 from medvit.fileio import atomic_write_json, atomic_write_text
@@ -81,16 +81,83 @@ def task_spec(task: str, tcfg: dict[str, Any], df: pd.DataFrame) -> TaskSpec:
         raise ManifestError(f"task {task!r} needs a {column!r} column in its manifest; columns are "
                             f"{[c for c in df.columns if not c.startswith('_')]}")
     names = class_names(df, column)
+    positive = tcfg.get("positive_class")
+    if positive is not None and (task != "histo" or column == "label"):  # the study declares a binary task
+        _check_binary(task, column, str(positive), names, df)
     if len(names) < 2:
         raise ManifestError(f"column {column!r} has a single class {names}: nothing to learn")
     if len(names) > 2:
         return TaskSpec("multiclass", names, column, names)
-    positive = tcfg.get("positive_class")
     if positive not in names:
         negatives = [n for n in names if n.lower() in _NEGATIVE_NAMES or n.lower().startswith("no_")]
         positive = next(n for n in names if n not in negatives) if len(negatives) == 1 else names[1]
     negative = next(n for n in names if n != positive)
     return TaskSpec("binary", [positive], column, [negative, positive])
+
+
+def rows_with(df: pd.DataFrame, column: str, value: str, limit: int = 10) -> str:
+    """Where ``value`` occurs in ``column``: ``"rows 17, 18 (split test)"`` (1-based manifest rows;
+    the splits they are in when the rows have one)."""
+    if column == "labels":
+        hit = finding_sets(df).map(lambda s: value in s)
+    else:
+        hit = df[column].astype(str) == value
+    part = df[hit.to_numpy()]
+    rows = [str(r) for r in part["_row"]] if "_row" in part.columns else [str(i + 1) for i in part.index]
+    text = f"row{'s' * (len(rows) > 1)} {', '.join(rows[:limit])}{' ...' if len(rows) > limit else ''}"
+    if "split" in part.columns:
+        splits = sorted({str(s) for s in part["split"]} - {""})
+        if splits:
+            text += f" (split {', '.join(splits)})"
+    return text
+
+
+def _check_binary(task: str, column: str, positive: str, names: list[str], df: pd.DataFrame) -> None:
+    """``positive_class`` declares a binary task: the column must hold exactly that class and one other."""
+    if positive not in names:
+        raise ManifestError(f"tasks.{task}.positive_class: {positive!r} is not a class of column {column!r}, "
+                            f"whose classes are {', '.join(names) or 'none'}; allowed: one of them (the task is "
+                            "binary: positive_class and one other class)")
+    if len(names) > 2:
+        counts = df[column].astype(str).value_counts()
+        negative = max((n for n in names if n != positive), key=lambda n: (counts.get(n, 0), n))
+        extra = [n for n in names if n not in (positive, negative)]
+        shown = "; ".join(f"{n!r} in {rows_with(df, column, n)}" for n in extra)
+        raise ManifestError(f"tasks.{task}.positive_class {positive!r} declares a binary task ({positive} vs "
+                            f"{negative}), but column {column!r} has {len(names)} classes: {shown}. A binary "
+                            "model cannot learn them; relabel or remove those rows (or, for a multiclass "
+                            "task, set positive_class to null where the task allows it)")
+
+
+def check_trained_classes(spec: TaskSpec, df: pd.DataFrame, source: str | Path) -> None:
+    """Refuse a class (or finding) the training split never shows: its output would stay
+    untrained and still count in the macro metrics.
+
+    Args:
+        spec: the task's targets.
+        df: rows with a ``split`` column (``_row``: their row numbers in ``source``).
+        source: the manifest the rows come from, named in the message.
+
+    Raises:
+        ManifestError: naming each such class, its rows and their splits.
+    """
+    if "split" not in df.columns or spec.column not in df.columns:
+        return
+    labeled = labeled_rows(df)
+    train = labeled[labeled["split"] == "train"]
+    if spec.kind == "multilabel":
+        seen = set().union(*finding_sets(train)) if len(train) else set()
+    else:
+        seen = set(train[spec.column].astype(str))
+    missing = [c for c in spec.all_classes if c not in seen]
+    if missing:
+        what = "finding" if spec.kind == "multilabel" else "class"
+        shown = "; ".join(f"{what} {c!r} of column {spec.column!r} occurs only in {rows_with(labeled, spec.column, c)}"
+                          for c in missing)
+        raise ManifestError(f"{source}: {shown}. The training split has no sample of it, so the model would "
+                            f"never learn it (an untrained output that still counts in the metrics); give it "
+                            "training patients, relabel or remove those rows"
+                            + (", or list the findings to train in `findings`" if what == "finding" else ""))
 
 
 @dataclass
@@ -122,6 +189,7 @@ def load_context(config_path: str | Path, task: str, split_path: str | Path) -> 
         raise ManifestError(f"{split_path} has no `split` column: make it with `medvit split`")
     check_no_leakage(manifest.df)
     spec = task_spec(task, tcfg, labeled_rows(manifest.df))
+    check_trained_classes(spec, manifest.df, split_path)
     return StageContext(study, Path(config_path), task, tcfg, manifest, spec)
 
 
@@ -156,6 +224,7 @@ def split_stage(config_path: str | Path, task: str, out_path: str | Path) -> Pat
     if task == "brain" and tcfg.get("anomaly_ratio") is not None:
         df, summary["anomaly"] = _resample_brain(df, spec, tcfg, study["seed"])
     check_no_leakage(df)
+    check_trained_classes(spec, df, manifest.path)
     summary["splits"] = split_summary(df)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
