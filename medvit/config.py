@@ -204,7 +204,7 @@ def _format_error(error: ValidationError, root: Mapping) -> list[str]:
     return [f"{path or '<top level>'}: {value}; allowed: {describe_allowed(sch, root)}"]
 
 
-def _semantic_errors(study: Mapping) -> list[str]:
+def _semantic_errors(study: Mapping, source: str | Path | None = None) -> list[str]:
     """Checks a JSON Schema cannot express (run on the default-filled config; type-guarded)."""
     errors: list[str] = []
     name = study.get("study")
@@ -227,7 +227,12 @@ def _semantic_errors(study: Mapping) -> list[str]:
             errors.append(f"tasks.{name}.manifest: file not found: {manifest} "
                           f"(paths are relative to the working directory {Path.cwd()})")
         elif isinstance(manifest, str) and manifest:
-            errors.extend(_manifest_root_errors(name, manifest))
+            outside = _manifest_location_error(f"tasks.{name}.manifest", manifest, source)
+            errors.extend([outside] if outside else _manifest_root_errors(name, manifest))
+        external = task.get("external_manifest")
+        if isinstance(external, str) and external and Path(external).exists():
+            outside = _manifest_location_error(f"tasks.{name}.external_manifest", external, source)
+            errors.extend([outside] if outside else [])
         source = task.get("source")
         if source is not None and manifest is not None:
             errors.append(f"tasks.{name}: got both manifest {_show(manifest)} and source {_show(source)}; "
@@ -247,6 +252,20 @@ def _semantic_errors(study: Mapping) -> list[str]:
                           "allowed: [] (findings apply to label_column 'labels')")
         errors.extend(_vit_errors(name, task))
     return errors
+
+
+def _manifest_location_error(key: str, manifest: str, source: str | Path | None) -> str | None:
+    """A manifest file outside the working directory, the study file's folder and
+    ``$MEDVIT_DATA_ROOTS`` (symbolic links followed); it is not opened."""
+    from medvit.data.manifest import ROOTS_ENV, manifest_outside_roots, manifest_roots
+
+    roots = manifest_roots(source)
+    real = manifest_outside_roots(manifest, roots)
+    if real is None:
+        return None
+    return (f"{key}: got {_show(manifest)}, which resolves to {real}; allowed: a manifest inside the working "
+            f"directory, the study file's folder or a folder listed in ${ROOTS_ENV} "
+            f"({', '.join(str(r) for r in roots)}); it was not opened")
 
 
 def _manifest_root_errors(task: str, manifest: str) -> list[str]:
@@ -330,7 +349,7 @@ def validate_study(raw: Mapping[str, Any], source: str | Path | None = None) -> 
     lines: list[str] = []
     for error in _FillingValidator(root).iter_errors(study):
         lines.extend(_format_error(error, root))
-    lines.extend(_semantic_errors(study))
+    lines.extend(_semantic_errors(study, source))
     if lines:
         where = f" {source}" if source is not None else ""
         unique = list(dict.fromkeys(lines))

@@ -227,9 +227,10 @@ def test_data_roots_env_allows_a_data_folder(tmp_path, monkeypatch):
     assert load_study(study)["tasks"]["histo"]["manifest"] == "data/manifest.csv"
 
 
-def test_symlinks_inside_the_manifest_folder_are_allowed(tmp_path, monkeypatch):
-    """`medvit ingest` writes a link tree beside the manifest; links a user placed inside the
-    root are a deliberate choice and are followed."""
+def test_symlinks_out_of_the_manifest_folder_need_their_target_in_the_roots(tmp_path, monkeypatch):
+    """A link a user placed in the data folder is followed before the containment check: its
+    target must lie inside the roots (listed in MEDVIT_DATA_ROOTS). The link tree `medvit
+    ingest` writes is covered by tests/test_ingest.py and tests/test_privacy.py."""
     monkeypatch.delenv(ROOTS_ENV, raising=False)
     shared = tmp_path / "pacs"
     synthesize("histo", n_patients=4, out_dir=shared, seed=0, image_size=32)
@@ -237,6 +238,9 @@ def test_symlinks_inside_the_manifest_folder_are_allowed(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "images").symlink_to(shared / "images")
     (folder / "manifest.csv").write_text(shared.joinpath("manifest.csv").read_text())
+    with pytest.raises(ManifestError, match="symbolic link"):
+        load_manifest(folder / "manifest.csv", check_files=True)
+    monkeypatch.setenv(ROOTS_ENV, str(shared))
     assert load_manifest(folder / "manifest.csv", check_files=True).problems == []
 
 

@@ -299,3 +299,89 @@ def test_a_class_absent_from_training_is_refused_before_training(tmp_path, monke
     df.drop(columns="_row").to_csv(split, index=False)
     with pytest.raises(ManifestError, match="rare_subtype.*split test"):
         load_context(study, "histo", split)
+
+
+# ------------------------------------------------------------------ 5. symbolic links out of the data folder
+
+
+def _png(path: Path, seed: int) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("image", ["sub/link/../secret.png", "sub/link/secret2.png", "sub/link/./../secret.png"])
+def test_paths_through_a_folder_link_that_leaves_the_data_roots_are_refused(tmp_path, monkeypatch, image):
+    """`data/sub/link -> ../../outside/a`: `sub/link/../secret.png` looks inside the data folder
+    but the OS reads outside/secret.png; `sub/link/secret2.png` reads outside/a/secret2.png."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ROOTS_ENV, raising=False)
+    outside = tmp_path / "outside"
+    _png(outside / "secret.png", 1)
+    _png(outside / "a" / "secret2.png", 2)
+    manifest = _histo(tmp_path / "data")
+    (manifest.parent / "sub").mkdir()
+    (manifest.parent / "sub" / "link").symlink_to(outside / "a")
+    lines = manifest.read_text().splitlines()
+    head, row = lines[0].split(","), lines[2].split(",")
+    row[head.index("image")] = image
+    lines[2] = ",".join(row)
+    manifest.write_text("\n".join(lines) + "\n")
+    assert (manifest.parent / image).is_file()  # the file is really there to be read
+    report = validate_manifest(manifest)
+    problem = next(p for p in report.problems if p.row == 2)
+    assert "leads through a symbolic link to" in problem.reason and str(outside) in problem.reason
+    assert "outside the allowed roots" in problem.reason
+    with pytest.raises(ManifestError, match="row 2, column image.*symbolic link"):
+        load_manifest(manifest, check_files=True)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"study": "s", "tasks": {"histo": {"manifest": "data/manifest.csv"}}}))
+    with pytest.raises(ConfigError, match="row 2, column image"):
+        load_study(study)
+    # the owner of the data can allow the link's target
+    monkeypatch.setenv(ROOTS_ENV, str(outside))
+    assert validate_manifest(manifest).ok
+    assert len(load_manifest(manifest, check_files=True).df) == len(lines) - 1
+
+
+# ------------------------------------------------------------------ 6. the manifest path itself
+
+
+def test_a_study_manifest_outside_the_data_roots_is_refused_unopened(tmp_path, monkeypatch):
+    work, cfg, secret = tmp_path / "work", tmp_path / "cfg", tmp_path / "secret"
+    for folder in (work, cfg, secret):
+        folder.mkdir()
+    (secret / "keys.txt").write_text("SECRETLINE:$6$hash:19000:0\nsecond\n")
+    (work / "innocent.csv").symlink_to(secret / "keys.txt")
+    monkeypatch.chdir(work)
+    monkeypatch.delenv(ROOTS_ENV, raising=False)
+    for manifest in ("/etc/passwd", str(secret / "keys.txt"), "../secret/keys.txt", "innocent.csv"):
+        study = cfg / "study.yaml"
+        study.write_text(yaml.safe_dump({"study": "s", "tasks": {"histo": {"manifest": manifest}}}))
+        message = str(pytest.raises(ConfigError, load_study, study).value)
+        assert "tasks.histo.manifest" in message and "it was not opened" in message and ROOTS_ENV in message
+        assert "SECRETLINE" not in message and "root:" not in message
+    # a manifest beside the study file or in the working directory is fine
+    _histo(cfg / "data")
+    study.write_text(yaml.safe_dump({"study": "s", "tasks": {"histo": {"manifest": str(cfg / "data" / "manifest.csv")}}}))
+    assert load_study(study)["tasks"]["histo"]["manifest"].endswith("manifest.csv")
+
+
+def test_a_file_that_is_not_a_manifest_is_never_echoed(tmp_path, monkeypatch, capsys):
+    """Even where it is allowed (listed in the data roots), a file without the manifest's
+    columns is refused without showing a byte of it, by the split stage (whose log goes to
+    results/) and by `medvit manifest validate`."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "keys.txt").write_text("SECRETLINE:$6$hash:19000:0\nsecond,line\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(ROOTS_ENV, str(secret))
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"study": "s", "tasks": {"histo": {"manifest": str(secret / "keys.txt")}}}))
+    assert main(["split", "--config", str(study), "--task", "histo", "--out", "results/s/histo/split.csv"]) == 2
+    assert main(["manifest", "validate", str(secret / "keys.txt")]) == 1
+    out = capsys.readouterr()
+    assert "missing required column(s)" in out.err and "not shown" in out.err
+    assert "SECRETLINE" not in out.out + out.err and "hash" not in out.out + out.err and "second" not in out.out + out.err

@@ -32,7 +32,8 @@ def brain(tmp_path_factory):
 
 
 @pytest.mark.parametrize("by", ["patient", "image"])
-def test_resampled_splits_reach_the_ratio_by_patients_and_by_images(brain, tmp_path, by):
+def test_resampled_splits_reach_the_ratio_by_patients_and_by_images(brain, tmp_path, monkeypatch, by):
+    monkeypatch.setenv("MEDVIT_DATA_ROOTS", str(brain.parent))  # the shared manifest lies beside neither
     study = tmp_path / "s.yaml"
     study.write_text(yaml.safe_dump({"study": "s", "results_dir": str(tmp_path / "r"), "tasks": {
         "brain": {"manifest": str(brain), "anomaly_ratio": 0.1, "resample_by": by}}}))

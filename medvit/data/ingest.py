@@ -36,6 +36,7 @@ from typing import Any
 from tqdm import tqdm
 
 from medvit.data.io import ImageData, _is_dicomdir, _modality, detect_format, read_dicom_header, read_image
+from medvit.data.manifest import LINK_TREE_MARKER
 from medvit.errors import ImageReadError, MedvitError
 from medvit.system import available_cpus
 
@@ -56,7 +57,7 @@ MIN_KEY_LENGTH = 16
 MANIFEST_COLUMNS = ["patient_id", "study_id", "sample_id", "image", "modality", "source_format", "n_files",
                     "shape", "spacing"]
 QUARANTINE_COLUMNS = ["file", "reason", "patient_id"]
-_MARKER = ".medvit-ingest"
+_MARKER = LINK_TREE_MARKER  # manifest checks take the links in such a tree as they stand
 _PROGRESS_MIN_FILES = 200
 
 # DICOM objects that carry pixels but are not images to learn from (or carry none at all).

@@ -211,8 +211,11 @@ def _check_columns(df: pd.DataFrame, path: Path, header_line: str = "") -> None:
         for sep, name in (("\t", "tab"), (";", "semicolon")):
             if sep in header_line and len(df.columns) == 1:
                 hint = f" (the header looks {name}-separated; medvit reads comma-separated CSV)"
-        raise ManifestError(f"manifest {path}: missing required column(s): {', '.join(missing)}; "
-                            f"found columns: {', '.join(map(str, df.columns))}{hint}")
+        # The header is not shown: a file without the required columns may not be a manifest at
+        # all (a key file, /etc/shadow), and its first line would end up in logs and results.
+        raise ManifestError(f"manifest {path}: missing required column(s): {', '.join(missing)}; its first line has "
+                            f"{len(df.columns)} comma-separated field(s), not shown (this may not be a manifest)"
+                            f"{hint}")
 
 
 def channel_columns(df: pd.DataFrame) -> list[str]:
@@ -444,12 +447,46 @@ def _inside(candidate: str, roots: Sequence[Path]) -> bool:
     return False
 
 
+#: File that marks a link tree written by ``medvit ingest`` (``medvit.data.ingest``).
+LINK_TREE_MARKER = ".medvit-ingest"
+
+
+def _in_link_tree(folder: str, roots: Sequence[Path]) -> bool:
+    """Whether ``folder`` (a real path inside ``roots``) lies in a link tree of ``medvit ingest``."""
+    current = Path(folder)
+    while _inside(str(current), roots):
+        if (current / LINK_TREE_MARKER).is_file():
+            return True
+        if current.parent == current:
+            break
+        current = current.parent
+    return False
+
+
+def real_location(path: str | Path, roots: Sequence[Path]) -> str:
+    """Where ``path`` really leads: every symbolic link resolved (so ``link/..`` is the folder
+    above the link's target, as the OS reads it). One exception: a link to a file inside a link
+    tree of ``medvit ingest`` (a folder with :data:`LINK_TREE_MARKER`, inside ``roots``) is
+    taken as it stands; those links point at the ingested sources by design."""
+    joined = os.fspath(path)
+    if not os.path.isabs(joined):
+        joined = os.path.join(os.getcwd(), joined)  # not normalised: `..` must apply after each link
+    real = os.path.realpath(joined)
+    if real == joined or not os.path.islink(joined):
+        return real
+    parent = os.path.realpath(os.path.dirname(joined))
+    if _inside(parent, roots) and _in_link_tree(parent, roots):
+        return os.path.join(parent, os.path.basename(joined))
+    return real
+
+
 def outside_root_problems(df: pd.DataFrame, root: Path, roots: Sequence[Path]) -> list[Problem]:
     """One problem per path cell that leaves the allowed roots.
 
-    A path is normalised lexically (``..`` removed, symbolic links not followed) after joining
-    it to ``root`` (the manifest's folder), so ``../../etc/passwd`` and ``/etc/passwd`` leave
-    the roots while the link tree of ``medvit ingest`` stays inside. Nothing is opened.
+    A path is joined to ``root`` (the manifest's folder) and resolved with every symbolic link
+    followed (:func:`real_location`), so ``../../etc/passwd``, ``/etc/passwd`` and
+    ``link/../../etc/passwd`` or ``link/passwd`` through a folder link ``link -> /etc`` all leave
+    the roots, while the link tree of ``medvit ingest`` stays inside. Nothing is opened.
     """
     problems: list[Problem] = []
     cols = [c for c in path_columns(df) if c in df.columns]
@@ -464,13 +501,30 @@ def outside_root_problems(df: pd.DataFrame, root: Path, roots: Sequence[Path]) -
             if "\x00" in value:
                 problems.append(Problem(int(rec["_row"]), col, f"path {value!r} contains a NUL character"))
                 continue
-            candidate = os.path.normpath(os.path.join(str(root), value))
+            lexical = os.path.normpath(os.path.join(str(root), value))
+            candidate = real_location(os.path.join(str(root), value), roots)
             if not _inside(candidate, roots):
+                how = "resolves to" if candidate == lexical else "leads through a symbolic link to"
                 problems.append(Problem(int(rec["_row"]), col,
-                                        f"path {value!r} resolves to {candidate}, outside the allowed roots "
+                                        f"path {value!r} {how} {candidate}, outside the allowed roots "
                                         f"({shown}); paths must stay inside the manifest's folder, or list the "
                                         f"data folder in ${ROOTS_ENV}"))
     return problems
+
+
+def manifest_roots(study_file: str | Path | None = None) -> list[Path]:
+    """Folders a study's manifest file may lie in: the working directory, the study file's
+    folder and the folders of ``$MEDVIT_DATA_ROOTS``."""
+    env = [r for r in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if r.strip()]
+    roots = [Path.cwd(), *([Path(study_file).resolve().parent] if study_file is not None else []), *map(Path, env)]
+    return list(dict.fromkeys(Path(os.path.abspath(r)) for r in roots))
+
+
+def manifest_outside_roots(path: str | Path, roots: Sequence[Path]) -> str | None:
+    """Where a manifest path really leads (symbolic links followed) when that is outside
+    ``roots``; None when it is inside. Nothing is opened."""
+    real = real_location(path, roots)
+    return None if _inside(real, roots) else real
 
 
 def _raise_outside(path: Path, problems: list[Problem]) -> None:
@@ -765,5 +819,6 @@ __all__ = [
     "Manifest", "Problem", "ValidationReport", "SPLITS", "SUPERVISED_SPLITS", "SCHEMA_PATH", "load_manifest", "validate_manifest",
     "format_report", "manifest_summary", "class_names", "finding_names", "finding_sets", "image_columns",
     "channel_columns", "check_boxes_file", "leakage_problems", "leaking_patients", "manifest_schema",
-    "ROOTS_ENV", "allowed_roots", "outside_root_problems", "path_columns", "duplicate_image_problems",
+    "ROOTS_ENV", "allowed_roots", "outside_root_problems", "LINK_TREE_MARKER", "real_location", "manifest_roots",
+    "manifest_outside_roots", "path_columns", "duplicate_image_problems",
 ]
