@@ -112,13 +112,21 @@ def rows_with(df: pd.DataFrame, column: str, value: str, limit: int = 10) -> str
     return text
 
 
+def _positive_default(task: str) -> Any:
+    from medvit.config import load_schema
+
+    tasks = load_schema()["properties"]["tasks"]["properties"]
+    return tasks.get(task, {}).get("properties", {}).get("positive_class", {}).get("default")
+
+
 def _check_binary(task: str, column: str, positive: str, names: list[str], df: pd.DataFrame) -> None:
-    """``positive_class`` declares a binary task: the column must hold exactly that class and one other."""
-    if positive not in names:
+    """``positive_class`` declares a binary task: a column holding that class must hold exactly one
+    other, and a positive class the study sets (not the schema's default) must be in the data."""
+    if positive not in names and positive != _positive_default(task):
         raise ManifestError(f"tasks.{task}.positive_class: {positive!r} is not a class of column {column!r}, "
                             f"whose classes are {', '.join(names) or 'none'}; allowed: one of them (the task is "
                             "binary: positive_class and one other class)")
-    if len(names) > 2:
+    if positive in names and len(names) > 2:
         counts = df[column].astype(str).value_counts()
         negative = max((n for n in names if n != positive), key=lambda n: (counts.get(n, 0), n))
         extra = [n for n in names if n not in (positive, negative)]
