@@ -385,3 +385,70 @@ def test_a_file_that_is_not_a_manifest_is_never_echoed(tmp_path, monkeypatch, ca
     out = capsys.readouterr()
     assert "missing required column(s)" in out.err and "not shown" in out.err
     assert "SECRETLINE" not in out.out + out.err and "hash" not in out.out + out.err and "second" not in out.out + out.err
+
+
+# ------------------------------------------------------------------ 7, 14. numbers without bounds, endless epochs
+
+
+def _numeric_keys_without_maximum() -> list[str]:
+    from medvit.config import _resolve, load_schema
+
+    root = load_schema()
+    missing: list[str] = []
+
+    def walk(schema: dict, path: str) -> None:
+        schema = _resolve(schema, root)
+        types = schema.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        if {"integer", "number"} & set(types) and "maximum" not in schema and "exclusiveMaximum" not in schema:
+            missing.append(path)
+        for key, sub in schema.get("properties", {}).items():
+            walk(sub, f"{path}.{key}" if path else key)
+        if isinstance(schema.get("items"), dict):
+            walk(schema["items"], f"{path}[]")
+
+    walk(root, "")
+    return missing
+
+
+def test_every_numeric_key_of_the_study_schema_has_a_maximum():
+    assert _numeric_keys_without_maximum() == []
+
+
+@pytest.mark.parametrize("task, value, key", [
+    ({"train": {"epochs": 10**12}}, 10**12, "tasks.histo.train.epochs"),
+    ({"image_size": 1000000}, 1000000, "tasks.histo.image_size"),
+    ({"train": {"batch_size": 10**8}}, 10**8, "tasks.histo.train.batch_size"),
+    ({"train": {"num_workers": 10000}}, 10000, "tasks.histo.train.num_workers"),
+    ({"synthetic": {"patients": 10**9}}, 10**9, "tasks.histo.synthetic.patients"),
+    ({"detection": {"epochs": 10**6}}, 10**6, "tasks.brain.detection.epochs"),
+    ({"evaluation": {"bootstrap": 10**12}}, 10**12, "evaluation.bootstrap"),
+])
+def test_huge_numbers_are_refused_with_the_usual_message(tmp_path, task, value, key):
+    study = {"study": "s", "tasks": {"histo": {}}}
+    if "evaluation" in task:
+        study["evaluation"] = task["evaluation"]
+    elif "detection" in task:
+        study["tasks"] = {"brain": task}
+    else:
+        study["tasks"]["histo"] = task
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    message = str(pytest.raises(ConfigError, load_study, path).value)
+    assert f"{key}: got {value}; allowed: an integer >= " in message and " and <= " in message
+
+
+def test_the_trainer_refuses_endless_epochs_and_snakemake_runs_no_job(tmp_path):
+    from medvit.engine.trainer import MAX_EPOCHS, TrainConfig
+
+    assert TrainConfig(epochs=MAX_EPOCHS).epochs == MAX_EPOCHS
+    with pytest.raises(ConfigError, match=r"train.epochs: 1000000000000 is not allowed; allowed: an integer >= 1 and <= "):
+        TrainConfig(epochs=10**12)
+    study = tmp_path / "study.yaml"
+    study.write_text("study: s\ntasks:\n  histo:\n    image_size: 1000000\n    train: {epochs: 1000000000000}\n")
+    proc = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                           "--cores", "1", "--configfile", str(study)], capture_output=True, text=True, timeout=300,
+                          env=_env())
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "tasks.histo.image_size: got 1000000" in out
+    assert "tasks.histo.train.epochs: got 1000000000000" in out and "rule " not in out and not (tmp_path / "results").exists()

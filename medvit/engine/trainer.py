@@ -108,6 +108,11 @@ RESUME_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "m
                "accumulate", "bf16", "seed", "deterministic")
 
 
+MAX_EPOCHS = 1000
+"""Most epochs one training may run (the study schema caps ``epochs`` at the same value): a
+typo such as ``epochs: 1000000000000`` must not make a job run for ever."""
+
+
 class TrainingError(MedvitError):
     """Training cannot go on (empty training set, non-finite loss, malformed batches)."""
 
@@ -146,7 +151,7 @@ class TrainConfig:
     ``seed``, ``deterministic`` and ``device``.
 
     Attributes:
-        epochs: passes over the training set (>= 1).
+        epochs: passes over the training set (1 to :data:`MAX_EPOCHS`).
         batch_size: samples per forward pass (>= 1); the optimizer sees
             ``batch_size * accumulate`` samples per step.
         lr: peak learning rate, reached at the end of warm-up (> 0).
@@ -208,8 +213,8 @@ class TrainConfig:
                 hint = " (a string: YAML reads 1e-6 as text, write 1.0e-6)"
             raise ConfigError(f"{where}: {value!r} is not allowed{hint}; allowed: {allowed}")
 
-        if not _is_int(self.epochs) or self.epochs < 1:
-            fail("epochs", "an integer >= 1")
+        if not _is_int(self.epochs) or not 1 <= self.epochs <= MAX_EPOCHS:
+            fail("epochs", f"an integer >= 1 and <= {MAX_EPOCHS}")
         if not _is_int(self.batch_size) or self.batch_size < 1:
             fail("batch_size", "an integer >= 1")
         if not _is_number(self.lr) or self.lr <= 0:
