@@ -424,12 +424,41 @@ def _expanded_nodes(node: yaml.Node, memo: dict[int, int], active: set[int], pat
     return total
 
 
+def _duplicate_keys(node: yaml.Node, where: str, seen: set[int], found: list[str]) -> None:
+    """Keys given twice in one mapping (PyYAML silently keeps the last), each as
+    ``"tasks.histo: key 'train' at lines 5 and 9"``."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            line = key.start_mark.line + 1
+            if name is not None and name in first:
+                found.append(f"{where + ': ' if where else ''}key {name!r} at lines {first[name]} and {line}")
+            elif name is not None:
+                first[name] = line
+            inner = f"{where}.{name}" if where and name is not None else (name if name is not None else where)
+            _duplicate_keys(value, inner or "", seen, found)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicate_keys(item, f"{where}[{i}]", seen, found)
+
+
 def _safe_yaml(text: str, path: Path) -> Any:
     """``yaml.safe_load`` that first refuses documents expanding to more than
     :data:`MAX_YAML_NODES` nodes (anchors re-used exponentially, a "billion laughs" bomb):
-    PyYAML shares aliased objects, but validation and the workflow walk them in full."""
+    PyYAML shares aliased objects, but validation and the workflow walk them in full. A key
+    given twice in one mapping is refused too (PyYAML would keep the last one silently)."""
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     if node is not None:
+        duplicates: list[str] = []
+        _duplicate_keys(node, "", set(), duplicates)
+        if duplicates:
+            raise ConfigError(f"study config {path} gives a key twice ({len(duplicates)} time"
+                              f"{'s' * (len(duplicates) > 1)}); YAML would keep the last value silently:\n"
+                              + "\n".join(f"  - {d}" for d in duplicates) + "\nallowed: each key once per mapping")
         size = _expanded_nodes(node, {}, set(), path)
         if size > MAX_YAML_NODES:
             raise ConfigError(f"study config {path} expands to {size} YAML nodes through its anchors and aliases; "

@@ -452,3 +452,24 @@ def test_the_trainer_refuses_endless_epochs_and_snakemake_runs_no_job(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "tasks.histo.image_size: got 1000000" in out
     assert "tasks.histo.train.epochs: got 1000000000000" in out and "rule " not in out and not (tmp_path / "results").exists()
+
+
+# ------------------------------------------------------------------ 8. duplicate YAML keys
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("study: a\ntasks: {histo: {}}\nstudy: b\n", ["key 'study' at lines 1 and 3"]),
+    ("study: a\ntasks:\n  histo: {}\ntasks:\n  xray: {}\n", ["key 'tasks' at lines 2 and 4"]),
+    ("study: a\ntasks:\n  histo:\n    train: {epochs: 2}\n    models: [resnet18]\n    train: {epochs: 50}\n",
+     ["tasks.histo: key 'train' at lines 4 and 6"]),
+    ("study: a\ntasks:\n  histo:\n    train: {epochs: 2, epochs: 3}\n", ["tasks.histo.train: key 'epochs' at lines 4 and 4"]),
+])
+def test_duplicate_yaml_keys_are_refused_naming_the_key_and_both_lines(tmp_path, capsys, text, expected):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    message = str(pytest.raises(ConfigError, load_study, path).value)
+    for words in expected:
+        assert words in message, message
+    assert "gives a key twice" in message
+    assert main(["config", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("error: study config")
