@@ -473,3 +473,41 @@ def test_duplicate_yaml_keys_are_refused_naming_the_key_and_both_lines(tmp_path,
     assert "gives a key twice" in message
     assert main(["config", str(path)]) == 2
     assert capsys.readouterr().err.startswith("error: study config")
+
+
+# ------------------------------------------------------------------ 9. identifiers in quarantine.csv
+
+KEY = "k3Y-f0r-t3sts-9Qx7LmZp2RvW"
+
+
+def test_quarantine_redacts_every_identifying_tag_value_from_paths_and_reasons(tmp_path):
+    """Folder names built from AccessionNumber, ReferringPhysicianName, InstitutionName,
+    StationName and the StudyInstanceUID, and a tag value echoed by a decoder's error."""
+    from pydicom import dcmread
+
+    from medvit.data.ingest import ingest
+
+    src = tmp_path / "export"
+    study_uid = "1.2.826.0.1.3680043.9.99887766"
+    good = _dicom(src / "in" / "good.dcm", 1, 8, 8)
+    ds = dcmread(good)
+    ds.PatientID, ds.PatientName = "PLUGHPID01", "Plover^Ada"
+    ds.AccessionNumber, ds.ReferringPhysicianName = "ACC99887766", "Quimby^Zebediah"
+    ds.InstitutionName, ds.StationName = "Xyzzy Infirmary", "FROBOZZ7"
+    ds.StudyDescription, ds.StudyDate, ds.StudyInstanceUID = "Grue imaging of Ada", "20240229", study_uid
+    ds.save_as(good)
+    ds.PhotometricInterpretation = "QUIMBYZEBEDIAH"  # the decoder quotes this value in its error
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.9.5"
+    ds.save_as(src / "in" / "odd_photometric.dcm")
+    for folder in ("ACC99887766", "Quimby_Zebediah", "Xyzzy-Infirmary", "FROBOZZ7", study_uid, "20240229_scan"):
+        (src / folder).mkdir(parents=True)
+        (src / folder / "report.txt").write_text("free text")
+        (src / folder / "broken.dcm").write_bytes(good.read_bytes()[:300])
+    result = ingest(src, tmp_path / "out" / "manifest.csv", key=KEY)
+    text = result.quarantine.read_text()
+    assert result.n_quarantined == 13 and text.count("[redacted]/report.txt") == 6, text
+    assert text.count("[redacted]/broken.dcm") == 6 and "in/odd_photometric.dcm" in text
+    assert "Photometric Interpretation' value '[redacted]'" in text
+    for planted in ("ACC99887766", "99887766", "Quimby", "Zebediah", "QUIMBYZEBEDIAH", "Xyzzy", "Infirmary",
+                    "FROBOZZ7", "PLUGHPID01", "Plover", "20240229", study_uid, "Grue"):
+        assert planted.lower() not in text.lower(), planted

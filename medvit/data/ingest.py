@@ -68,9 +68,42 @@ NON_IMAGE_MODALITIES = {
     "RWV": "real world value map", "ECG": "waveform", "HD": "waveform", "AU": "audio", "DOC": "document",
     "FID": "fiducials", "PLAN": "plan",
 }
-# Header elements whose values identify a person; collected to redact quarantine paths.
-_IDENTIFYING = ("PatientID", "PatientName", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames",
-                "PatientBirthName", "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers")
+# Header elements whose values identify a patient, a person, a place or a visit: the attributes
+# of the DICOM PS3.15 Basic Application Level Confidentiality Profile (Table E.1-1) that hold
+# text. Their values, found anywhere in a header (sequences included), are redacted from the
+# paths and reasons of quarantine.csv. Names, ids, places and stations are matched word by word
+# (a folder `Quimby_Zebediah` for `Quimby^Zebediah`); the other values (dates, times, UIDs,
+# descriptions, comments) only as whole values, so that common words stay readable.
+_IDENTIFYING_WORDS = (
+    "PatientID", "PatientName", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
+    "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers", "IssuerOfPatientID",
+    "MedicalRecordLocator", "AccessionNumber", "StudyID", "AdmissionID", "RequestedProcedureID",
+    "PerformedProcedureStepID", "ScheduledProcedureStepID", "PlacerOrderNumberImagingServiceRequest",
+    "FillerOrderNumberImagingServiceRequest", "InsurancePlanIdentification", "InstitutionName",
+    "InstitutionAddress", "InstitutionalDepartmentName", "StationName", "PerformedStationName",
+    "ScheduledStationName", "PerformedStationAETitle", "ScheduledStationAETitle", "PerformedLocation",
+    "ScheduledProcedureStepLocation", "CurrentPatientLocation", "ReferringPhysicianName",
+    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers", "PhysiciansOfRecord",
+    "PerformingPhysicianName", "NameOfPhysiciansReadingStudy", "OperatorsName", "RequestingPhysician",
+    "ScheduledPerformingPhysicianName", "ConsultingPhysicianName", "ReviewerName", "VerifyingObserverName",
+    "PersonName", "PersonAddress", "PersonTelephoneNumbers", "ContentCreatorName", "ResponsiblePerson",
+    "ResponsibleOrganization", "RequestingService", "DistributionName", "DistributionAddress",
+    "BranchOfService", "MilitaryRank", "Occupation", "RegionOfResidence", "CountryOfResidence",
+    "DeviceSerialNumber", "DetectorID", "GantryID", "PlateID", "CassetteID", "GeneratorID",
+)
+_IDENTIFYING_WHOLE = (
+    "PatientBirthDate", "PatientBirthTime", "PatientAge", "PatientSize", "PatientWeight", "EthnicGroup",
+    "PatientReligiousPreference", "PatientComments", "AdditionalPatientHistory", "AdmittingDiagnosesDescription",
+    "MedicalAlerts", "Allergies", "SmokingStatus", "PregnancyStatus", "LastMenstrualDate", "PatientState",
+    "VisitComments", "StudyDescription", "SeriesDescription", "PerformedProcedureStepDescription",
+    "ScheduledProcedureStepDescription", "RequestedProcedureDescription", "ProtocolName", "ImageComments",
+    "DerivationDescription", "ReasonForStudy", "RequestedContrastAgent", "TextComments", "StudyComments",
+    "InterpretationRecorder", "InterpretationTranscriber", "InterpretationAuthor",
+)
+# Value representations whose values are identifying wherever they occur: person names (word by
+# word) and dates, times and instance UIDs (whole values; class UIDs name standard objects).
+_WORD_VRS = {"PN"}
+_WHOLE_VRS = {"DA", "DT", "TM", "UI"}
 
 
 class IngestError(MedvitError):
@@ -248,7 +281,7 @@ def ingest(src_dir: str | os.PathLike[str], out_manifest: str | os.PathLike[str]
     quarantine = _Quarantine()
     for folder, reason in unlisted:  # folders os.walk could not open: their files are unknown
         quarantine.add(folder, reason)
-    identifiers: set[str] = set()
+    identifiers: set[tuple[str, bool]] = set()
     rows: list[_Row] = []
     # Per-file problems go to quarantine.csv; pydicom's warnings would only repeat them on
     # stderr, and some quote header values.
@@ -412,7 +445,7 @@ def _text(value: Any) -> str:
         return ""
 
 
-def _scan(src: Path, files: list[Path], quarantine: _Quarantine, identifiers: set[str],
+def _scan(src: Path, files: list[Path], quarantine: _Quarantine, identifiers: set[tuple[str, bool]],
           pool: _Pool) -> tuple[list[_File], list[_File]]:
     """Classify every file; read DICOM headers (no pixels) for grouping."""
     dicom: list[_File] = []
@@ -430,7 +463,7 @@ def _scan(src: Path, files: list[Path], quarantine: _Quarantine, identifiers: se
     return dicom, others
 
 
-def _scan_one(task: tuple[Path, Path]) -> tuple[str, Any, set[str]]:
+def _scan_one(task: tuple[Path, Path]) -> tuple[str, Any, set[tuple[str, bool]]]:
     """One file's kind (``dicom``, ``other`` or ``quarantine``), its record (a :class:`_File`,
     or ``(rel, reason)``) and the identifiers its header holds."""
     src, path = task
@@ -472,20 +505,41 @@ def _stem(name: str) -> str:
     return name[: -len(".nii.gz")] if lower.endswith(".nii.gz") else os.path.splitext(name)[0]
 
 
-def _identifiers(ds) -> set[str]:
-    out: set[str] = set()
-    for keyword in _IDENTIFYING:
+def _identifiers(ds) -> set[tuple[str, bool]]:
+    """``(value, by_word)`` for every identifying value in a header (sequences included):
+    by_word values redact any path component sharing a word with them, the others only where
+    the whole value appears."""
+    out: set[tuple[str, bool]] = set()
+    words, whole = set(_IDENTIFYING_WORDS), set(_IDENTIFYING_WHOLE)
+    try:
+        elements = list(ds.iterall())
+    except Exception:
+        return out
+    for elem in elements:
         try:
-            value = ds.get(keyword)
+            keyword, vr = elem.keyword or "", str(elem.VR)
+            if vr == "SQ" or not (keyword in words or keyword in whole or vr in _WORD_VRS or vr in _WHOLE_VRS):
+                continue
+            if vr == "UI" and (keyword.endswith("ClassUID") or keyword in ("TransferSyntaxUID", "CodingSchemeUID")):
+                continue
+            value = elem.value
         except Exception:
             continue
-        if value is None:
+        if value is None or isinstance(value, (bytes, bytearray)):
             continue
+        by_word = keyword in words or vr in _WORD_VRS
         values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
         for v in values:
             text = _text(v)
-            parts = [text] + re.split(r"[\^=]", text)
-            out.update(p.strip().lower() for p in parts if len(p.strip()) >= 3)
+            if len(text) < 3:
+                continue
+            out.add((text.lower(), by_word))
+            if vr == "PN" or by_word:  # Doe^Jane: also "doe", "jane" and "doejane"
+                parts = [q.strip() for q in re.split(r"[\^=]", text) if q.strip()]
+                out.update((q.lower(), True) for q in parts if len(q) >= 3)
+                joined = "".join(parts)
+                if len(parts) > 1 and len(joined) >= 3:
+                    out.add((joined.lower(), True))
     return out
 
 
@@ -626,25 +680,36 @@ class _Redactor:
     A path component is replaced by ``[redacted]`` when one of its words (runs of letters and
     digits) equals a word of an identifier (e.g. the folder ``77654033`` for that PatientID,
     or ``Doe_Archibald`` for ``Doe^Archibald``), or when it contains a whole identifier of 6 or
-    more characters. Reasons are cleaned of whole identifier values.
+    more characters. Reasons are cleaned of whole identifier values. UIDs (one per file, so
+    thousands) are looked up as tokens, not searched one by one.
     """
 
-    def __init__(self, identifiers: set[str]):
-        self.values = {v for v in identifiers if len(v) >= 3}
-        self.words = {w for v in self.values for w in _words(v) if len(w) >= 3}
+    def __init__(self, identifiers: set[tuple[str, bool]]):
+        values = {v for v, _ in identifiers if len(v) >= 3}
+        self.uids = {v for v in values if _UID.fullmatch(v)}
+        self.values = values - self.uids
+        self.words = {w for v, by_word in identifiers if by_word and v not in self.uids
+                      for w in _words(v) if len(w) >= 3}
         self.long_values = [v for v in self.values if len(v) >= 6]
         alternatives = "|".join(re.escape(v) for v in sorted(self.values, key=len, reverse=True))
         self._pattern = re.compile(rf"(?<![0-9A-Za-z])(?:{alternatives})(?![0-9A-Za-z])", re.IGNORECASE) if alternatives else None
 
     def _identifying(self, part: str) -> bool:
         lower = part.lower()
-        return bool(self.words.intersection(_words(lower))) or any(v in lower for v in self.long_values)
+        return (bool(self.words.intersection(_words(lower))) or any(v in lower for v in self.long_values)
+                or any(m.group(0) in self.uids for m in _UID_TOKEN.finditer(lower)))
 
     def path(self, rel: str) -> str:
         return "/".join("[redacted]" if self._identifying(part) else part for part in rel.split("/"))
 
     def text(self, text: str) -> str:
+        if self.uids:
+            text = _UID_TOKEN.sub(lambda m: "[redacted]" if m.group(0) in self.uids else m.group(0), text)
         return self._pattern.sub("[redacted]", text) if self._pattern is not None else text
+
+
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)+")
+_UID_TOKEN = re.compile(r"(?<![0-9.])[0-9]+(?:\.[0-9]+)+(?![0-9])")
 
 
 def _words(text: str) -> list[str]:
