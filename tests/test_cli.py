@@ -25,7 +25,7 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-KEY = "0123456789abcdef0123"
+KEY = "cli-test-key-5f1e9a3c7b2d4e60"
 CASES = [
     (["manifest", "validate", "missing.csv"], 1, "manifest not found"),
     (["manifest", "validate", "empty.csv"], 1, "no data rows"),

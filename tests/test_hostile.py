@@ -511,3 +511,40 @@ def test_quarantine_redacts_every_identifying_tag_value_from_paths_and_reasons(t
     for planted in ("ACC99887766", "99887766", "Quimby", "Zebediah", "QUIMBYZEBEDIAH", "Xyzzy", "Infirmary",
                     "FROBOZZ7", "PLUGHPID01", "Plover", "20240229", study_uid, "Grue"):
         assert planted.lower() not in text.lower(), planted
+
+
+# ------------------------------------------------------------------ 11. guessable pseudonymisation keys
+
+
+@pytest.mark.parametrize("key, why", [
+    (" " * 16, "only 1 distinct character"),
+    ("0" * 16, "only 1 distinct character"),
+    ("0123456789abcdef0123", "runs of repeated or consecutive characters"),
+    ("1234567890123456", "runs of repeated or consecutive characters"),
+    ("passwordpassword", "repeats a 8-character pattern"),
+    ("abababababababab", "only 2 distinct characters"),
+])
+def test_pseudonymisation_keys_with_too_little_entropy_are_refused(tmp_path, monkeypatch, capsys, key, why):
+    from medvit.data.ingest import PseudonymKeyError, ingest, resolve_key
+
+    src = tmp_path / "export"
+    _dicom(src / "a.dcm", 1, 8, 8)
+    with pytest.raises(PseudonymKeyError, match="too little entropy") as info:
+        ingest(src, tmp_path / "out" / "manifest.csv", key=key)
+    assert why in str(info.value) and key not in str(info.value) and "secrets.token_hex(32)" in str(info.value)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("MEDVIT_PSEUDONYM_KEY", key)
+    with pytest.raises(PseudonymKeyError, match="too little entropy"):
+        resolve_key()
+    assert main(["ingest", str(src), "--out", str(tmp_path / "out" / "m.csv")]) == 2
+    assert "too little entropy" in capsys.readouterr().err
+
+
+def test_random_keys_are_accepted():
+    import secrets
+
+    from medvit.data.ingest import key_weakness
+
+    assert key_weakness(KEY) is None
+    assert all(key_weakness(secrets.token_hex(32)) is None for _ in range(200))
+    assert sum(key_weakness(secrets.token_hex(8)) is not None for _ in range(2000)) <= 2  # 16 hex characters

@@ -23,6 +23,7 @@ import csv
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import shutil
@@ -49,6 +50,7 @@ __all__ = [
     "Pseudonymizer",
     "QUARANTINE_COLUMNS",
     "ingest",
+    "key_weakness",
     "resolve_key",
 ]
 
@@ -118,8 +120,9 @@ def resolve_key(key: str | None = None) -> str:
     """Return the pseudonymisation key from ``key`` or ``$MEDVIT_PSEUDONYM_KEY``.
 
     Raises:
-        PseudonymKeyError: neither is set, or the key is shorter than 16 characters (a short
-            key can be guessed, and then every pseudonym can be reversed by trying IDs).
+        PseudonymKeyError: neither is set, the key is shorter than 16 characters, or it has
+            too little entropy (:func:`key_weakness`): a guessable key lets anyone reverse every
+            pseudonym by trying IDs.
     """
     value = key if key else os.environ.get(ENV_KEY, "")
     how = (f"pass --key KEY or set the environment variable {ENV_KEY} to a secret of at least {MIN_KEY_LENGTH} "
@@ -129,7 +132,39 @@ def resolve_key(key: str | None = None) -> str:
         raise PseudonymKeyError(f"no pseudonymisation key: {how}")
     if len(value) < MIN_KEY_LENGTH:
         raise PseudonymKeyError(f"pseudonymisation key is too short ({len(value)} characters): {how}")
+    weakness = key_weakness(value)
+    if weakness:
+        raise PseudonymKeyError(f"pseudonymisation key has too little entropy ({weakness}); it could be guessed: {how}")
     return value
+
+
+MIN_KEY_BITS = 32
+"""Least entropy a key must show, estimated from its character frequencies (Shannon, per
+character, times the length): 16 spaces or zeros have 0, a random 16-digit hex key about 50."""
+
+
+def key_weakness(key: str) -> str | None:
+    """Why ``key`` is too predictable to be a pseudonymisation key, or None.
+
+    Refused: fewer than 6 distinct characters, a repetition of a shorter pattern
+    (``passwordpassword``), mostly runs of neighbouring characters (``1234567890123456``,
+    ``aaaabbbbcccc``), or fewer than :data:`MIN_KEY_BITS` bits estimated from its character
+    frequencies. The key itself is never part of the answer.
+    """
+    n = len(key)
+    counts = Counter(key)
+    if len(counts) < 6:
+        return f"only {len(counts)} distinct character{'s' * (len(counts) != 1)}; at least 6 needed"
+    period = next((p for p in range(1, n // 2 + 1) if n % p == 0 and key == key[:p] * (n // p)), None)
+    if period is not None:
+        return f"it repeats a {period}-character pattern"
+    steps = sum(abs(ord(a) - ord(b)) <= 1 for a, b in zip(key, key[1:])) / max(1, n - 1)
+    if steps >= 0.75:
+        return "it is mostly runs of repeated or consecutive characters"
+    bits = n * -sum(c / n * math.log2(c / n) for c in counts.values())
+    if bits < MIN_KEY_BITS:
+        return f"about {bits:.0f} bits estimated from its character frequencies; at least {MIN_KEY_BITS} needed"
+    return None
 
 
 class Pseudonymizer:
