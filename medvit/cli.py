@@ -65,6 +65,13 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fold_split(args: argparse.Namespace) -> int:
+    from medvit.tasks.common import fold_split_stage
+
+    print(f"wrote {fold_split_stage(args.split, args.fold, args.out)}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from medvit.tasks import train_stage
 
@@ -229,10 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=_cmd_synth)
 
     imp = sub.add_parser("import", help="turn a shipped real dataset into files and a manifest")
-    imp.add_argument("dataset", choices=["pneumoniamnist", "nih-cxr14"])
+    imp.add_argument("dataset", choices=["pneumoniamnist", "nih-cxr14", "lgg", "kather2016"])
     imp.add_argument("source", type=Path, nargs="?", default=None,
                      help="the dataset file (default: the copy the repository ships, e.g. "
-                          "data_manifests/pneumoniamnist/pneumoniamnist.npz)")
+                          "data_manifests/pneumoniamnist/pneumoniamnist.npz; lgg: ../shared/data/lgg_brain_mri_128.npz beside "
+                          "the repository, which is never copied into it)")
     imp.add_argument("--from", dest="source_from", type=Path, default=None, metavar="PATH",
                      help="the dataset file (same as SOURCE)")
     imp.add_argument("--out", type=Path, required=True)
@@ -251,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     split = stage("split", "patient-level split of a task's manifest", _cmd_split)
     split.add_argument("--out", type=Path, required=True, help="split manifest CSV to write")
+
+    fsplit = sub.add_parser("fold-split", help="the train/val/test split of one cross-validation fold")
+    fsplit.add_argument("--split", type=Path, required=True, help="split manifest with a `fold` column")
+    fsplit.add_argument("--fold", type=int, required=True)
+    fsplit.add_argument("--out", type=Path, required=True, help="split manifest CSV of the fold to write")
+    fsplit.set_defaults(func=_cmd_fold_split)
 
     train = stage("train", "train one model of a task", _cmd_train)
     train.add_argument("--model", required=True)

@@ -35,7 +35,10 @@ TASKS = ("xray", "brain", "prostate", "histo")
 """Task families a study may contain, in report order."""
 
 SOURCES = {"pneumoniamnist": Path("data_manifests/pneumoniamnist/pneumoniamnist.npz"),
-           "nih-cxr14": Path("data_manifests/nih_cxr14/chestxray14_nih1000_64.npz")}
+           "nih-cxr14": Path("data_manifests/nih_cxr14/chestxray14_nih1000_64.npz"),
+           "kather2016": Path("data_manifests/kather2016/kather2016_he_96.npz"),
+           # not redistributable: read where it lies, in the `shared` folder beside the repository
+           "lgg": Path("../shared/data/lgg_brain_mri_128.npz")}
 """Real datasets a task may name as ``source`` -> the file ``medvit import`` reads (relative to the
 repository root, the working directory of a Snakemake run)."""
 

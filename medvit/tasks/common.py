@@ -15,7 +15,7 @@ import pandas as pd
 from medvit.config import load_study, task_config, task_manifest_path
 from medvit.data.manifest import Manifest, class_names, finding_names, finding_sets, load_manifest
 from medvit.data.sampling import resample_to_anomaly_ratio
-from medvit.data.splits import assign_splits, check_no_leakage, split_summary
+from medvit.data.splits import assign_splits, check_no_leakage, patient_kfold, split_summary
 from medvit.fileio import atomic_write_json, atomic_write_text
 from medvit.errors import ManifestError
 
@@ -232,6 +232,12 @@ def split_stage(config_path: str | Path, task: str, out_path: str | Path) -> Pat
     if task == "brain" and tcfg.get("anomaly_ratio") is not None:
         df, summary["anomaly"] = _resample_brain(df, spec, tcfg, study["seed"])
     check_no_leakage(df)
+    if int(tcfg.get("folds", 1)) > 1:  # cross-validation folds beside the hold-out split
+        supervised = labeled_rows(df)
+        folds = patient_kfold(supervised, k=int(tcfg["folds"]), seed=study["seed"], label_column=spec.column)
+        df["fold"] = folds["fold"].reindex(df.index).astype("Int64")
+        check_no_leakage(df, "fold")
+        summary["folds"] = split_summary(df[df["fold"].notna()], column="fold")
     check_trained_classes(spec, df, manifest.path)
     summary["splits"] = split_summary(df)
     out_path = Path(out_path)
@@ -242,12 +248,40 @@ def split_stage(config_path: str | Path, task: str, out_path: str | Path) -> Pat
     return out_path
 
 
+def fold_split_stage(split_path: str | Path, fold: int, out_path: str | Path) -> Path:
+    """The train/val/test split of cross-validation fold ``fold`` of a split manifest with a
+    ``fold`` column (``medvit split`` with ``folds`` >= 2): test = fold ``i``, validation =
+    fold ``(i + 1) mod k``, training = the other folds; ``unlabeled`` rows stay unlabeled.
+    Paths are rewritten relative to the output's folder.
+
+    Raises:
+        ManifestError: no ``fold`` column, or ``fold`` outside ``0..k-1``.
+    """
+    manifest = load_manifest(split_path)
+    df = manifest.df
+    if "fold" not in df.columns:
+        raise ManifestError(f"{split_path} has no `fold` column: set the task's `folds` to 2 or more")
+    folds = pd.to_numeric(df["fold"], errors="coerce")
+    k = int(folds.max()) + 1
+    if not 0 <= int(fold) < k:
+        raise ManifestError(f"fold {fold} is outside 0..{k - 1} of {split_path}")
+    labeled = folds.notna()
+    split = np.where(folds == fold, "test", np.where(folds == (int(fold) + 1) % k, "val", "train"))
+    df = df.assign(split=np.where(labeled, split, df["split"] if "split" in df.columns else "unlabeled"))
+    check_no_leakage(df)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    df = _relocate_paths(df, manifest.root, out_path.parent.resolve())
+    atomic_write_text(out_path, df.drop(columns=["_row"], errors="ignore").to_csv(index=False))
+    return out_path
+
+
 def _resample_brain(df: pd.DataFrame, spec: TaskSpec, tcfg: dict, seed: int) -> tuple[pd.DataFrame, dict]:
-    """Resample train and test to the anomaly distribution (validation keeps its natural mix,
-    so the operating threshold is chosen on unresampled data)."""
+    """Resample train and test (``anomaly_splits``) to the anomaly distribution (validation keeps
+    its natural mix, so the operating threshold is chosen on unresampled data)."""
     parts, achieved = [], {}
     for name, part in df.groupby("split", sort=False):
-        if name in ("train", "test"):
+        if name in tcfg.get("anomaly_splits", ("train", "test")):
             abnormal = part[spec.column].astype(str) == spec.classes[0]
             part, achieved[name] = resample_to_anomaly_ratio(part, tcfg["anomaly_ratio"], by=tcfg["resample_by"],
                                                              seed=seed, is_abnormal=abnormal)

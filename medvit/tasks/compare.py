@@ -66,6 +66,21 @@ def run_dir(study: dict[str, Any], task: str, model: str, seed: int) -> Path:
     return base if int(seed) == int(study["seed"]) else base / f"seed{int(seed)}"
 
 
+def cv_folds(study: dict[str, Any], task: str) -> int:
+    """Cross-validation folds of ``task`` (``tasks.<task>.folds``; 1 = none)."""
+    return int(task_config(study, task).get("folds", 1) or 1)
+
+
+def run_folders(study: dict[str, Any], task: str, model: str) -> list[tuple[dict[str, int], Path]]:
+    """The runs of one model the comparison summarises: with ``folds`` >= 2 the k fold runs
+    (``<task>/<model>/fold<i>/``, ``{"fold": i}``), otherwise one run per training seed
+    (:func:`run_dir`, ``{"seed": s}``)."""
+    k = cv_folds(study, task)
+    if k > 1:
+        return [({"fold": i}, study_dir(study) / task / model / f"fold{i}") for i in range(k)]
+    return [({"seed": s}, run_dir(study, task, model, s)) for s in training_seeds(study, task)]
+
+
 # ------------------------------------------------------------------------------ compute
 def measure_compute(model: nn.Module, input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
                     repeats: int = 10, threads: int | None = 1) -> dict[str, Any]:
@@ -229,24 +244,27 @@ def compare_stage(config_path: str | Path, task: str, out_dir: str | Path) -> Pa
     study = load_study(config_path)
     tcfg = task_config(study, task)
     cmp = compare_config(tcfg)
-    seeds = training_seeds(study, task)
+    folds = cv_folds(study, task)
+    seeds = training_seeds(study, task) if folds == 1 else [int(study["seed"])]
+    over = "folds" if folds > 1 else "seeds"
     notes: list[str] = []
     entries: list[dict[str, Any]] = []
     kind = classes = None
     for model in tcfg["models"]:
         runs, train_s = [], []
-        for seed in seeds:
-            folder = run_dir(study, task, model, seed)
+        folders = run_folders(study, task, model)
+        for key, folder in folders:
             path = folder / "metrics.json"
             if not path.is_file():
-                raise ConfigError(f"{path} not found: train, predict and evaluate {model} (seed {seed}) first")
+                what = ", ".join(f"{k} {v}" for k, v in key.items())
+                raise ConfigError(f"{path} not found: train, predict and evaluate {model} ({what}) first")
             record = json.loads(path.read_text(encoding="utf-8"))
             kind, classes = record.get("kind"), record.get("classes")
-            runs.append({"seed": seed, "path": str(path), **run_metrics(path)})
+            runs.append({**key, "path": str(path), **run_metrics(path)})
             train_s.append(record.get("train_seconds") or math.nan)
-        card = read_sidecar(run_dir(study, task, model, seeds[0]) / "model.safetensors")
+        card = read_sidecar(folders[0][1] / "model.safetensors")
         if not card:
-            raise ConfigError(f"model.json of {model} not found beside {run_dir(study, task, model, seeds[0])}")
+            raise ConfigError(f"model.json of {model} not found beside {folders[0][1]}")
         size = int(card["image_size"])
         compute = measure_compute(build_from_model_card(card), (int(card["in_chans"]), size, size),
                                   cmp["latency_batches"], cmp["latency_repeats"], cmp["cpu_threads"])
@@ -259,13 +277,17 @@ def compare_stage(config_path: str | Path, task: str, out_dir: str | Path) -> Pa
     dvpt = _dvpt_entry(study, task, cmp, notes)
     if dvpt is not None:
         entries.append(dvpt)
-    if len(seeds) == 1:
+    if folds > 1:
+        notes.append(f"{folds}-fold patient-level cross-validation: each fold's test patients are scored by the "
+                     "model trained without them; mean ± sd over the folds")
+    elif len(seeds) == 1:
         notes.append("one training seed per model: no standard deviation (set compare.seeds to 2 or more)")
     out_dir = Path(out_dir)
-    figure = plot_accuracy_vs_flops(entries, out_dir / "accuracy_vs_flops.png", task)
+    figure = plot_accuracy_vs_flops(entries, out_dir / "accuracy_vs_flops.png", task, over=over)
     record = {"study": study["study"], "task": task, "kind": kind, "classes": classes,
-              "image_size": tcfg["image_size"], "seeds": seeds, "metrics": list(METRICS), "levels": list(LEVELS),
-              "sd": "sample standard deviation over seeds (ddof 1)", "compare": cmp,
+              "image_size": tcfg["image_size"], "seeds": seeds, "runs_over": over, "folds": folds,
+              "metrics": list(METRICS), "levels": list(LEVELS),
+              "sd": f"sample standard deviation over {over} (ddof 1)", "compare": cmp,
               "flop_counter": "torch.utils.flop_counter (2 FLOPs per multiply-add of matmuls and convolutions; "
                               "attention via the SDPA math backend; norms, activations, softmax not counted)",
               "models": entries, "figure": figure.name, "notes": notes,
@@ -275,8 +297,8 @@ def compare_stage(config_path: str | Path, task: str, out_dir: str | Path) -> Pa
 
 # ------------------------------------------------------------------------------ figure
 def plot_accuracy_vs_flops(entries: Sequence[dict[str, Any]], path: str | Path, task: str,
-                           metric: str = "accuracy") -> Path:
-    """Test ``metric`` (mean ± sd over seeds; patch and patient level) against FLOPs per image."""
+                           metric: str = "accuracy", over: str = "seeds") -> Path:
+    """Test ``metric`` (mean ± sd over seeds or folds, ``over``; patch and patient level) against FLOPs per image."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,7 +327,8 @@ def plot_accuracy_vs_flops(entries: Sequence[dict[str, Any]], path: str | Path, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     n = max((len(e["runs"]) for e in entries), default=0)
-    ax.set_title(f"{task}: {_LABELS[metric]} against compute (mean ± sd over {n} seed{'s' * (n != 1)})", fontsize=10)
+    unit = over[:-1]
+    ax.set_title(f"{task}: {_LABELS[metric]} against compute (mean ± sd over {n} {unit}{'s' * (n != 1)})", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -331,14 +354,16 @@ def comparison_tables(comp: dict[str, Any]) -> list[str]:
     from medvit.evaluation.report import format_count, html_table
 
     entries = comp["models"]
-    n_seeds = len(comp["seeds"])
-    headers = ["model"] + [f"{LEVEL_LABELS[lv]} {_LABELS[m]}" for lv in LEVELS for m in METRICS] + ["seeds"]
+    over = comp.get("runs_over", "seeds")
+    n_seeds = comp.get("folds", 1) if over == "folds" else len(comp["seeds"])
+    headers = ["model"] + [f"{LEVEL_LABELS[lv]} {_LABELS[m]}" for lv in LEVELS for m in METRICS] + [over]
     rows = [[e["label"], *[format_mean_sd(e[lv][m]) for lv in LEVELS for m in METRICS], str(len(e["runs"]))]
             for e in entries]
     classes = comp.get("classes") or []
     what = (f"binary, positive class {classes[0]}" if comp.get("kind") == "binary" and classes
             else f"{comp.get('kind')}: {', '.join(classes)}")
-    accuracy = html_table(headers, rows, caption=f"Test accuracy, mean ± sd over {n_seeds} training seed"
+    runs = "cross-validation fold" if over == "folds" else "training seed"
+    accuracy = html_table(headers, rows, caption=f"Test accuracy, mean ± sd over {n_seeds} {runs}"
                                                  f"{'s' * (n_seeds != 1)} ({what})")
     batches = [str(b) for b in comp["compare"]["latency_batches"]]
     size = comp["image_size"]
@@ -372,7 +397,8 @@ def report_parts(study: dict[str, Any]) -> dict[str, list[str]]:
         fragments = ["<h3>Model comparison: accuracy and compute</h3>", *comparison_tables(comp)]
         png = path.parent / comp.get("figure", "accuracy_vs_flops.png")
         if png.is_file():
-            fragments.append(figure_html("Test accuracy (mean ± sd over seeds) against FLOPs per image", png))
+            over = comp.get("runs_over", "seeds")
+            fragments.append(figure_html(f"Test accuracy (mean ± sd over {over}) against FLOPs per image", png))
         if comp.get("notes"):
             fragments.append('<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in comp["notes"]) + "</ul>")
         parts[task] = fragments

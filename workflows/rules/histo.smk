@@ -20,7 +20,8 @@ COMPARE_TASKS = [
     t
     for t in TASKS
     if "compare" in config["tasks"][t]
-    and (len(config["tasks"][t]["models"]) > 1 or config["tasks"][t]["compare"]["seeds"] > 1)
+    and (len(config["tasks"][t]["models"]) > 1 or config["tasks"][t]["compare"]["seeds"] > 1
+         or config["tasks"][t].get("folds", 1) > 1)
 ]
 
 
@@ -125,6 +126,7 @@ rule compare:
         settings=lambda w: json.dumps(
             {
                 "compare": config["tasks"][w.task]["compare"],
+                "folds": config["tasks"][w.task].get("folds", 1),
                 "models": config["tasks"][w.task]["models"],
                 "seed": config["seed"],
             },
@@ -158,3 +160,115 @@ EXTRA_TARGETS += [
     for m in config["tasks"][t]["models"]
     for s in extra_seeds(t)
 ]
+
+
+# Cross-validation (`tasks.<task>.folds` >= 2): `medvit split` adds a patient-level `fold`
+# column to split.csv; `medvit fold-split` turns fold i into its own train/val/test split
+# (test = fold i, val = fold i + 1 mod k), and the same `medvit train/predict/evaluate` run per
+# model and fold under <task>/<model>/fold<i>/. The comparison then reports mean ± sd over folds.
+FOLD_TASKS = [t for t in COMPARE_TASKS if config["tasks"][t].get("folds", 1) > 1]
+
+
+rule fold_split:
+    input:
+        split=f"{OUT}/{{task}}/split.csv",
+    output:
+        split=f"{OUT}/{{task}}/folds/fold{{fold}}/split.csv",
+    wildcard_constraints:
+        task=_alternation(FOLD_TASKS),
+        fold=r"\d+",
+    log:
+        f"{OUT}/logs/fold_split/{{task}}_fold{{fold}}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+        gpu=0,
+    conda:
+        CONDA_ENV
+    shell:
+        "medvit fold-split --split {input.split:q} --fold {wildcards.fold:q} --out {output.split:q} > {log:q} 2>&1"
+
+
+rule train_fold:
+    input:
+        split=f"{OUT}/{{task}}/folds/fold{{fold}}/split.csv",
+    output:
+        weights=f"{OUT}/{{task}}/{{model}}/fold{{fold}}/model.safetensors",
+        card=f"{OUT}/{{task}}/{{model}}/fold{{fold}}/model.json",
+    wildcard_constraints:
+        task=_alternation(FOLD_TASKS),
+        fold=r"\d+",
+    params:
+        study=STUDY_FILE,
+        settings=train_settings,
+        model_dir=lambda w, output: os.path.dirname(output.weights),
+    log:
+        f"{OUT}/logs/train/{{task}}_{{model}}_fold{{fold}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/train/{{task}}_{{model}}_fold{{fold}}.tsv"
+    threads: model_job_threads
+    resources:
+        mem_mb=train_mem_mb,
+        runtime=240,
+        gpu=model_job_gpu,
+    conda:
+        CONDA_ENV
+    shell:
+        "medvit train --config {params.study:q} --task {wildcards.task:q} --model {wildcards.model:q}"
+        " --split {input.split:q} --out {params.model_dir:q} > {log:q} 2>&1"
+
+
+rule predict_fold:
+    input:
+        split=f"{OUT}/{{task}}/folds/fold{{fold}}/split.csv",
+        weights=f"{OUT}/{{task}}/{{model}}/fold{{fold}}/model.safetensors",
+    output:
+        predictions=f"{OUT}/{{task}}/{{model}}/fold{{fold}}/predictions.csv",
+    wildcard_constraints:
+        task=_alternation(FOLD_TASKS),
+        fold=r"\d+",
+    params:
+        study=STUDY_FILE,
+        settings=lambda w: settings(w.task, drop=("models", "train"), extra=("device",)),
+    log:
+        f"{OUT}/logs/predict/{{task}}_{{model}}_fold{{fold}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/predict/{{task}}_{{model}}_fold{{fold}}.tsv"
+    threads: model_job_threads
+    resources:
+        mem_mb=train_mem_mb,
+        runtime=60,
+        gpu=model_job_gpu,
+    conda:
+        CONDA_ENV
+    shell:
+        "medvit predict --config {params.study:q} --task {wildcards.task:q} --model {wildcards.model:q}"
+        " --split {input.split:q} --weights {input.weights:q} --out {output.predictions:q} > {log:q} 2>&1"
+
+
+rule evaluate_fold:
+    input:
+        predictions=f"{OUT}/{{task}}/{{model}}/fold{{fold}}/predictions.csv",
+    output:
+        metrics=f"{OUT}/{{task}}/{{model}}/fold{{fold}}/metrics.json",
+    wildcard_constraints:
+        task=_alternation(FOLD_TASKS),
+        fold=r"\d+",
+    params:
+        study=STUDY_FILE,
+        settings=lambda w: settings(w.task, drop=("models", "train"), extra=("seed", "evaluation")),
+    log:
+        f"{OUT}/logs/evaluate/{{task}}_{{model}}_fold{{fold}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/evaluate/{{task}}_{{model}}_fold{{fold}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+        gpu=0,
+    conda:
+        CONDA_ENV
+    shell:
+        "medvit evaluate --config {params.study:q} --task {wildcards.task:q} --model {wildcards.model:q}"
+        " --predictions {input.predictions:q} --out {output.metrics:q} > {log:q} 2>&1"

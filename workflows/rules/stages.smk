@@ -57,12 +57,16 @@ def _dvpt_inputs(wildcards):
 
 
 def comparison_inputs(wildcards):
-    """Every run's metrics.json (and model.json) of a task's models, over its seeds."""
+    """Every run's metrics.json (and model.json) of a task's models, over its seeds (or its
+    cross-validation folds when `folds` >= 2)."""
     root = f"{study_dir(config)}/{wildcards.task}"
+    folds = config["tasks"][wildcards.task].get("folds", 1)
     folders = [
         os.path.join(root, m, *([f"seed{s}"] if s != config["seed"] else []))
         for m in config["tasks"][wildcards.task]["models"]
         for s in [config["seed"], *extra_seeds(wildcards.task)]
+    ] if folds == 1 else [
+        os.path.join(root, m, f"fold{i}") for m in config["tasks"][wildcards.task]["models"] for i in range(folds)
     ]
     return {
         "metrics": [f"{f}/metrics.json" for f in folders],
