@@ -20,6 +20,13 @@ def _cmd_manifest_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_manifest_pseudonymize(args: argparse.Namespace) -> int:
+    from medvit.data.ingest import pseudonymize_manifest
+
+    print(pseudonymize_manifest(args.path, args.out, key=args.key))
+    return 0
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from medvit.data.ingest import ingest
 
@@ -216,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--no-check-files", action="store_true",
                           help="check columns and values only, do not open the image files")
     validate.set_defaults(func=_cmd_manifest_validate)
+    pseudo = msub.add_parser("pseudonymize", help="copy a manifest with patient_id, study_id and sample_id replaced "
+                                                   "by keyed pseudonyms")
+    pseudo.add_argument("path", type=Path)
+    pseudo.add_argument("--out", type=Path, required=True, help="the pseudonymised manifest CSV to write")
+    pseudo.add_argument("--key", default=None,
+                        help="pseudonymisation key (default: $MEDVIT_PSEUDONYM_KEY); never written to outputs")
+    pseudo.set_defaults(func=_cmd_manifest_pseudonymize)
 
     ingest = sub.add_parser("ingest", help="build a pseudonymised manifest from a folder of DICOM/NIfTI files")
     ingest.add_argument("dir", type=Path)

@@ -231,7 +231,8 @@ def _semantic_errors(study: Mapping, source: str | Path | None = None) -> list[s
                           f"(paths are relative to the working directory {Path.cwd()})")
         elif isinstance(manifest, str) and manifest:
             outside = _manifest_location_error(f"tasks.{name}.manifest", manifest, source)
-            errors.extend([outside] if outside else _manifest_root_errors(name, manifest))
+            errors.extend([outside] if outside else _manifest_root_errors(name, manifest,
+                                                                          study.get("identifying_patient_ids")))
         external = task.get("external_manifest")
         if isinstance(external, str) and external and Path(external).exists():
             outside = _manifest_location_error(f"tasks.{name}.external_manifest", external, source)
@@ -271,10 +272,11 @@ def _manifest_location_error(key: str, manifest: str, source: str | Path | None)
             f"({', '.join(str(r) for r in roots)}); it was not opened")
 
 
-def _manifest_root_errors(task: str, manifest: str) -> list[str]:
-    """Paths of a given manifest that leave its allowed roots (checked before any job runs;
-    an unreadable manifest is left to the split stage, which says why in detail)."""
-    from medvit.data.manifest import _read, allowed_roots, outside_root_problems
+def _manifest_root_errors(task: str, manifest: str, identifying_ids: Any = None) -> list[str]:
+    """Paths of a given manifest that leave its allowed roots, and (``identifying_ids`` is
+    ``error``) patient ids that look like names, MRNs or dates; checked before any job runs. An
+    unreadable manifest is left to the split stage, which says why in detail."""
+    from medvit.data.manifest import _read, allowed_roots, identifying_id_warnings, outside_root_problems
     from medvit.errors import ManifestError
 
     try:
@@ -285,6 +287,9 @@ def _manifest_root_errors(task: str, manifest: str) -> list[str]:
     shown = [f"tasks.{task}.manifest: {manifest} {p}" for p in problems[:10]]
     if len(problems) > 10:
         shown.append(f"tasks.{task}.manifest: ... and {len(problems) - 10} more paths outside the allowed roots")
+    if identifying_ids == "error":
+        shown.extend(f"tasks.{task}.manifest: {manifest} {w} (identifying_patient_ids: error)"
+                     for w in identifying_id_warnings(df))
     return shown
 
 

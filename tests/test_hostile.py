@@ -548,3 +548,76 @@ def test_random_keys_are_accepted():
     assert key_weakness(KEY) is None
     assert all(key_weakness(secrets.token_hex(32)) is None for _ in range(200))
     assert sum(key_weakness(secrets.token_hex(8)) is not None for _ in range(2000)) <= 2  # 16 hex characters
+
+
+# ------------------------------------------------------------------ 10. patient ids that are names, MRNs, dates
+
+NAMES = ["John Smith", "Maria Garcia 1961-02-03", "MRN 00123456", "Doe^Jane", "00987654"]
+
+
+def _named_manifest(tmp_path: Path) -> Path:
+    import pandas as pd
+
+    manifest = _histo(tmp_path / "data", patients=8)
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    ids = sorted(df["patient_id"].unique())
+    df["patient_id"] = df["patient_id"].map({old: (NAMES[i] if i < len(NAMES) else old) for i, old in enumerate(ids)})
+    df.to_csv(manifest, index=False)
+    return manifest
+
+
+def test_patient_ids_that_look_like_names_mrns_or_dates_are_warned_about(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ROOTS_ENV, raising=False)
+    manifest = _named_manifest(tmp_path)
+    report = validate_manifest(manifest)
+    text = "\n".join(report.warnings)
+    assert report.ok  # a warning, not a problem
+    for words in ("3 of 8 patients have ids with spaces", "1 of 8 patients have ids with '^'",
+                  "with a date", "with a run of 6 or more digits", "medvit manifest pseudonymize"):
+        assert words in text, text
+    assert main(["manifest", "validate", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert "warnings:" in out and "medvit manifest pseudonymize" in out
+    assert not any(name in text or name in out for name in NAMES)  # the ids themselves are never repeated
+    # the split stage logs them and keeps them in split.json; the report's data section shows them
+    study = _study(tmp_path, {"label_column": "label"})
+    assert main(["split", "--config", str(study), "--task", "histo", "--out", "results/s/histo/split.csv"]) == 0
+    import json
+
+    from medvit.evaluation.report_sections import TaskResults, data_section
+
+    split = json.loads((tmp_path / "results" / "s" / "histo" / "split.json").read_text())
+    assert any("have ids with spaces" in w for w in split["warnings"])
+    html = data_section({"histo": TaskResults("histo", [], split=split)}).body
+    assert "Warning: patient_id: 3 of 8 patients have ids with spaces" in html and "pseudonymize" in html
+
+
+def test_identifying_patient_ids_error_refuses_the_study_and_the_pseudonymised_copy_passes(tmp_path, monkeypatch,
+                                                                                          capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ROOTS_ENV, raising=False)
+    manifest = _named_manifest(tmp_path)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"study": "s", "identifying_patient_ids": "error",
+                                     "tasks": {"histo": {"manifest": "data/manifest.csv"}}}))
+    message = str(pytest.raises(ConfigError, load_study, study).value)
+    assert "have ids with spaces" in message and "identifying_patient_ids: error" in message
+    assert not any(name in message for name in NAMES)
+    # the fix the warning names: keyed pseudonyms, same grouping, paths still valid
+    monkeypatch.setenv("MEDVIT_PSEUDONYM_KEY", KEY)
+    new = tmp_path / "data" / "manifest_pseudonymised.csv"
+    assert main(["manifest", "pseudonymize", str(manifest), "--out", str(new)]) == 0
+    assert "8 patients" in capsys.readouterr().out
+    report = validate_manifest(new)
+    assert report.ok and report.warnings == [] and report.summary["patients"] == 8
+    assert not any(name in new.read_text() for name in NAMES) and KEY not in new.read_text()
+    study.write_text(yaml.safe_dump({"study": "s", "identifying_patient_ids": "error",
+                                     "tasks": {"histo": {"manifest": "data/manifest_pseudonymised.csv"}}}))
+    assert load_study(study)["identifying_patient_ids"] == "error"
+    # a copy in another folder keeps its images reachable through relative paths
+    elsewhere = tmp_path / "clean" / "manifest.csv"
+    assert main(["manifest", "pseudonymize", str(manifest), "--out", str(elsewhere)]) == 0
+    assert "MEDVIT_DATA_ROOTS" in capsys.readouterr().out
+    monkeypatch.setenv(ROOTS_ENV, str(tmp_path / "data"))
+    assert validate_manifest(elsewhere).ok

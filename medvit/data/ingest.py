@@ -51,6 +51,7 @@ __all__ = [
     "QUARANTINE_COLUMNS",
     "ingest",
     "key_weakness",
+    "pseudonymize_manifest",
     "resolve_key",
 ]
 
@@ -753,6 +754,60 @@ def _words(text: str) -> list[str]:
 
 def _reason_kind(reason: str) -> str:
     return re.split(r" \(|; |: ", reason, maxsplit=1)[0]
+
+
+def pseudonymize_manifest(src: str | os.PathLike[str], out: str | os.PathLike[str], key: str | None = None) -> str:
+    """Copy a manifest with its ids replaced by keyed pseudonyms (:class:`Pseudonymizer`).
+
+    ``patient_id``, ``study_id`` and ``sample_id`` (where present) become ``P...``, ``S...``
+    and ``X...`` codes: the same input id gives the same code under the same key, so later
+    exports pseudonymised with the key join up. Every other column is kept; relative paths are
+    rewritten for the new manifest's folder.
+
+    Args:
+        src: the manifest CSV.
+        out: the new manifest CSV (not ``src``; its folder is created).
+        key: pseudonymisation key; default ``$MEDVIT_PSEUDONYM_KEY``. Never written anywhere.
+
+    Returns:
+        A one-line summary (counts only).
+
+    Raises:
+        IngestError: ``out`` is ``src``, or the files cannot be read or written.
+        PseudonymKeyError: no usable key.
+        ManifestError: ``src`` is not a manifest.
+    """
+    from medvit.data.manifest import _read, path_columns
+
+    src_path, out_path = Path(src), Path(out)
+    pseudo = Pseudonymizer(resolve_key(key))
+    if out_path.suffix.lower() != ".csv":
+        raise IngestError(f"output {out_path} must end in .csv")
+    if out_path.resolve() == src_path.resolve():
+        raise IngestError(f"output {out_path} is the input manifest; write the pseudonymised copy to a new file")
+    df, problems = _read(src_path)
+    if problems:
+        raise IngestError(f"manifest {src_path}: {len(problems)} row(s) cannot be read as CSV rows (first: "
+                          f"{problems[0]}); fix them first")
+    columns = [c for c in df.columns if c != "_row"]
+    src_root, out_root = src_path.resolve().parent, out_path.resolve().parent
+    for column, kind in (("patient_id", "patient"), ("study_id", "study"), ("sample_id", "sample")):
+        if column in df.columns:
+            df[column] = [pseudo(kind, v) if v else v for v in df[column]]
+    if src_root != out_root:
+        for column in path_columns(df):
+            df[column] = [v if not v or os.path.isabs(v) else os.path.relpath(src_root / v, out_root)
+                          for v in df[column]]
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IngestError(f"cannot create output folder {out_path.parent}: {exc.strerror}") from None
+    _write_csv(out_path, columns, df[columns].values.tolist())
+    replaced = [c for c in ("patient_id", "study_id", "sample_id") if c in df.columns]
+    note = ("" if src_root == out_root else f"; its image paths lead into {src_root}: list that folder in "
+            "$MEDVIT_DATA_ROOTS, or write the copy beside the original")
+    return (f"wrote {out_path}: {len(df)} rows, {df['patient_id'].nunique()} patients; {', '.join(replaced)} "
+            f"replaced by keyed pseudonyms (the key is not stored){note}")
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:

@@ -114,12 +114,15 @@ class ValidationReport:
         problems: every problem, rows in order, manifest-wide problems last.
         summary: :func:`manifest_summary` of the usable rows plus ``rows`` (data rows read),
             ``quarantined`` (rows left out) and ``checked_files`` (whether images were opened).
+        warnings: things that do not stop the pipeline but should be fixed (patient ids that
+            look like names, MRNs or dates: :func:`identifying_id_warnings`).
     """
 
     path: Path
     ok: bool
     problems: list[Problem]
     summary: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- reading
@@ -534,6 +537,66 @@ def _raise_outside(path: Path, problems: list[Problem]) -> None:
                         f"read from them:\n  {shown}{more}")
 
 
+# --------------------------------------------------------------------------- identifying patient ids
+
+_ID_DATE = re.compile(r"(?<!\d)(?:(?:19|20)\d{2}[-/.]?(?:0[1-9]|1[0-2])[-/.]?(?:0[1-9]|[12]\d|3[01])"
+                      r"|(?:0[1-9]|[12]\d|3[01])[-/.](?:0[1-9]|1[0-2])[-/.](?:19|20)\d{2}"
+                      r"|(?:0[1-9]|1[0-2])[-/.](?:0[1-9]|[12]\d|3[01])[-/.](?:19|20)\d{2})(?!\d)")
+_ID_DIGITS = re.compile(r"\d{6,}")
+_MEDVIT_PSEUDONYM = re.compile(r"[PSX][A-Z2-7]{16}")  # medvit.data.ingest.Pseudonymizer's ids
+_ID_KINDS = {"space": "spaces (a name?)", "caret": "'^' (a DICOM person name?)", "date": "a date (a birth date?)",
+             "digits": "a run of 6 or more digits (an MRN or accession number?)"}
+PSEUDONYMIZE_HINT = ("replace them by keyed pseudonyms with `medvit manifest pseudonymize MANIFEST --out NEW.csv` "
+                     "(key in $MEDVIT_PSEUDONYM_KEY, kept secret) and use NEW.csv; `identifying_patient_ids: error` "
+                     "in the study refuses such ids")
+"""How to fix patient ids that look identifying (appended to every such warning)."""
+
+
+def identifying_id_kinds(value: str) -> list[str]:
+    """Why a patient id looks like a name, an MRN or a date: any of ``space``, ``caret``,
+    ``date``, ``digits`` (a run of 6+ digits); empty for ids such as ``pat-0042`` or a medvit
+    pseudonym."""
+    kinds = []
+    if re.search(r"\s", value):
+        kinds.append("space")
+    if "^" in value:
+        kinds.append("caret")
+    if not _MEDVIT_PSEUDONYM.fullmatch(value):
+        if _ID_DATE.search(value):
+            kinds.append("date")
+        elif _ID_DIGITS.search(value):
+            kinds.append("digits")
+    return kinds
+
+
+def identifying_id_warnings(df: pd.DataFrame, hint: bool = True) -> list[str]:
+    """Warnings about ``patient_id`` values that look like names, MRNs or dates (they reach
+    split.csv and predictions.csv). The values themselves are never shown, only their rows.
+
+    Returns:
+        One line per kind of look-alike (spaces, carets, dates, long digit runs) with the
+        number of patients and their first rows, then :data:`PSEUDONYMIZE_HINT`; empty when
+        every id looks like a code.
+    """
+    if "patient_id" not in df.columns or not len(df):
+        return []
+    rows = df["_row"].tolist() if "_row" in df.columns else list(range(1, len(df) + 1))
+    hits: dict[str, dict[str, list[int]]] = {k: {} for k in _ID_KINDS}
+    for row, pid in zip(rows, df["patient_id"].astype(str)):
+        for kind in identifying_id_kinds(pid):
+            hits[kind].setdefault(pid, []).append(int(row))
+    n_patients = df["patient_id"].nunique()
+    lines = []
+    for kind, ids in hits.items():
+        if ids:
+            first = sorted(r for rs in ids.values() for r in rs)
+            lines.append(f"patient_id: {len(ids)} of {n_patients} patients have ids with {_ID_KINDS[kind]}, e.g. "
+                         f"row{'s' * (len(first) > 1)} {', '.join(map(str, first[:5]))}{' ...' if len(first) > 5 else ''}")
+    if lines and hint:
+        lines.append(f"patient_id: ids should be codes, not names, MRNs or dates: {PSEUDONYMIZE_HINT}")
+    return lines
+
+
 # --------------------------------------------------------------------------- duplicate images
 
 
@@ -700,7 +763,8 @@ def validate_manifest(path: str | Path, check_files: bool = True) -> ValidationR
     usable = _add_sample_id(df[~df["_row"].isin(bad_rows)].reset_index(drop=True))
     n_rows = len(df) + len({p.row for p in read_problems})
     summary = {"rows": n_rows, "quarantined": len(bad_rows), "checked_files": check_files, **manifest_summary(usable)}
-    return ValidationReport(path=path, ok=not problems, problems=problems, summary=summary)
+    return ValidationReport(path=path, ok=not problems, problems=problems, summary=summary,
+                            warnings=identifying_id_warnings(df))
 
 
 def _counts(df: pd.DataFrame, groups: dict[str, pd.Series]) -> dict[str, dict[str, int]]:
@@ -782,6 +846,9 @@ def format_report(report: ValidationReport) -> str:
                 lines.extend(_fmt_counts(s[key]) if s[key] else ["    (none)"])
         if "splits" not in s:
             lines.append("splits:   none given; the pipeline makes a patient-level split from the study seed")
+    if report.warnings:
+        lines.append("warnings:")
+        lines.extend(f"  {w}" for w in report.warnings)
     if report.problems:
         lines.append("problems:")
         lines.extend(f"  {p}" for p in report.problems)
@@ -820,5 +887,5 @@ __all__ = [
     "format_report", "manifest_summary", "class_names", "finding_names", "finding_sets", "image_columns",
     "channel_columns", "check_boxes_file", "leakage_problems", "leaking_patients", "manifest_schema",
     "ROOTS_ENV", "allowed_roots", "outside_root_problems", "LINK_TREE_MARKER", "real_location", "manifest_roots",
-    "manifest_outside_roots", "path_columns", "duplicate_image_problems",
+    "manifest_outside_roots", "identifying_id_kinds", "identifying_id_warnings", "PSEUDONYMIZE_HINT", "path_columns", "duplicate_image_problems",
 ]

@@ -288,6 +288,8 @@ def data_section(results: dict[str, TaskResults]) -> Section | None:
                                caption=f"Quarantined inputs ({len(quarantined)}; left out of every stage)")
         else:
             body += '<p class="settings">Quarantined inputs: none.</p>'
+        for warning in tr.split.get("warnings") or []:  # patient ids that look like names, MRNs or dates
+            body += f'<p class="settings">Warning: {esc(redact_paths(str(warning)))}</p>'
         if tr.split_csv and tr.split_csv.is_file():
             df = pd.read_csv(tr.split_csv, dtype=str, keep_default_na=False)
             leaks = leaking_patients(df)

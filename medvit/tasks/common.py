@@ -4,6 +4,7 @@ datasets from a split manifest, and the provenance written beside weights."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,11 +14,14 @@ import numpy as np
 import pandas as pd
 
 from medvit.config import load_study, task_config, task_manifest_path
-from medvit.data.manifest import Manifest, class_names, finding_names, finding_sets, load_manifest
+from medvit.data.manifest import (Manifest, class_names, finding_names, finding_sets, identifying_id_warnings,
+                                  load_manifest)
 from medvit.data.sampling import resample_to_anomaly_ratio
 from medvit.data.splits import assign_splits, check_no_leakage, patient_kfold, split_summary
 from medvit.fileio import atomic_write_json, atomic_write_text
 from medvit.errors import ManifestError
+
+logger = logging.getLogger(__name__)
 
 Kind = Literal["binary", "multiclass", "multilabel"]
 # Class names read as "negative" when a binary task names no positive class.
@@ -221,6 +225,12 @@ def split_stage(config_path: str | Path, task: str, out_path: str | Path) -> Pat
     tcfg = task_config(study, task)
     manifest = load_manifest(task_manifest_path(study, task), check_files=True)
     df = manifest.df
+    id_warnings = identifying_id_warnings(df)
+    if id_warnings and study.get("identifying_patient_ids") == "error":
+        raise ManifestError(f"manifest {manifest.path}: patient ids look identifying (identifying_patient_ids: "
+                            "error):\n  " + "\n  ".join(id_warnings))
+    for line in id_warnings:
+        logger.warning("manifest %s: %s", manifest.path, line)
     spec = task_spec(task, tcfg, labeled_rows(df))
     split_cfg = tcfg.get("split", {})
     df = assign_splits(df, seed=study["seed"], val_fraction=split_cfg.get("val_fraction", 0.2),
@@ -228,7 +238,7 @@ def split_stage(config_path: str | Path, task: str, out_path: str | Path) -> Pat
     summary: dict[str, Any] = {"task": task, "kind": spec.kind, "classes": spec.classes,
                                "manifest": str(manifest.path), "n_quarantined": len(manifest.problems),
                                "quarantined": [{"row": p.row, "column": p.column, "reason": p.reason}
-                                               for p in manifest.problems]}
+                                               for p in manifest.problems], "warnings": id_warnings}
     if task == "brain" and tcfg.get("anomaly_ratio") is not None:
         df, summary["anomaly"] = _resample_brain(df, spec, tcfg, study["seed"])
     check_no_leakage(df)
