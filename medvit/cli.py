@@ -398,6 +398,19 @@ def main(argv: list[str] | None = None) -> int:
     except MedvitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a write outside medvit.fileio (a library writing its own file): same report as DiskFullError
+        from medvit.errors import DiskFullError
+        from medvit.fileio import _free_bytes
+
+        path = Path(exc.filename or ".")
+        print(f"error: {DiskFullError(path, _free_bytes(path.parent if exc.filename else path), exc.errno)}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -44,3 +44,31 @@ class ConfigError(MedvitError):
 
 class CheckpointError(MedvitError):
     """A checkpoint or weights file is missing, truncated or unsafe to load."""
+
+
+class DiskFullError(MedvitError, OSError):
+    """An output could not be written because its file system is full (or over quota).
+
+    An ``OSError`` with ``errno`` ENOSPC (or EDQUOT) as well, so callers that handle write
+    errors still do; its message names the file and the space left, and the CLI prints it as
+    an ``error:`` line. The previous version of the file is intact (writes are atomic).
+    """
+
+    def __init__(self, path: str | Path, free_bytes: int | None, code: int):
+        self.path = Path(path)
+        self.free_bytes = free_bytes
+        free = "unknown free space" if free_bytes is None else f"{_size(free_bytes)} free"
+        self.message = (f"no space left on the device writing {self.path} ({free} on its file system); the previous "
+                        "version of the file, if any, is intact: free some space and run the command again")
+        OSError.__init__(self, code, self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"  # pragma: no cover

@@ -5,15 +5,19 @@ Torch-free, so light stages (evaluation, reports) import it cheaply."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from medvit.errors import DiskFullError
 
 def _fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
@@ -54,11 +58,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        code = _disk_full(exc)
+        if code is not None:
+            raise DiskFullError(path, _free_bytes(path.parent), code) from exc
         raise
     _fsync_dir(path.parent)
+
+
+def _disk_full(exc: BaseException) -> int | None:
+    """ENOSPC/EDQUOT when ``exc`` says the file system is full: an ``OSError``, or a library's
+    own error wrapping one (safetensors' ``SafetensorError: ... No space left on device``)."""
+    if isinstance(exc, DiskFullError):
+        return None  # already reported with its path
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return exc.errno
+    text = str(exc)
+    if "No space left on device" in text or "StorageFull" in text:
+        return errno.ENOSPC
+    if "Disk quota exceeded" in text or "QuotaExceeded" in text:
+        return errno.EDQUOT
+    return None
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

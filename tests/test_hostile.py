@@ -621,3 +621,58 @@ def test_identifying_patient_ids_error_refuses_the_study_and_the_pseudonymised_c
     assert "MEDVIT_DATA_ROOTS" in capsys.readouterr().out
     monkeypatch.setenv(ROOTS_ENV, str(tmp_path / "data"))
     assert validate_manifest(elsewhere).ok
+
+
+# ------------------------------------------------------------------ 13. a full disk
+
+
+def test_a_full_disk_is_an_error_line_naming_the_path_and_the_free_space(tmp_path, monkeypatch, capsys):
+    import torch
+    from safetensors import SafetensorError
+
+    import medvit.engine.checkpoint as ckpt_mod
+    from medvit.engine.checkpoint import load_weights, save_weights
+    from medvit.errors import DiskFullError
+
+    net = torch.nn.Linear(3, 2)
+    path = save_weights(tmp_path / "model.safetensors", net, {"epoch": 1})
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    with pytest.raises(DiskFullError) as info:
+        save_weights(path, torch.nn.Linear(3, 2), {"epoch": 2})
+    assert isinstance(info.value, MedvitError) and info.value.errno == errno.ENOSPC
+    assert str(path) in str(info.value) and " free on its file system" in str(info.value)
+    monkeypatch.undo()
+    assert load_weights(path, torch.nn.Linear(3, 2))["epoch"] == 1  # nothing was lost
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    # through the CLI: an `error:` line, exit code 2, no traceback
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ROOTS_ENV, raising=False)
+    _histo(tmp_path / "data")
+    study = _study(tmp_path, {})
+
+    def fsync_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync_full)
+    assert main(["split", "--config", str(study), "--task", "histo", "--out", "results/s/histo/split.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no space left on the device writing results/s/histo/split.csv (")
+    assert "free on its file system" in err and "Traceback" not in err
+    monkeypatch.undo()
+
+    # a library writing its own file (not through medvit.fileio) is reported the same way
+    import medvit.tasks.common as common
+
+    def library_write(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "figure.png"))
+
+    monkeypatch.setattr(common, "split_stage", library_write)
+    assert main(["split", "--config", str(study), "--task", "histo", "--out", "x.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no space left on the device writing {tmp_path / 'figure.png'} (")
