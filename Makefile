@@ -7,7 +7,7 @@ CORES  ?= 2
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test test-slurm studies test-all lint clean bench bench-quick
+.PHONY: setup demo test test-slurm studies test-all lint clean bench bench-quick bench-quality
 
 setup: $(STAMP)
 
@@ -53,6 +53,18 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python benchmarks/run_all.py --quick $(BENCH_ARGS)
+
+# Every real-data study, one after the other (each finishes or resumes where it stopped), then
+# benchmarks/QUALITY.md from their result files. The LGG study reads ../shared/data beside the
+# repository; a study file absent from the checkout is listed as such. QUALITY_STUDIES picks some.
+QUALITY_STUDIES ?= pneumonia nih_cxr14 lgg_brain kather_histo
+bench-quality: setup
+	for s in $(QUALITY_STUDIES); do \
+	  if [ -f workflows/studies/$$s.yaml ]; then \
+	    $(BIN)/snakemake --cores $(CORES) --profile $(PROFILE) $(SNAKEMAKE_ARGS) --configfile workflows/studies/$$s.yaml || exit $$?; \
+	  fi; \
+	done
+	$(BIN)/python benchmarks/quality.py --studies $(QUALITY_STUDIES)
 
 lint: setup
 	$(BIN)/snakemake --lint --cores 1
