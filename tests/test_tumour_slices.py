@@ -43,3 +43,13 @@ def test_paired_slice_auroc() -> None:
     assert res["difference"] > 0 and res["n_slices"] == 8 and res["n_patients"] == 3
     same = paired_slice_auroc(a, a, n_boot=100)
     assert same["difference"] == 0 and same["p_value"] == 1.0
+
+
+def test_report_detects_data_without_tumour_free_patients() -> None:
+    from medvit.evaluation.brain_report import _all_tumour_patients
+
+    lgg_like = {"splits": {"train": {"strata": {"tumor": 61}}, "val": {"strata": {"tumor": 16}},
+                           "test": {"strata": {"normal": 19, "tumor": 14}}}}  # test: resampling artefact
+    assert _all_tumour_patients(lgg_like, "tumor")
+    mixed = {"splits": {"train": {"strata": {"tumor": 5, "normal": 9}}, "val": {"strata": {"tumor": 2}}}}
+    assert not _all_tumour_patients(mixed, "tumor") and not _all_tumour_patients({}, "tumor")

@@ -76,6 +76,51 @@ def _distill(comp: dict[str, Any]) -> str:
                       "without teacher (test, patient level)")
 
 
+def _all_tumour_patients(split: dict[str, Any], positive: str) -> bool:
+    """True when no training or validation patient is tumour-free (e.g. TCGA-LGG): patient-level
+    normal-vs-tumour metrics are then undefined."""
+    splits = {k: v for k, v in (split.get("splits") or {}).items() if k in ("train", "val")}
+    return bool(splits) and all(set((s.get("strata") or {})) <= {positive} for s in splits.values())
+
+
+def _slice_level(root: Path, study: dict[str, Any]) -> str:
+    """Slice-level detection table for data without tumour-free patients
+    (:mod:`medvit.evaluation.tumour_slices`)."""
+    import pandas as pd
+
+    from medvit.evaluation.tumour_slices import slice_detection_summary
+
+    tcfg = study["tasks"]["brain"]
+    sources = [("detector", root / "detector" / "predictions.csv", tcfg["detection"]["conf"]),
+               ("teacher", root / "distill" / "teacher" / "predictions.csv", None),
+               ("student", root / "distill" / "student" / "predictions.csv", None),
+               ("student_distilled", root / "distill" / "student_distilled" / "predictions.csv", None),
+               ("cascade", root / "cascade" / "predictions.csv", tcfg["cascade"]["threshold"])]
+    rows = []
+    for label, path, thr in sources:
+        if not path.is_file():
+            continue
+        if thr is None:
+            rec = _read(path.parent / "metrics.json") or {}
+            thr = float(((rec.get("threshold") or {}).get("sample") or {}).get(tcfg["positive_class"], 0.5))
+        pred = pd.read_csv(path)
+        score, truth = f"score_{tcfg['positive_class']}", f"true_{tcfg['positive_class']}"
+        s = slice_detection_summary(pred, thr, ks=(1, 2), score=score, truth=truth,
+                                    n_boot=int(study.get("evaluation", {}).get("bootstrap", 1000)),
+                                    seed=int(study["seed"]))
+        m = s["metrics"]
+        rows.append([label, format_value(thr), f"{s['n_tumour_patients']} / {s['n_tumour_slices']} / {s['n_slices']}",
+                     format_metric(m["slice_auroc"]), format_metric(m["detection_rate_k1"]),
+                     format_metric(m["detection_rate_k2"]), format_metric(m["fp_per_tumour_free_slice"])])
+    if not rows:
+        return ""
+    return html_table(["source", "flag threshold", "tumour patients / tumour slices / slices", "slice AUROC",
+                       "detection rate k=1", "detection rate k=2", "FP slices per tumour-free slice"], rows,
+                      "Slice level, test split (every patient has a tumour): detection rate = patients with a "
+                      "tumour slice in the test split with at least k tumour slices flagged; 95% CIs by "
+                      "patient-cluster bootstrap")
+
+
 def brain_parts(study: dict[str, Any]) -> dict[str, list[str]]:
     """HTML fragments of the brain task from the files its stages wrote (none when absent)."""
     from medvit.config import study_dir
@@ -90,6 +135,14 @@ def brain_parts(study: dict[str, Any]) -> dict[str, list[str]]:
     det = _read(root / "detector" / "detection_metrics.json")
     if det:
         parts.append(_detection(det))
+    all_tumour = bool(split) and _all_tumour_patients(split, study["tasks"]["brain"].get("positive_class", "tumor"))
+    if all_tumour:
+        parts.append('<p class="notes"><b>Every patient in this data has a tumour</b> (tumour-free slices, but no '
+                     "tumour-free patients), so patient-level normal-vs-tumour metrics cannot be computed. In the "
+                     "PTP and distillation tables below, the 'normal' test patients are tumour patients whose "
+                     "tumour slices were resampled away, and their specificity and patient AUROC are artefacts of "
+                     "that, not results. The slice-level table is the evaluation to read.</p>")
+        parts.append(_slice_level(root, study))
     rows = []
     for label, path in (("detector", root / "detector" / "ptp.json"), ("cascade", root / "cascade" / "ptp.json")):
         ptp = _read(path)
