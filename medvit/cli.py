@@ -389,11 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that train into one output folder: it is locked while they run (medvit.fileio.folder_lock).
+_LOCKED_COMMANDS = {"train", "pretrain", "distill", "ssl-pretrain", "cv-fold", "detect"}
+
+
 def main(argv: list[str] | None = None) -> int:
     from medvit.errors import MedvitError
 
     args = build_parser().parse_args(argv)
     try:
+        if args.command in _LOCKED_COMMANDS:
+            # held to the end of the process: the weights written after training are covered too
+            from medvit.fileio import folder_lock
+
+            with folder_lock(args.out):
+                return args.func(args)
         return args.func(args)
     except MedvitError as exc:
         print(f"error: {exc}", file=sys.stderr)

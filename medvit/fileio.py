@@ -140,6 +140,55 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2, nan_as
                                               allow_nan=not nan_as_null) + "\n")
 
 
+LOCK_FILE = ".medvit.lock"
+"""Name of the lock file :func:`folder_lock` keeps in an output folder (it holds the owner's pid)."""
+_HELD: dict[str, list[int]] = {}  # real folder -> [fd, depth]
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on an output folder while the block runs (``flock`` on
+    ``<folder>/.medvit.lock``; the kernel releases it when the process exits, however it exits).
+
+    Re-entrant within a process. A second process that asks for the same folder is refused at
+    once, so two trainers never write one model folder.
+
+    Raises:
+        MedvitError: another process holds the lock (its pid is named).
+    """
+    import fcntl
+
+    from medvit.errors import MedvitError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(folder)
+    held = _HELD.get(key)
+    if held is None:
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise MedvitError(f"{folder} is being written by another process (pid {owner}); two trainers must not "
+                              "write one output folder: wait for it to finish, or stop it, then run again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        held = _HELD[key] = [fd, 0]
+    held[1] += 1
+    try:
+        yield folder
+    finally:
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[key]
+            os.close(held[0])  # releases the lock; the file stays (harmless, reused next time)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()

@@ -676,3 +676,107 @@ def test_a_full_disk_is_an_error_line_naming_the_path_and_the_free_space(tmp_pat
     assert main(["split", "--config", str(study), "--task", "histo", "--out", "x.csv"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: no space left on the device writing {tmp_path / 'figure.png'} (")
+
+
+# ------------------------------------------------------------------ 12. two trainers, orphaned trainers
+
+_TRAINER_CHILD = textwrap.dedent('''
+    import sys, time
+    from pathlib import Path
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+    from medvit.engine.trainer import Trainer, TrainConfig
+
+    class Data(Dataset):
+        def __len__(self):
+            return 32
+        def __getitem__(self, i):
+            return {"image": torch.full((4,), float(i % 2)), "label": torch.tensor(i % 2)}
+
+    class Slow(Trainer):
+        def train_step(self, batch, scale=1.0):
+            time.sleep(0.05)
+            return super().train_step(batch, scale)
+
+    torch.set_num_threads(1)
+    trainer = Slow(nn.Linear(4, 2), Data(), None, TrainConfig(epochs=1000, batch_size=4, device="cpu", log_every=1,
+                                                              warmup_epochs=0),
+                   Path(sys.argv[1]), loss_fn=lambda out, b: nn.functional.cross_entropy(out, b["label"]),
+                   progress=False)
+    trainer.fit()
+''')
+
+
+def _tiny_trainer(out: Path):
+    import torch
+    from torch import nn
+
+    from medvit.engine.trainer import TrainConfig, Trainer
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"image": torch.full((4,), float(i % 2)), "label": torch.tensor(i % 2)}
+
+    return Trainer(nn.Linear(4, 2), Data(), None, TrainConfig(epochs=1, batch_size=4, device="cpu", warmup_epochs=0),
+                   out, loss_fn=lambda o, b: nn.functional.cross_entropy(o, b["label"]), progress=False)
+
+
+def test_two_trainers_never_write_one_output_folder(tmp_path, capsys):
+    out = tmp_path / "model"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom medvit.fileio import folder_lock\n"
+                               "with folder_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)",
+                               str(out)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(MedvitError, match=rf"being written by another process \(pid {holder.pid}\)"):
+            _tiny_trainer(out).fit()
+        assert not (out / "checkpoints").exists()
+        assert main(["train", "--config", "s.yaml", "--task", "histo", "--model", "resnet18", "--split", "x.csv",
+                     "--out", str(out)]) == 2
+        assert f"(pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _tiny_trainer(out).fit().completed  # the lock went with the process that held it
+    assert _tiny_trainer(out).fit().completed  # and the trainer released its own
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_trainer_whose_parent_died_checkpoints_and_stops(tmp_path):
+    """A job's shell killed (as when Snakemake is killed): the orphaned trainer notices, saves
+    its checkpoint and exits, instead of training on and writing results nobody waits for."""
+    out = tmp_path / "model"
+    script = tmp_path / "child.py"
+    script.write_text(_TRAINER_CHILD)
+    pidfile = tmp_path / "pid"
+    shell = subprocess.Popen(["bash", "-c", f'"{sys.executable}" "{script}" "{out}" 2>"{tmp_path}/err" & '
+                                            f'echo $! > "{pidfile}"; wait'], cwd=REPO,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not ((out / "train.log").is_file() and "step" in (out / "train.log").read_text()):
+        assert time.time() < deadline and shell.poll() is None, (tmp_path / "err").read_text()
+        time.sleep(0.5)
+    child = int(pidfile.read_text())
+    shell.kill()  # SIGKILL: the trainer is not told
+    shell.wait()
+    deadline = time.time() + 60
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.5)
+    if _alive(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the orphaned trainer kept running after its parent died")
+    log = (out / "train.log").read_text()
+    assert "the parent process" in log and "has died: checkpointing and stopping" in log
+    assert (out / "checkpoints" / "last.json").is_file()
+    assert "training stopped by SIGHUP" in (tmp_path / "err").read_text()

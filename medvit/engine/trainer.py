@@ -40,6 +40,7 @@ import contextlib
 import datetime as _dt
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -99,6 +100,7 @@ from medvit.engine.speed import (
     set_tf32,
 )
 from medvit.errors import CheckpointError, ConfigError, MedvitError
+from medvit.fileio import folder_lock
 
 logger = logging.getLogger("medvit.train")
 
@@ -484,6 +486,7 @@ class Trainer:
         self._resume_batch = 0         # micro-batches of epoch `epochs_done` done before a SIGTERM
         self._resume_partial: dict[str, float] = {}
         self._signal: int | None = None
+        self._parent_pid: int | None = None
         self._epoch_t0 = 0.0
 
     # Set True in a subclass whose model leaves some trainable parameters unused in a forward
@@ -875,7 +878,12 @@ class Trainer:
         self._signal = signum
 
     def _signal_pending(self) -> bool:
-        """Whether a SIGTERM reached this process or (distributed) any other one."""
+        """Whether a SIGTERM reached this process or (distributed) any other one, or the
+        process that started this one has died (treated as a SIGHUP: an orphaned trainer
+        must not go on writing results after its workflow has gone)."""
+        if self._signal is None and self._parent_pid is not None and os.getppid() != self._parent_pid:
+            logger.warning("the parent process (pid %d) has died: checkpointing and stopping", self._parent_pid)
+            self._signal = signal.SIGHUP
         return any_process(self._signal is not None, self.dist)
 
     def _save_on_signal(self, epoch: int, batch: int, loss_sum: float, samples: float) -> None:
@@ -898,6 +906,7 @@ class Trainer:
     def _signal_handler(self) -> Any:
         """Catch SIGTERM while training (only possible in the main thread)."""
         self._signal = None
+        self._parent_pid = os.getppid()
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -987,6 +996,8 @@ class Trainer:
         handlers = self._open_log()
         stack = contextlib.ExitStack()
         try:
+            if self.dist.is_main:  # one writer per model folder, whichever process it is
+                stack.enter_context(folder_lock(self.out_dir))
             stack.enter_context(self._signal_handler())
             self.initialize()
             if self._probe_bf16:
