@@ -83,6 +83,30 @@ class SampleDataset(Dataset):
                 bar.update()
         bar.close()
 
+    def channel_statistics(self, key: str = "image", max_samples: int = 20000) -> dict[str, list[float]]:
+        """Per-channel mean and standard deviation of the loaded (unaugmented) ``key`` arrays,
+        over every pixel of the first ``max_samples`` samples (all of them in practice; the cap
+        bounds the time on paper-scale splits). Used as a model's input standardisation, so it
+        is computed on the training split only.
+
+        Returns:
+            ``{"mean": [C floats], "std": [C floats]}``.
+        """
+        if not len(self):
+            raise ValueError("no samples to compute input statistics from")
+        self.warm_cache("input statistics")
+        total = total_sq = None
+        count = 0
+        for i in range(min(len(self), max_samples)):
+            x = np.asarray(self._loaded(i)[key], dtype=np.float64)
+            x = x.reshape(x.shape[0], -1)
+            total = x.sum(1) if total is None else total + x.sum(1)
+            total_sq = (x * x).sum(1) if total_sq is None else total_sq + (x * x).sum(1)
+            count += x.shape[1]
+        mean = total / count
+        std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+        return {"mean": [float(v) for v in mean], "std": [float(max(v, 1e-6)) for v in std]}
+
     def _loaded(self, index: int) -> dict[str, Any]:
         if self.cache and self._cached[index] is not None:
             return self._cached[index]

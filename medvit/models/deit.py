@@ -11,6 +11,7 @@ from __future__ import annotations
 import timm
 from torch import nn
 
+from medvit.models.layers import add_input_standardization
 from medvit.models.registry import register_model
 
 DEIT_STUDENTS = ("deit_tiny_distilled", "deit_small_distilled", "deit_base_distilled")
@@ -23,8 +24,10 @@ def is_deit(name: str) -> bool:
 
 def _deit(variant: str, in_chans: int, num_classes: int, img_size: int, patch_size: int,
           drop_path: float) -> nn.Module:
-    return timm.create_model(f"{variant}_patch16_224", pretrained=False, in_chans=in_chans, num_classes=num_classes,
-                             img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path)
+    # input standardised inside the model (training-split statistics, set by the training stage)
+    model = timm.create_model(f"{variant}_patch16_224", pretrained=False, in_chans=in_chans, num_classes=num_classes,
+                              img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path)
+    return add_input_standardization(model, in_chans)
 
 
 @register_model

@@ -231,8 +231,10 @@ class PromptedViT(nn.Module):
         keys = []
         for name in self.state_dict():
             inside = name.removeprefix("backbone.")
+            # the input standardisation travels with the adapter: a backbone trained elsewhere
+            # has none, and the adapter then carries the training split's
             if name in trainable or self.method == "full" or not name.startswith("backbone.") \
-                    or inside.startswith(HEAD_PREFIXES):
+                    or inside.startswith(HEAD_PREFIXES + ("input_norm.",)):
                 keys.append(name)
         return keys
 

@@ -153,13 +153,29 @@ class MaskedAutoencoder(nn.Module):
         per_patch = ((pred.float() - self.target(imgs).float()) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
+    def standardize(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The encoder's input standardisation (``encoder.input_norm``; identity without one).
+        The encoder sees, and the loss targets, standardised images, so the fine-tuned ViT
+        that inherits ``input_norm`` sees the input distribution it was pretrained on."""
+        norm = getattr(self.encoder, "input_norm", None)
+        return norm(imgs) if norm is not None else imgs
+
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None,
                 generator: torch.Generator | None = None) -> MAEOutput:
         """(B, C, H, W) images -> :class:`MAEOutput` (loss, predicted patches, mask)."""
+        imgs = self.standardize(imgs)
         ids_keep, mask, ids_restore = self.random_masking(imgs.shape[0], imgs.device, mask_ratio, generator)
         latent = self.forward_encoder(imgs, ids_keep)
         pred = self.forward_decoder(latent, ids_restore)
         return MAEOutput(self.loss(imgs, pred, mask), pred, mask)
+
+    def unstandardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`standardize`."""
+        norm = getattr(self.encoder, "input_norm", None)
+        if norm is None:
+            return x
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * norm.std.view(shape) + norm.mean.view(shape)
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, generator: torch.Generator | None = None
@@ -175,6 +191,8 @@ class MaskedAutoencoder(nn.Module):
         pred = out.pred.float()
         if self.norm_pix_loss:
             pred = pred * (patches.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
+        else:  # predicted in standardised units: back to the input's
+            pred = self.patchify(self.unstandardize(self.unpatchify(pred)))
         m = out.mask[..., None]
         masked = self.unpatchify(patches * (1 - m))
         recon = self.unpatchify(patches * (1 - m) + pred * m)

@@ -27,6 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from medvit.errors import CheckpointError
+from medvit.models.layers import add_input_standardization
 from medvit.models.registry import register_model
 
 # (embed_dim, depth, num_heads) of the timm configurations of the same names.
@@ -49,17 +50,21 @@ def build_vit(size: str, in_chans: int = 1, num_classes: int = 1, img_size: int 
         drop_path: stochastic depth rate (linearly increasing over the blocks, timm's rule).
 
     Returns:
-        ``VisionTransformer``: (B, in_chans, img_size, img_size) -> (B, num_classes) logits.
+        ``VisionTransformer``: (B, in_chans, img_size, img_size) -> (B, num_classes) logits. Its
+        ``input_norm`` (:class:`medvit.models.layers.InputStandardize`, identity until the
+        training stage stores the training split's per-channel mean and std) standardises the
+        input first, so the statistics are saved with the weights.
     """
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
     dim, depth, heads = VIT_SIZES[size]
     # Average pooling over the patch tokens (with its own LayerNorm, `fc_norm`) as in MAE
     # fine-tuning: an MAE never trains the class token's output, so it is a poor summary.
-    return timm.create_model(f"vit_{size}_patch16_224", pretrained=False, in_chans=in_chans,
-                             num_classes=num_classes, img_size=img_size, patch_size=patch_size,
-                             drop_path_rate=drop_path, embed_dim=dim, depth=depth, num_heads=heads,
-                             global_pool="avg")
+    model = timm.create_model(f"vit_{size}_patch16_224", pretrained=False, in_chans=in_chans,
+                              num_classes=num_classes, img_size=img_size, patch_size=patch_size,
+                              drop_path_rate=drop_path, embed_dim=dim, depth=depth, num_heads=heads,
+                              global_pool="avg")
+    return add_input_standardization(model, in_chans)
 
 
 @register_model
@@ -152,16 +157,25 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: VisionTr
     return out
 
 
-def load_pretrained(model: VisionTransformer, path: str | Path) -> dict[str, list[str]]:
+def load_pretrained(model: VisionTransformer, path: str | Path, fresh_final_norm: bool = False) -> dict[str, Any]:
     """Initialise ``model``'s encoder from a local checkpoint (``.safetensors`` or a
     weights-only ``.pt``/``.pth``; never unpickles code), through :func:`checkpoint_filter_fn`.
 
-    Only the classifier head and ``fc_norm`` may be left at their fresh initialisation; any
-    other missing key, or a key whose shape still differs (e.g. another patch size or
-    width), is an error.
+    Only the classifier head, ``fc_norm`` and the input standardisation (``input_norm``, absent
+    from checkpoints trained elsewhere) may be left at their fresh initialisation; any other
+    missing key, or a key whose shape still differs (e.g. another patch size or width), is an
+    error.
+
+    Args:
+        model: the ViT to initialise.
+        path: the checkpoint.
+        fresh_final_norm: leave ``fc_norm`` at its fresh initialisation even when the
+            checkpoint has one (MAE fine-tuning starts the pooled features' norm anew: the
+            pretrained one normalised the visible patches of a masked image, not a whole one).
 
     Returns:
-        ``{"missing": [...], "unexpected": [...]}`` as loaded.
+        ``{"missing": [...], "unexpected": [...], "input_norm": bool}``: the keys as loaded, and
+        whether the checkpoint carried the input standardisation it was trained with.
 
     Raises:
         CheckpointError: unreadable/unsafe file, or weights that do not fit the model.
@@ -169,6 +183,8 @@ def load_pretrained(model: VisionTransformer, path: str | Path) -> dict[str, lis
     from medvit.engine import load_state_dict_file
 
     state = checkpoint_filter_fn(load_state_dict_file(path), model)
+    if fresh_final_norm:
+        state = {k: v for k, v in state.items() if not k.startswith("fc_norm.")}
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and v.shape != own[k].shape]
@@ -176,12 +192,13 @@ def load_pretrained(model: VisionTransformer, path: str | Path) -> dict[str, lis
         raise CheckpointError(f"{path}: weights do not fit the model ({'; '.join(wrong[:3])}): a ViT of another "
                               "width or patch size")
     unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not k.startswith(("head.", "fc_norm."))]
+    missing = [k for k in own if k not in state and not k.startswith(("head.", "fc_norm.", "input_norm."))]
     if missing or unexpected:
         raise CheckpointError(f"{path}: not a ViT encoder of this architecture (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]})")
     result = model.load_state_dict(state, strict=False)
-    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys),
+            "input_norm": "input_norm.mean" in state}
 
 
 def layer_decay_param_groups(model: VisionTransformer, layer_decay: float,

@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader
 
 from medvit.config import load_study, study_dir, task_config
 from medvit.data.sampling import subsample_patients
-from medvit.data.transforms import augment_transforms
 from medvit.engine import TrainConfig, Trainer, atomic_path, resolve_device, seed_everything, sha256_file
 from medvit.errors import CheckpointError, ConfigError
 from medvit.fileio import atomic_write_json
@@ -278,7 +277,7 @@ def _evaluate(ctx: StageContext, predictions: pd.DataFrame) -> dict[str, Any]:
 def _fit(ctx: StageContext, method: str, fraction: float, bb: dict[str, Any], split_path: str | Path,
          run_dir: Path) -> tuple[PromptedViT, dict[str, Any]]:
     """Adapt the backbone with ``method`` on ``fraction`` of the training patients."""
-    from medvit.tasks.classification import loss_function, validation_metric
+    from medvit.tasks.classification import loss_function, standardize_input, train_augmentation, validation_metric
     from medvit.tasks.pretrain import recipe_unchanged
 
     cfg = adapt_config(ctx)
@@ -286,14 +285,18 @@ def _fit(ctx: StageContext, method: str, fraction: float, bb: dict[str, Any], sp
     seed_everything(train_cfg.seed, train_cfg.deterministic)
     sub = _subsampled(ctx, fraction)
     size = [ctx.tcfg["image_size"]] * 2
-    # Same augmentation for every method; no left-right flips of chest radiographs (anatomy).
-    train_ds = split_dataset(sub, "train", size, augment=augment_transforms(2, flips=ctx.task != "xray"))
+    # Same augmentation for every method, the task's classifier augmentation (no left-right
+    # flips of chest radiographs: anatomy).
+    train_ds = split_dataset(sub, "train", size, augment=train_augmentation(ctx.task))
     val_ds = split_dataset(sub, "val", size)
     in_chans = int(train_ds[0]["image"].shape[0])
     model = build_prompted_vit(bb["size"], method, in_chans=in_chans, num_classes=ctx.spec.num_outputs,
                                img_size=ctx.tcfg["image_size"], patch_size=bb["patch_size"], dvpt=cfg["dvpt"],
                                vpt_prompts=cfg["vpt"]["prompts"])
-    load_pretrained(model.backbone, bb["path"])
+    loaded_norm = load_pretrained(model.backbone, bb["path"])["input_norm"]
+    # the backbone's own input standardisation (an MAE encoder's), else the training split's;
+    # either way it is stored in the adapter
+    norm = standardize_input(model.backbone, train_ds, loaded_with_weights=loaded_norm)
     groups = None
     if method == "full":
         # full fine-tuning is the task's own ViT recipe: layer-wise learning-rate decay
@@ -313,7 +316,7 @@ def _fit(ctx: StageContext, method: str, fraction: float, bb: dict[str, Any], sp
     info = {"in_chans": in_chans, "train_seconds": result.train_seconds, "best_epoch": result.best_epoch,
             "best_val_metric": result.best_metric, "epochs": train_cfg.epochs, "lr": train_cfg.lr,
             "train_patients": int(train_rows["patient_id"].nunique()), "train_samples": int(len(train_rows)),
-            "all_train_patients": int(ctx.rows("train")["patient_id"].nunique())}
+            "all_train_patients": int(ctx.rows("train")["patient_id"].nunique()), **norm}
     return model, info
 
 

@@ -3,9 +3,13 @@ binary, multi-class or multi-label, any registered 2D model.
 
 ViTs (``vit_*`` models) get the Medical MAE fine-tuning recipe of the task's ``finetune``
 block: initialisation from the task's MAE encoder (``vit_<size>_mae``, or ``init: mae``), from
-scratch, or from a local checkpoint; layer-wise learning-rate decay; DropPath; RandAugment;
-optional mixup. The MAE encoder is read from ``<split folder>/mae/encoder.safetensors``,
-where ``medvit pretrain`` writes it in the workflow.
+scratch, or from a local checkpoint; layer-wise learning-rate decay; DropPath; optional
+RandAugment (off by default, see :func:`medvit.data.transforms.classifier_augmentation`) on top
+of the mild augmentation every classifier gets; optional mixup. ViTs standardise their input
+inside the model (``input_norm``): with the training split's per-channel mean and std, or, when
+initialised from an MAE encoder, with the statistics the encoder was pretrained on. The MAE
+encoder is read from ``<split folder>/mae/encoder.safetensors``, where ``medvit pretrain``
+writes it in the workflow.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medvit.config import needs_mae
-from medvit.data.transforms import augment_transforms, randaugment_transforms
+from medvit.data.transforms import classifier_augmentation
 from medvit.engine import Trainer, sha256_file
 from medvit.engine.speed import resolve_num_workers
 from medvit.models import create_model
@@ -29,7 +33,7 @@ from medvit.tasks.pretrain import recipe_unchanged
 from medvit.tasks.training import fit_and_save, load_for_inference, seeded_train_config, split_dataset
 
 # The fine-tuning recipe when a task's config has no `finetune` block (Medical MAE's values).
-FINETUNE_DEFAULTS = {"init": "scratch", "layer_decay": 0.75, "drop_path": 0.1, "randaug_magnitude": 6, "mixup": 0.0}
+FINETUNE_DEFAULTS = {"init": "scratch", "layer_decay": 0.75, "drop_path": 0.1, "randaug_magnitude": 0, "mixup": 0.0}
 
 # Left and right are anatomy on a chest radiograph; flipping elsewhere is label-preserving.
 _FLIPS = {"xray": False, "brain": True, "histo": True}
@@ -59,6 +63,26 @@ def validation_metric(spec: TaskSpec):
         return float(balanced_accuracy_score(truth.argmax(1), probs.argmax(1)))
 
     return metric
+
+
+def train_augmentation(task: str, randaug_magnitude: int = 0):
+    """The training augmentation of a task's classifiers (flips where they preserve the label)."""
+    return classifier_augmentation(flips=_FLIPS.get(task, True), randaug_magnitude=randaug_magnitude)
+
+
+def standardize_input(model: nn.Module, train_ds, loaded_with_weights: bool = False) -> dict[str, Any]:
+    """Give ``model`` (a ViT or DeiT with ``input_norm``) the training split's per-channel mean
+    and std, unless its initial weights brought the statistics they were pretrained with (an
+    MAE encoder): the encoder then keeps seeing the input distribution it learned on.
+
+    Returns:
+        model-card fields: ``input_norm`` (mean, std) and ``input_norm_source``.
+    """
+    if not loaded_with_weights:
+        stats = train_ds.channel_statistics()
+        model.input_norm.set_statistics(stats["mean"], stats["std"])
+    return {"input_norm": model.input_norm.statistics(),
+            "input_norm_source": "initial weights" if loaded_with_weights else "training split"}
 
 
 def _size(ctx: StageContext) -> list[int]:
@@ -115,8 +139,7 @@ def _train_vit(ctx: StageContext, model_name: str, split_path: str | Path, out_d
     """Fine-tune a ViT with the Medical MAE recipe (see the module docstring)."""
     cfg = seeded_train_config(ctx)
     ft = finetune_config(ctx)
-    augment = randaugment_transforms(ft["randaug_magnitude"])
-    train_ds = split_dataset(ctx, "train", _size(ctx), augment=augment)
+    train_ds = split_dataset(ctx, "train", _size(ctx), augment=train_augmentation(ctx.task, ft["randaug_magnitude"]))
     val_ds = split_dataset(ctx, "val", _size(ctx))
     in_chans = int(train_ds[0]["image"].shape[0])
     kwargs = vit_kwargs(ctx)
@@ -124,10 +147,13 @@ def _train_vit(ctx: StageContext, model_name: str, split_path: str | Path, out_d
                          drop_path=ft["drop_path"], **kwargs)
     source = init_source(ctx, model_name, split_path)
     init: dict[str, Any] = {"init": "scratch"}
+    from_mae = needs_mae(ctx.study, ctx.task, model_name)
+    loaded_norm = False
     if source is not None:
-        load_pretrained(model, source)
-        init = {"init": "mae" if needs_mae(ctx.study, ctx.task, model_name) else "file", "init_weights": str(source),
+        loaded_norm = load_pretrained(model, source, fresh_final_norm=from_mae)["input_norm"]
+        init = {"init": "mae" if from_mae else "file", "init_weights": str(source),
                 "init_sha256": sha256_file(source)}
+    norm = standardize_input(model, train_ds, loaded_with_weights=loaded_norm)
     # Layer-wise decay keeps pretrained low-level features; a randomly initialised ViT has
     # none to keep, so from scratch every layer trains at the full rate.
     layer_decay = ft["layer_decay"] if source is not None else 1.0
@@ -143,7 +169,8 @@ def _train_vit(ctx: StageContext, model_name: str, split_path: str | Path, out_d
                         trainer_kwargs={"param_groups": groups, "mixup": ft["mixup"],
                                         "num_classes": ctx.spec.num_outputs},
                         resume=recipe_unchanged(out_dir, recipe), finetune=ft, layer_decay_applied=layer_decay,
-                        in_chans=in_chans, image_size=kwargs["img_size"], patch_size=kwargs["patch_size"], **init)
+                        in_chans=in_chans, image_size=kwargs["img_size"], patch_size=kwargs["patch_size"], **init,
+                        **norm)
 
 
 def _build(ctx: StageContext, model_name: str, in_chans: int, meta: dict[str, Any] | None = None) -> nn.Module:
@@ -166,7 +193,7 @@ def train(config_path: str | Path, task: str, model_name: str, split_path: str |
     if is_vit(model_name):
         return _train_vit(ctx, model_name, split_path, out_dir)
     cfg = seeded_train_config(ctx)
-    train_ds = split_dataset(ctx, "train", _size(ctx), augment=augment_transforms(2, flips=_FLIPS.get(task, True)))
+    train_ds = split_dataset(ctx, "train", _size(ctx), augment=train_augmentation(task))
     val_ds = split_dataset(ctx, "val", _size(ctx))
     in_chans = int(train_ds[0]["image"].shape[0])
     model = create_model(model_name, in_chans=in_chans, num_classes=ctx.spec.num_outputs)

@@ -155,7 +155,7 @@ def _check_task(ctx: StageContext) -> None:
 def train_student(ctx: StageContext, split_path: str | Path, out_dir: str | Path,
                   teacher_weights: str | Path | None = None) -> Path:
     """Train the DeiT student (with distillation when ``teacher_weights`` is given)."""
-    from medvit.tasks.classification import validation_metric
+    from medvit.tasks.classification import standardize_input, validation_metric
 
     _check_task(ctx)
     dcfg = distill_config(ctx.tcfg)
@@ -172,6 +172,9 @@ def train_student(ctx: StageContext, split_path: str | Path, out_dir: str | Path
     in_chans = int(train_ds[0]["image"].shape[0])
     model = create_model(dcfg["student"], in_chans=in_chans, num_classes=ctx.spec.num_outputs, img_size=size,
                          patch_size=dcfg["patch_size"], drop_path=dcfg["drop_path"])
+    # the student standardises its input itself (training-split statistics); the teacher gets
+    # the same unstandardised image it was trained on
+    norm = standardize_input(model, train_ds)
     teacher, teacher_meta = None, {}
     if teacher_weights is not None:
         teacher_meta = read_sidecar(teacher_weights)
@@ -185,7 +188,7 @@ def train_student(ctx: StageContext, split_path: str | Path, out_dir: str | Path
     distilled = teacher is not None
     card = {"distillation": "hard" if distilled else "none (distillation head learns the true labels)",
             "teacher": teacher_meta.get("model"), "teacher_weights": str(teacher_weights) if distilled else None,
-            "in_chans": in_chans, "image_size": size, "patch_size": dcfg["patch_size"], "drop_path": dcfg["drop_path"]}
+            "in_chans": in_chans, "image_size": size, "patch_size": dcfg["patch_size"], "drop_path": dcfg["drop_path"], **norm}
     return fit_and_save(ctx, dcfg["student"], split_path, out_dir, cfg, model, train_ds, val_ds, loss_fn,
                         validation_metric(ctx.spec), trainer_cls=DistillTrainer,
                         trainer_kwargs={"teacher": teacher, "teacher_size": teacher_meta.get("image_size")}, **card)

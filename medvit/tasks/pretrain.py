@@ -102,7 +102,7 @@ def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, o
     """
     ctx = load_context(config_path, task, split_path)
     pcfg = _pretrain_config(ctx)
-    cfg = TrainConfig.from_study(ctx.study, pcfg["train"])
+    cfg = TrainConfig.from_study(ctx.study, {**pcfg["train"], "lr": pretrain_lr(pcfg)})
     seed_everything(cfg.seed, cfg.deterministic)
     out_dir = Path(out_dir)
     size = [ctx.tcfg["image_size"]] * 2
@@ -113,13 +113,21 @@ def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, o
     mae = build_mae(pcfg["model"], in_chans=in_chans, img_size=size[0], patch_size=pcfg["patch_size"],
                     mask_ratio=pcfg["mask_ratio"], decoder_dim=pcfg["decoder_dim"],
                     decoder_depth=pcfg["decoder_depth"], norm_pix_loss=pcfg["norm_pix_loss"])
+    # the encoder standardises its input with the pretraining images' statistics and keeps
+    # them: every ViT fine-tuned or adapted from it inherits the same preprocessing
+    stats = dataset.channel_statistics()
+    mae.encoder.input_norm.set_statistics(stats["mean"], stats["std"])
 
     def loss_fn(outputs: Any, batch: dict[str, Any]) -> torch.Tensor:
         return outputs.loss
 
     trainer = Trainer(mae, dataset, None, cfg, out_dir, loss_fn=loss_fn)
     recipe = {k: v for k, v in pcfg.items() if k not in ("train", "figures")}
-    result = trainer.fit(resume=recipe_unchanged(out_dir, {**recipe, "image_size": size[0], "in_chans": in_chans}))
+    result = trainer.fit(resume=recipe_unchanged(out_dir, {**recipe, "image_size": size[0], "in_chans": in_chans,
+                                                           "input_norm": stats}))
+    baseline = patch_mean_baseline_loss(mae, split_dataset(ctx, PRETRAINING_SPLITS, size, cache=False), seed=cfg.seed)
+    print(f"MAE reconstruction loss {result.history[-1]['train_loss']:.4f} (predicting each masked patch's own "
+          f"mean scores {baseline:.4f})", flush=True)
     figure = save_reconstructions(mae.cpu(), split_dataset(ctx, PRETRAINING_SPLITS, size, cache=False),
                                   out_dir / "reconstructions.png", n=pcfg["figures"], seed=cfg.seed)
     meta = model_sidecar(ctx, pcfg["model"], split_path, stage="mae_pretrain", in_chans=in_chans,
@@ -127,8 +135,44 @@ def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, o
                          train_samples=len(rows), train_patients=int(rows["patient_id"].nunique()),
                          splits_seen=sorted(rows["split"].unique().tolist()),
                          train_seconds=result.train_seconds, final_loss=result.history[-1]["train_loss"],
-                         losses=[h["train_loss"] for h in result.history], figure=figure.name)
+                         patch_mean_baseline_loss=baseline, lr=cfg.lr,
+                         losses=[h["train_loss"] for h in result.history], figure=figure.name,
+                         input_norm=stats)
     return save_weights(out_dir / "encoder.safetensors", mae.encoder, meta)
+
+
+def pretrain_lr(pcfg: dict[str, Any]) -> float:
+    """The MAE learning rate. With ``base_lr`` set (default 1.5e-4, the MAE paper's), the MAE
+    paper's linear scaling rule: ``base_lr * effective batch / 256``, the effective batch being
+    ``batch_size * accumulate``; with ``base_lr: null``, ``train.lr`` as given."""
+    if pcfg.get("base_lr") is None:
+        return float(pcfg["train"]["lr"])
+    train = pcfg["train"]
+    return float(pcfg["base_lr"]) * int(train["batch_size"]) * int(train.get("accumulate", 1)) / 256.0
+
+
+@torch.no_grad()
+def patch_mean_baseline_loss(mae: MaskedAutoencoder, dataset, seed: int = 0, max_samples: int = 512,
+                             batch_size: int = 64) -> float:
+    """The reconstruction loss of a trivial predictor that fills every masked patch with that
+    patch's own mean intensity (an oracle of each patch's brightness): ``(n - 1) / n`` for patches of ``n``
+    values with ``norm_pix_loss`` (the target is normalised with the unbiased variance), the
+    patches' variance without it. An
+    MAE whose loss does not fall clearly below it has learned no structure. Same masking rule
+    and a fixed generator, on up to ``max_samples`` samples of ``dataset``."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(mae.parameters()).device
+    total, count = 0.0, 0
+    n = min(len(dataset), max_samples)
+    for start in range(0, n, batch_size):
+        imgs = torch.stack([torch.as_tensor(dataset[i]["image"]) for i in range(start, min(n, start + batch_size))])
+        imgs = mae.standardize(imgs.float().to(device))
+        _, mask, _ = mae.random_masking(imgs.shape[0], torch.device("cpu"), generator=generator)
+        target = mae.target(imgs)
+        pred = target.mean(dim=-1, keepdim=True).expand_as(target)
+        total += float(mae.loss(imgs, pred, mask.to(device))) * float(mask.sum())
+        count += float(mask.sum())
+    return total / max(count, 1.0)
 
 
 @torch.no_grad()
