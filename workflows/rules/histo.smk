@@ -179,6 +179,8 @@ rule fold_split:
         fold=r"\d+",
     log:
         f"{OUT}/logs/fold_split/{{task}}_fold{{fold}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/fold_split/{{task}}_fold{{fold}}.tsv"
     threads: 1
     resources:
         mem_mb=2000,
