@@ -500,6 +500,20 @@ def manifest_origin(study: Mapping[str, Any], task: str) -> str:
     return cfg.get("source") or "synthetic"
 
 
+def pretrain_extra_manifests(study: Mapping[str, Any], task: str) -> list[Path]:
+    """Manifests whose images (never labels) join a task's MAE pretraining
+    (``tasks.<task>.pretrain.extra_manifests``): a shipped source name (e.g. ``pneumoniamnist``)
+    means the manifest the workflow imports at ``<results_dir>/<study>/data/extra/<name>/manifest.csv``;
+    anything else is a manifest path."""
+    names = (task_config(study, task).get("pretrain") or {}).get("extra_manifests") or []
+    return [extra_source_manifest(study, n) if n in SOURCES else Path(n) for n in names]
+
+
+def extra_source_manifest(study: Mapping[str, Any], name: str) -> Path:
+    """Where the workflow imports shipped dataset ``name`` used as extra pretraining images."""
+    return study_dir(study) / "data" / "extra" / name / "manifest.csv"
+
+
 def task_manifest_path(study: Mapping[str, Any], task: str) -> Path:
     """The manifest a task reads: ``tasks.<task>.manifest``, or, when null, the generated or
     imported one at ``<results_dir>/<study>/data/<task>/manifest.csv``."""

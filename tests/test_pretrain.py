@@ -233,3 +233,45 @@ def test_empty_label_is_allowed_on_unlabeled_rows_only(tmp_path):
     report = validate_manifest(tmp_path / "m.csv", check_files=False)
     assert [(p.row, p.column) for p in report.problems] == [(2, "label")]
     assert "mark images without a label with split `unlabeled`" in report.problems[0].reason
+
+
+def test_extra_manifests_join_pretraining_only(tmp_path):
+    """`pretrain.extra_manifests`: another manifest's images (labels dropped, its own val/test
+    rows left out) join MAE pretraining as unlabeled images; a patient of this task's
+    validation or test split among them is refused."""
+    from medvit.tasks.pretrain import with_extra_pretraining_images
+
+    config = write_study(tmp_path / "study.yaml")
+    manifest = synthesize("xray", n_patients=12, out_dir=tmp_path / "data", seed=1, image_size=32)
+    other = synthesize("xray", n_patients=6, out_dir=tmp_path / "other", seed=2, image_size=32)
+    odf = pd.read_csv(other, dtype=str, keep_default_na=False)
+    odf["patient_id"] = "X" + odf["patient_id"]
+    first = odf["patient_id"] == odf["patient_id"].iloc[0]
+    odf["split"] = ["test" if f else "train" for f in first]  # its test patient must stay out
+    odf.to_csv(other, index=False)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["tasks"]["xray"]["manifest"] = str(manifest)
+    cfg["tasks"]["xray"]["pretrain"]["extra_manifests"] = [str(other)]
+    config.write_text(yaml.safe_dump(cfg))
+    split = split_stage(config, "xray", tmp_path / "xray" / "split.csv")
+
+    ctx, extras = with_extra_pretraining_images(load_context(config, "xray", split))
+    added = ctx.df[ctx.df["sample_id"].str.startswith("extra0:")]
+    assert len(added) == int((~first).sum()) and set(added["split"]) == {"unlabeled"}
+    assert not set(added["patient_id"]) & set(odf.loc[first, "patient_id"])
+    assert extras[0]["rows"] == len(added) and extras[0]["manifest"] == str(other)
+    assert all((split.parent / p).exists() for p in added["image"])  # paths relative to the split
+    assert set(added["labels"]) == {""}  # labels never travel
+
+    encoder = pretrain_stage(config, "xray", split, tmp_path / "xray" / "mae")
+    card = json.loads(encoder.with_suffix(".json").read_text())
+    n_train = int((pd.read_csv(split)["split"] == "train").sum())
+    assert card["train_samples"] == n_train + len(added) and card["extra_manifests"][0]["rows"] == len(added)
+    assert card["input_norm"]["std"][0] > 0
+
+    # one of this task's test patients inside the extra manifest is a leak
+    test_patient = pd.read_csv(split, dtype=str).query("split == 'test'")["patient_id"].iloc[0]
+    odf.loc[odf.index[~first][0], "patient_id"] = test_patient
+    odf.to_csv(other, index=False)
+    with pytest.raises(LeakageError, match=test_patient):
+        with_extra_pretraining_images(load_context(config, "xray", split))

@@ -54,6 +54,63 @@ def pretraining_rows(ctx: StageContext) -> pd.DataFrame:
     return rows
 
 
+# Columns an extra pretraining manifest contributes (images and ids; never labels).
+_EXTRA_COLUMNS = ("patient_id", "sample_id", "image")
+
+
+def with_extra_pretraining_images(ctx: StageContext) -> tuple[StageContext, list[dict[str, Any]]]:
+    """``ctx`` with the images of ``pretrain.extra_manifests`` appended as ``unlabeled`` rows.
+
+    Of each extra manifest, rows are kept unless its own ``split`` is ``val`` or ``test`` (so a
+    manifest of another study keeps that study's evaluation images out of this encoder too);
+    label columns are dropped, paths are made relative to the split's folder, and sample ids
+    get the prefix ``extra<i>:`` so they never collide with this task's.
+
+    Returns:
+        the extended context, and one summary per extra manifest (path, SHA-256, rows and
+        patients used) for the encoder's card.
+
+    Raises:
+        LeakageError: an extra image's patient is one of this task's validation or test patients.
+    """
+    import dataclasses
+    import os
+
+    from medvit.config import pretrain_extra_manifests
+    from medvit.data.manifest import load_manifest
+    from medvit.provenance import sha256_file
+
+    paths = pretrain_extra_manifests(ctx.study, ctx.task)
+    if not paths:
+        return ctx, []
+    held_out = set(ctx.df.loc[ctx.df["split"].isin(["val", "test"]), "patient_id"].astype(str))
+    parts, summaries = [ctx.df], []
+    for i, path in enumerate(paths):
+        manifest = load_manifest(path, check_files=True)
+        df = manifest.df
+        if "split" in df.columns:
+            df = df[~df["split"].astype(str).isin(["val", "test"])]
+        columns = [c for c in df.columns if c in _EXTRA_COLUMNS or c.startswith("image_")]
+        df = df[columns].copy()
+        shared = sorted(set(df["patient_id"].astype(str)) & held_out)
+        if shared:
+            raise LeakageError(shared, f"pretrain.extra_manifests {path} holds validation/test patients of task "
+                                       f"{ctx.task!r}")
+        for col in [c for c in columns if c == "image" or c.startswith("image_")]:
+            df[col] = [os.path.relpath(manifest.root / v, ctx.manifest.root) if v else v for v in df[col]]
+        df["sample_id"] = f"extra{i}:" + df["sample_id"].astype(str)
+        df["split"] = "unlabeled"
+        parts.append(df)
+        summaries.append({"manifest": str(path), "sha256": sha256_file(path), "rows": int(len(df)),
+                          "patients": int(df["patient_id"].nunique()), "quarantined": len(manifest.problems)})
+        print(f"extra pretraining images: {len(df)} from {path} ({df['patient_id'].nunique()} patients)", flush=True)
+    combined = pd.concat(parts, ignore_index=True)
+    for col in combined.columns:
+        if combined[col].dtype == object:
+            combined[col] = combined[col].where(combined[col].notna(), "")
+    return dataclasses.replace(ctx, manifest=dataclasses.replace(ctx.manifest, df=combined)), summaries
+
+
 def recipe_unchanged(out_dir: str | Path, recipe: dict[str, Any], name: str = "recipe.json") -> bool:
     """Whether checkpoints in ``out_dir`` may be resumed: True when ``out_dir/name`` holds the
     same recipe (or does not exist yet). The Trainer refuses a checkpoint whose ``train``
@@ -106,6 +163,7 @@ def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, o
     seed_everything(cfg.seed, cfg.deterministic)
     out_dir = Path(out_dir)
     size = [ctx.tcfg["image_size"]] * 2
+    ctx, extras = with_extra_pretraining_images(ctx)
     rows = pretraining_rows(ctx)
     dataset = split_dataset(ctx, PRETRAINING_SPLITS, size, augment=random_resized_crop(size, pcfg["crop_scale"]))
     assert len(dataset) == len(rows)  # split_dataset reads exactly these rows
@@ -124,7 +182,7 @@ def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, o
     trainer = Trainer(mae, dataset, None, cfg, out_dir, loss_fn=loss_fn)
     recipe = {k: v for k, v in pcfg.items() if k not in ("train", "figures")}
     result = trainer.fit(resume=recipe_unchanged(out_dir, {**recipe, "image_size": size[0], "in_chans": in_chans,
-                                                           "input_norm": stats}))
+                                                           "input_norm": stats, "extras": extras}))
     baseline = patch_mean_baseline_loss(mae, split_dataset(ctx, PRETRAINING_SPLITS, size, cache=False), seed=cfg.seed)
     print(f"MAE reconstruction loss {result.history[-1]['train_loss']:.4f} (predicting each masked patch's own "
           f"mean scores {baseline:.4f})", flush=True)
@@ -137,7 +195,7 @@ def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, o
                          train_seconds=result.train_seconds, final_loss=result.history[-1]["train_loss"],
                          patch_mean_baseline_loss=baseline, lr=cfg.lr,
                          losses=[h["train_loss"] for h in result.history], figure=figure.name,
-                         input_norm=stats)
+                         input_norm=stats, extra_manifests=extras)
     return save_weights(out_dir / "encoder.safetensors", mae.encoder, meta)
 
 

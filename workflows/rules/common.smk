@@ -20,6 +20,7 @@ from medvit.config import (
     mae_encoder_path,
     manifest_origin,
     needs_mae,
+    pretrain_extra_manifests,
     study_dir,
     task_config,
     task_manifest_path,

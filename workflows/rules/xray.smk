@@ -7,6 +7,9 @@
 rule pretrain:
     input:
         split=f"{OUT}/xray/split.csv",
+        # more images for pretraining only (pretrain.extra_manifests), imported below when
+        # an entry names a shipped dataset
+        extras=lambda w: [str(p) for p in pretrain_extra_manifests(config, "xray")],
     output:
         encoder=f"{OUT}/xray/mae/encoder.safetensors",
         card=f"{OUT}/xray/mae/encoder.json",
@@ -38,3 +41,27 @@ rule pretrain:
     shell:
         "medvit pretrain --config {params.study:q} --task xray --split {input.split:q}"
         " --out {params.out_dir:q} > {log:q} 2>&1"
+
+
+rule import_extra:
+    input:
+        src=lambda w: source_file(w.source),
+    output:
+        manifest=f"{OUT}/data/extra/{{source}}/manifest.csv",
+    wildcard_constraints:
+        source=_alternation(SOURCES),
+    params:
+        out_dir=lambda w, output: os.path.dirname(output.manifest),
+    log:
+        f"{OUT}/logs/import_extra/{{source}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/import_extra/{{source}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+        gpu=0,
+    conda:
+        CONDA_ENV
+    shell:
+        "medvit import {wildcards.source:q} --from {input.src:q} --out {params.out_dir:q} > {log:q} 2>&1"
