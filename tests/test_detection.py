@@ -122,8 +122,9 @@ def test_crop_region_enlarges_and_clips():
 
 
 @pytest.mark.parametrize("mode", ["slice", "region"])
-def test_cascade_scores_flagged_slices_only(detector, tmp_path, mode):
+def test_cascade_scores_flagged_slices_only(detector, tmp_path, monkeypatch, mode):
     study, split, out, _ = detector
+    monkeypatch.setenv("MEDVIT_DATA_ROOTS", str(study.parent))  # the study copy sits apart from its manifest
     cfg = yaml.safe_load(study.read_text())
     cfg["tasks"]["brain"]["cascade"]["input"] = mode
     study2 = tmp_path / "s.yaml"
