@@ -186,6 +186,14 @@ def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, o
     baseline = patch_mean_baseline_loss(mae, split_dataset(ctx, PRETRAINING_SPLITS, size, cache=False), seed=cfg.seed)
     print(f"MAE reconstruction loss {result.history[-1]['train_loss']:.4f} (predicting each masked patch's own "
           f"mean scores {baseline:.4f})", flush=True)
+    seed_everything(cfg.seed, cfg.deterministic)
+    random_encoder = build_mae(pcfg["model"], in_chans=in_chans, img_size=size[0],
+                               patch_size=pcfg["patch_size"]).encoder.to(next(mae.parameters()).device)
+    random_encoder.input_norm.set_statistics(stats["mean"], stats["std"])
+    probe = linear_probe_check(ctx, mae.encoder, random_encoder, size)
+    if probe:
+        print(f"linear probe, validation AUROC: MAE encoder {probe['mae_encoder']:.3f}, random encoder "
+              f"{probe['random_encoder']:.3f}", flush=True)
     figure = save_reconstructions(mae.cpu(), split_dataset(ctx, PRETRAINING_SPLITS, size, cache=False),
                                   out_dir / "reconstructions.png", n=pcfg["figures"], seed=cfg.seed)
     meta = model_sidecar(ctx, pcfg["model"], split_path, stage="mae_pretrain", in_chans=in_chans,
@@ -195,8 +203,62 @@ def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, o
                          train_seconds=result.train_seconds, final_loss=result.history[-1]["train_loss"],
                          patch_mean_baseline_loss=baseline, lr=cfg.lr,
                          losses=[h["train_loss"] for h in result.history], figure=figure.name,
-                         input_norm=stats, extra_manifests=extras)
+                         input_norm=stats, extra_manifests=extras, linear_probe=probe)
     return save_weights(out_dir / "encoder.safetensors", mae.encoder, meta)
+
+
+@torch.no_grad()
+def encoder_features(encoder: torch.nn.Module, dataset, batch_size: int = 256) -> np.ndarray:
+    """(N, D) pooled features of a frozen ViT encoder (``num_classes=0``) over ``dataset``."""
+    from torch.utils.data import DataLoader
+
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    feats = [encoder(b["image"].float().to(device)).float().cpu().numpy()
+             for b in DataLoader(dataset, batch_size=batch_size, shuffle=False)]
+    encoder.train(was_training)
+    return np.concatenate(feats)
+
+
+def linear_probe_check(ctx: StageContext, encoder: torch.nn.Module, random_encoder: torch.nn.Module,
+                       size: list[int]) -> dict[str, Any] | None:
+    """Did pretraining learn anything? A logistic-regression probe (scikit-learn, standardised
+    features) on the frozen encoder's pooled features of the labelled training rows, scored
+    on the validation rows (macro AUROC over the classes with both values there), against the
+    same probe on ``random_encoder``, a randomly initialised encoder of the same architecture
+    and input standardisation. Validation only: the test split is never read. None when the split has
+    no labelled training or validation rows.
+
+    Returns:
+        ``{"mae_encoder": auroc, "random_encoder": auroc, "train_samples": n, "val_samples": m}``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if not len(ctx.rows("train")) or not len(ctx.rows("val")):
+        return None
+    train_ds = split_dataset(ctx, "train", size, cache=False)
+    val_ds = split_dataset(ctx, "val", size, cache=False)
+    y_train = np.stack([np.atleast_1d(r["target"]) for r in train_ds.records])
+    y_val = np.stack([np.atleast_1d(r["target"]) for r in val_ds.records])
+    if ctx.spec.kind == "multiclass":
+        y_train = np.eye(len(ctx.spec.classes))[y_train[:, 0].astype(int)]
+        y_val = np.eye(len(ctx.spec.classes))[y_val[:, 0].astype(int)]
+    result: dict[str, Any] = {"train_samples": len(train_ds), "val_samples": len(val_ds)}
+    for name, enc in (("mae_encoder", encoder), ("random_encoder", random_encoder)):
+        f_train, f_val = encoder_features(enc, train_ds), encoder_features(enc, val_ds)
+        aucs = []
+        for j in range(y_train.shape[1]):
+            if len(np.unique(y_train[:, j])) < 2 or len(np.unique(y_val[:, j])) < 2:
+                continue
+            probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
+            probe.fit(f_train, y_train[:, j])
+            aucs.append(roc_auc_score(y_val[:, j], probe.predict_proba(f_val)[:, 1]))
+        result[name] = float(np.mean(aucs)) if aucs else float("nan")
+    return result
 
 
 def pretrain_lr(pcfg: dict[str, Any]) -> float:
