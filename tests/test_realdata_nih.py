@@ -44,8 +44,8 @@ def test_import_matches_source(imported: Path) -> None:
     assert list(df.columns)[:6] == ["patient_id", "sample_id", "image", "labels", "split", "kcr_split"]
     assert df["split"].value_counts().to_dict() == {"train": 725, "test": 181, "val": 94}
     assert df["patient_id"].nunique() == 264 and df["sample_id"].is_unique
-    assert df["patient_id"].str.fullmatch(r"nih-\d{8}").all()
-    assert df.loc[0, "sample_id"] == "nih-00000001_000" and df.loc[0, "patient_id"] == "nih-00000001"
+    assert df["patient_id"].str.fullmatch(r"nih-[1-9]\d{0,4}").all()
+    assert df.loc[0, "sample_id"] == "nih-00000001_000" and df.loc[0, "patient_id"] == "nih-1"
     assert set(df["kcr_split"]) == {"train", "val", "test"}
     check_no_leakage(df)  # chexnet_split is patient-disjoint
     with np.load(NPZ) as data:
@@ -69,7 +69,7 @@ def test_import_matches_source(imported: Path) -> None:
 def test_leakage_guard_refuses_the_kcr_split(imported: Path) -> None:
     df = load_manifest(imported).df
     with np.load(NPZ) as data:
-        pid = pd.Series([f"nih-{int(p):08d}" for p in data["patient_id"]])
+        pid = pd.Series([f"nih-{int(p)}" for p in data["patient_id"]])
         kcr = pd.Series([str(s) for s in data["kcr_split"]])
     in_train, in_test = set(pid[kcr == "train"]), set(pid[kcr == "test"])
     train_test = sorted(in_train & in_test)

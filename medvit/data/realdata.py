@@ -132,8 +132,8 @@ def import_nih_cxr14(source: str | Path, out_dir: str | Path, limit: int | None 
     """Turn ``chestxray14_nih1000_64.npz`` into 64x64 PNGs and a multi-label manifest.
 
     1000 frontal NIH ChestX-ray14 radiographs of 264 patients with the 14 findings. Columns:
-    ``patient_id`` (the NIH patient number, ``nih-00001234``), ``sample_id`` (the NIH file name
-    without ``.png``, e.g. ``nih-00001234_001``), ``image``, ``labels`` (the findings present,
+    ``patient_id`` (the NIH patient number, unpadded so it is no MRN-like digit run:
+    ``nih-1234``), ``sample_id`` (the NIH file name without ``.png``, e.g. ``nih-00001234_001``), ``image``, ``labels`` (the findings present,
     ``|``-separated, names as in the file's ``class_names``, e.g. ``Effusion|Pleural_Thickening``;
     empty for no finding), ``split`` (the file's patient-disjoint ``chexnet_split``: train 725,
     val 94, test 181 images), ``kcr_split`` (the source repository's own split, ``valid``
@@ -176,7 +176,7 @@ def import_nih_cxr14(source: str | Path, out_dir: str | Path, limit: int | None 
         (out_dir / "images" / sp).mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(images[i], dtype=np.uint8)).save(out_dir / rel)
         kcr_value = str(kcr[i])
-        rows.append({"patient_id": f"nih-{int(patients[i]):08d}", "sample_id": sid, "image": rel,
+        rows.append({"patient_id": f"nih-{int(patients[i])}", "sample_id": sid, "image": rel,
                      "labels": "|".join(n for n, v in zip(names, labels[i]) if v),
                      "split": sp, "kcr_split": "val" if kcr_value == "valid" else kcr_value,
                      "follow_up": int(follow_up[i]), "image_index": str(index[i]), "source_index": i})
