@@ -615,3 +615,37 @@ def test_count_flops_matches_hand_count_and_latency_is_measured():
     timing = measure_latency(model, x, warmup=1, repeats=3)
     assert timing["batch"] == 3 and timing["median_s"] > 0
     assert timing["throughput"] == pytest.approx(3 / timing["median_s"])
+
+
+def test_history_csv_and_curves_name_the_validation_metric(tmp_path):
+    """history.csv holds every epoch (train and validation loss, the named metric, lr,
+    seconds) as the result's history; curves.png is drawn; the log names the metric."""
+    import pandas as pd
+
+    def val_accuracy(outputs, targets):
+        return accuracy(outputs, targets)
+
+    val_accuracy.metric_name = "val_accuracy"
+    seed_everything(0)
+    config = TrainConfig(epochs=3, seed=0, device="cpu", bf16=False, batch_size=8, lr=3e-3, warmup_epochs=1,
+                         min_lr=1e-5, log_every=0)
+    val = BlobDataset(32, seed=2)
+    result = Trainer(TinyNet(), BlobDataset(64, seed=1), val, config, tmp_path, loss_fn=ce_loss,
+                     val_metric_fn=val_accuracy, progress=False).fit()
+    df = pd.read_csv(tmp_path / "history.csv")
+    assert list(df.columns) == ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"]
+    assert df["epoch"].tolist() == [1, 2, 3]
+    for col, key in (("train_loss", "train_loss"), ("val_loss", "val_loss"), ("val_accuracy", "val_metric"),
+                     ("lr", "lr"), ("seconds", "seconds")):
+        np.testing.assert_allclose(df[col], [h[key] for h in result.history], rtol=1e-5)
+    assert (df["seconds"] > 0).all() and df["val_loss"].notna().all()
+    # the validation loss is the training loss over the validation samples with the epoch's weights
+    model = TinyNet()
+    model.load_state_dict(read_checkpoint(tmp_path / "checkpoints" / "last").model_state)
+    model.eval()
+    with torch.no_grad():  # the dataset adds small noise on every access: compare approximately
+        expected = float(ce_loss(model(val.x), {"label": val.y}))
+    assert df["val_loss"].iloc[-1] == pytest.approx(expected, rel=0.05)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = (tmp_path / "train.log").read_text()
+    assert "val_accuracy" in log and " val_metric " not in log

@@ -287,7 +287,10 @@ class TrainResult:
         train_seconds: seconds spent training and validating, summed over every run that
             contributed (resumed runs included; checkpoint writing excluded).
         history: one dict per completed epoch: ``epoch`` (1-based), ``train_loss``,
-            ``val_metric``, ``lr`` (first group, after the epoch's last step), ``seconds``.
+            ``val_loss`` (the training loss on the validation set; None without one, or when
+            the loss cannot be computed there), ``val_metric``, ``lr`` (first group, after the
+            epoch's last step), ``seconds``. Also written as ``history.csv`` beside the
+            checkpoints (columns named after the validation metric), with ``curves.png``.
         epochs_run: epochs trained by this call (0 when the checkpoint was already final).
         completed: all ``epochs`` are done (False after ``max_epochs_this_run`` stopped it).
         resumed_from: the epoch of the checkpoint this call resumed from, or None.
@@ -366,6 +369,44 @@ def _fmt_seconds(seconds: float) -> str:
     return str(_dt.timedelta(seconds=int(round(seconds))))
 
 
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_metric", "lr", "seconds")
+"""Columns of ``history.csv``; ``val_metric`` is written under the metric's own name."""
+
+
+def write_history(path: str | Path, history: Sequence[Mapping[str, Any]], metric_name: str = "val_metric") -> Path:
+    """Write the per-epoch history as CSV (atomically): ``epoch, train_loss, val_loss,
+    <metric_name>, lr, seconds``; undefined values are empty cells."""
+    import csv
+    import io
+
+    from medvit.fileio import atomic_write_text
+
+    names = [metric_name if c == "val_metric" else c for c in HISTORY_COLUMNS]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(names)
+    for rec in history:
+        row = []
+        for c in HISTORY_COLUMNS:
+            v = rec.get(c)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            row.append("" if not ok else (str(int(v)) if c == "epoch" else f"{float(v):.6g}"))
+        writer.writerow(row)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def write_curves(path: str | Path, history: Sequence[Mapping[str, Any]], metric_name: str = "val_metric",
+                 best_epoch: int | None = None) -> Path | None:
+    """``curves.png``: losses and the validation metric per epoch (a missing plotting
+    backend only skips the figure; the history CSV holds the numbers)."""
+    try:
+        from medvit.evaluation.figures import learning_curves_figure
+    except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
+        logger.warning("curves.png not drawn: %s", exc)
+        return None
+    return learning_curves_figure({"": (list(history), metric_name, best_epoch)}, path)
+
+
 class _TqdmHandler(logging.Handler):
     """Warnings on the terminal without breaking the progress bars."""
 
@@ -394,7 +435,9 @@ class Trainer:
             on the device, so a loss can use any key.
         val_metric_fn: ``val_metric_fn(outputs, targets) -> float``, higher is better;
             ``outputs`` are the model's outputs over the validation set concatenated along
-            dim 0 (float32, CPU) and ``targets`` the ``label`` values likewise.
+            dim 0 (float32, CPU) and ``targets`` the ``label`` values likewise. Its
+            ``metric_name`` attribute, when set, names the metric in the log, ``history.csv``
+            and ``curves.png`` (default ``val_metric``).
         collate_fn: DataLoader ``collate_fn`` (default: PyTorch's).
         param_groups: optimizer groups for :meth:`build_optimizer`: dicts with ``params``
             and optionally ``lr_scale`` (multiplies ``config.lr``; e.g. layer-wise decay),
@@ -444,6 +487,8 @@ class Trainer:
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.loss_fn = loss_fn
         self.val_metric_fn = val_metric_fn
+        self.val_metric_name = str(getattr(val_metric_fn, "metric_name", None) or "val_metric")
+        self._val_loss: list[float] | None = None  # [loss sum, samples] of the running validation
         self.collate_fn = collate_fn
         self.param_groups = param_groups
         self.progress = progress
@@ -646,7 +691,25 @@ class Trainer:
         """(outputs, targets) of one validation batch, float32 on the CPU."""
         with autocast_context(self.device, self.bf16):
             outputs = self.forward(batch)
+            self._add_val_loss(outputs, batch)
         return _to_cpu_float(outputs), _to_cpu_float(batch.get("label"))
+
+    def _add_val_loss(self, outputs: Any, batch: dict[str, Any]) -> None:
+        """Add one validation batch's training loss to the running validation loss (stops
+        for the rest of the pass when the loss cannot be computed on validation outputs, e.g.
+        a loss that needs training-only outputs)."""
+        if self._val_loss is None:
+            return
+        try:
+            loss = float(self.loss_fn(outputs, batch))
+        except Exception as exc:  # noqa: BLE001 - the validation loss is informative only
+            logger.debug("validation loss not computed: %s", exc)
+            self._val_loss = None
+            return
+        image = batch.get("image") if isinstance(batch, dict) else None
+        n = int(image.shape[0]) if isinstance(image, torch.Tensor) and image.ndim else 1
+        self._val_loss[0] += loss * n
+        self._val_loss[1] += n
 
     def _bar(self, inner: bool = False, **kwargs: Any) -> tqdm:
         """A progress bar on stderr. In a log file (stderr not a terminal) only the epoch bar
@@ -731,6 +794,7 @@ class Trainer:
         self.model.eval()
         loader = self.build_dataloader(self.val_dataset, train=False, epoch=self.epoch)
         outputs, targets = [], []
+        self._val_loss = [0.0, 0]
         with self._bar(inner=True, total=len(loader), desc="validation", unit="batch", leave=False) as bar:
             for raw in loader:
                 out, tgt = self.validation_step(self.prepare_batch(raw))
@@ -1013,8 +1077,11 @@ class Trainer:
                 logger.warning("no best checkpoint to load; keeping the weights of epoch %d", self.epochs_done)
             self._load_best()
             if completed:
-                logger.info("done: best epoch %d (val_metric %s), %s of training", self.best_epoch,
+                logger.info("done: best epoch %d (%s %s), %s of training", self.best_epoch, self.val_metric_name,
                             self.best_metric, _fmt_seconds(self.train_seconds))
+            if self.dist.is_main and self.history:
+                write_history(self.out_dir / "history.csv", self.history, self.val_metric_name)
+                write_curves(self.out_dir / "curves.png", self.history, self.val_metric_name, self.best_epoch)
             return TrainResult(best_epoch=self.best_epoch, best_metric=self.best_metric,
                                train_seconds=self.train_seconds, history=list(self.history),
                                epochs_run=self._epochs_run, completed=completed, resumed_from=resumed_from)
@@ -1087,12 +1154,17 @@ class Trainer:
                 self.on_epoch_start(epoch)
                 self._epoch_t0 = time.perf_counter() - float(self._resume_partial.get("seconds", 0.0))
                 train_loss = self.train_epoch(epoch)
+                self._val_loss = None
                 metric = self.validate()
+                val_loss = (self._val_loss[0] / self._val_loss[1] if self._val_loss and self._val_loss[1]
+                            and math.isfinite(self._val_loss[0]) else None)
                 seconds = time.perf_counter() - self._epoch_t0
                 assert self.optimizer is not None
-                record = {"epoch": epoch + 1, "train_loss": train_loss, "val_metric": metric,
+                record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_metric": metric,
                           "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds}
                 self.history.append(record)
+                if self.dist.is_main:
+                    write_history(self.out_dir / "history.csv", self.history, self.val_metric_name)
                 self.epochs_done = epoch + 1
                 self.train_seconds += seconds
                 improved = _improved(metric, self.best_metric, self.best_epoch)
@@ -1102,8 +1174,9 @@ class Trainer:
                 self._save(improved)
                 self._epochs_run += 1
                 eta = (time.perf_counter() - self._run_start) / self._epochs_run * (cfg.epochs - epoch - 1)
-                logger.info("epoch %d/%d train_loss %.4f val_metric %s lr %.3e time %.2fs checkpoint %.2fs "
+                logger.info("epoch %d/%d train_loss %.4f val_loss %s %s %s lr %.3e time %.2fs checkpoint %.2fs "
                             "best %s (epoch %d) eta %s", epoch + 1, cfg.epochs, train_loss,
+                            "n/a" if val_loss is None else f"{val_loss:.4f}", self.val_metric_name,
                             "n/a" if metric is None else f"{metric:.4f}", record["lr"], seconds,
                             time.perf_counter() - t1,
                             "n/a" if self.best_metric is None else f"{self.best_metric:.4f}", self.best_epoch,

@@ -226,3 +226,83 @@ def comparison_figure(points: Sequence[dict[str, Any]], metric_label: str, path:
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+_HISTORY_FIXED = ("epoch", "train_loss", "val_loss", "lr", "seconds")
+
+
+def read_history(path: str | Path) -> tuple[list[dict[str, Any]], str] | None:
+    """A trainer's ``history.csv`` -> (one dict per epoch with ``val_metric``, the metric's
+    name); None when the file is missing or unreadable."""
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.EmptyDataError):
+        return None
+    if "epoch" not in df.columns or df.empty:
+        return None
+    metric = next((c for c in df.columns if c not in _HISTORY_FIXED), "val_metric")
+    records = []
+    for _, row in df.iterrows():
+        rec = {c: (float(row[c]) if c in df.columns and pd.notna(row[c]) else None) for c in _HISTORY_FIXED}
+        rec["val_metric"] = float(row[metric]) if metric in df.columns and pd.notna(row[metric]) else None
+        records.append(rec)
+    return records, metric
+
+
+def learning_curves_figure(runs: Mapping[str, tuple[Sequence[Mapping[str, Any]], str, int | None]],
+                           path: str | Path, ncols: int = 4) -> Path | None:
+    """Learning curves, one small multiple per run: training and validation loss (left axis)
+    and the validation metric (right axis, dashed) per epoch; a vertical line marks the best
+    epoch (the weights kept).
+
+    Args:
+        runs: title (e.g. the model; "" for none) -> (history records with ``epoch``,
+            ``train_loss``, ``val_loss``, ``val_metric``; the metric's name; best epoch or None).
+        path: PNG to write.
+
+    Returns:
+        ``path``, or None when no run has an epoch.
+    """
+    runs = {k: v for k, v in runs.items() if v[0]}
+    if not runs:
+        return None
+    ncols = min(ncols, len(runs))
+    nrows = math.ceil(len(runs) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.8 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(runs):]:
+        ax.axis("off")
+    for ax, (title, (history, metric_name, best)) in zip(axes.ravel(), runs.items()):
+        epochs = [int(r["epoch"]) for r in history]
+
+        def series(key: str) -> list[float]:
+            return [float(r[key]) if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) else np.nan
+                    for r in history]
+
+        ax.plot(epochs, series("train_loss"), "-", color=_COLORS[0], lw=1.5, marker="." if len(epochs) < 30 else None,
+                label="train loss")
+        val_loss = series("val_loss")
+        if not all(np.isnan(val_loss)):
+            ax.plot(epochs, val_loss, "-", color=_COLORS[1], lw=1.5, marker="." if len(epochs) < 30 else None,
+                    label="val loss")
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        ax.tick_params(labelsize=7)
+        handles, labels = ax.get_legend_handles_labels()
+        metric = series("val_metric")
+        if not all(np.isnan(metric)):
+            ax2 = ax.twinx()
+            ax2.plot(epochs, metric, "--", color=_COLORS[2], lw=1.5, label=metric_name)
+            ax2.set_ylabel(metric_name, fontsize=8, color=_COLORS[2])
+            ax2.tick_params(labelsize=7)
+            h2, l2 = ax2.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        if best:
+            ax.axvline(best, color="grey", ls=":", lw=1)
+            handles.append(plt.Line2D([], [], color="grey", ls=":"))
+            labels.append(f"best epoch {best}")
+        ax.legend(handles, labels, fontsize=6, loc="best")
+        ax.set_title(title, fontsize=9)
+        if len(epochs) == 1:
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -105,6 +105,9 @@ def validation_metric(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     return 2 * float((probs * targets).sum()) / denom if denom > 0 else 1.0
 
 
+validation_metric.metric_name = "val_soft_dice"  # type: ignore[attr-defined]  # names it in the log and history.csv
+
+
 # ------------------------------------------------------------------------------ folds
 def fold_split(df: pd.DataFrame, folds: int, fold: int, seed: int, val_fraction: float) -> pd.DataFrame:
     """The split of cross-validation fold ``fold`` (module docstring).
@@ -194,6 +197,7 @@ class SegmentationTrainer(Trainer):
     def validation_step(self, batch: dict[str, Any]) -> tuple[Any, Any]:
         logits = sliding_window_inference(batch["image"], roi_size=self.roi_size, sw_batch_size=2,
                                           predictor=self.model, overlap=0.25)
+        self._add_val_loss(logits, batch)
         return logits.float().cpu(), batch["label"].float().cpu()
 
 
