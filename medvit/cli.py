@@ -65,6 +65,30 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from medvit.tasks.infer import infer_stage
+
+    print(infer_stage(args.model, args.input, args.out, key=args.key, batch_size=args.batch_size,
+                      device=args.device).summary())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from medvit.tasks.export import export_model
+
+    record = export_model(args.model, args.format, args.out, tolerance=args.tolerance)
+    print(f"wrote {record['path']}: max abs difference to PyTorch {record['max_abs_diff']:.3g} "
+          f"(logits, batches of {' and '.join(str(b) for b in record['batches'])})")
+    return 0
+
+
+def _cmd_package(args: argparse.Namespace) -> int:
+    from medvit.tasks.package import package_stage
+
+    print(f"wrote {package_stage(args.config, args.task, args.model_dir)}")
+    return 0
+
+
 def _cmd_split(args: argparse.Namespace) -> int:
     from medvit.tasks.common import split_stage
 
@@ -263,6 +287,39 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="validate a study config and print it with defaults filled")
     config.add_argument("path", type=Path)
     config.set_defaults(func=_cmd_config)
+
+    infer = sub.add_parser("infer", help="apply a trained model to new images (no labels, split or study config)",
+                           description="Score a folder of images (DICOM, NIfTI, PNG/JPEG/TIFF, .npy) or a manifest "
+                                       "with a trained model folder; see docs/inference.md.")
+    infer.add_argument("--model", type=Path, required=True,
+                       help="a trained model's folder (model.safetensors + model.json), e.g. results/demo/xray/resnet18")
+    infer.add_argument("--input", type=Path, required=True,
+                       help="a folder of images (read through the identifier-free ingest path) or a manifest CSV")
+    infer.add_argument("--out", type=Path, required=True,
+                       help="output folder: predictions.csv, quarantine.csv, infer.json")
+    infer.add_argument("--key", default=None,
+                       help="pseudonymisation key for folder input (default: $MEDVIT_PSEUDONYM_KEY, else a random "
+                            "key for this run); never written to outputs")
+    infer.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    infer.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:<index>")
+    infer.set_defaults(func=_cmd_infer)
+
+    export = sub.add_parser("export", help="export a trained model to ONNX or TorchScript, checked against PyTorch")
+    export.add_argument("--model", type=Path, required=True, help="a trained model's folder (a complete package)")
+    export.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="the file format to write")
+    export.add_argument("--out", type=Path, default=None,
+                        help="the file to write (default: model.onnx or model.pt in the model folder)")
+    export.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest accepted max abs difference of the logits to PyTorch (default 1e-4)")
+    export.set_defaults(func=_cmd_export)
+
+    package = sub.add_parser("package", help="complete an evaluated model folder's package (model.json inference "
+                                             "block, MODEL_CARD.md) from its study")
+    package.add_argument("--config", type=Path, required=True, help="the study config YAML the model was trained by")
+    package.add_argument("--task", required=True, choices=["xray", "brain", "histo"], help="the model's task")
+    package.add_argument("--model-dir", type=Path, required=True,
+                         help="the model folder (model.safetensors, model.json, metrics.json)")
+    package.set_defaults(func=_cmd_package)
 
     def stage(name: str, help_: str, func) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)

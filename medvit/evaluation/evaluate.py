@@ -371,4 +371,10 @@ def evaluate_stage(config_path: str | Path, task: str, model: str, predictions_p
               "train_seconds": meta.get("train_seconds"), "flops": meta.get("flops"),
               "latency_ms": meta.get("latency_ms"), "latency_device": meta.get("latency_device"),
               "notes": notes, "provenance": prov}
-    return write_json(out_path, record)
+    out = write_json(out_path, record)
+    # a classifier's folder becomes a self-describing package once its threshold is chosen
+    from medvit.tasks.package import is_classifier_folder, write_package
+
+    if is_classifier_folder(predictions_path.parent, task):
+        write_package(predictions_path.parent, to_jsonable(record))
+    return out

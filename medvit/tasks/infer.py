@@ -1,0 +1,238 @@
+"""Apply a trained model package to new images: ``medvit infer``.
+
+No labels, split or study config: the model folder (:mod:`medvit.tasks.package`) says how to
+read, resize and scale an image, which network to build, the class names, how sample scores
+become a patient score and the operating thresholds chosen on validation.
+
+Input is a manifest CSV (Contract 1; only ``patient_id`` and the image column(s) the package
+names are read) or a folder. A folder goes through :func:`medvit.data.ingest.ingest`, the
+identifier-free path of ``medvit ingest``: DICOM files are grouped into series, ids become
+keyed pseudonyms and ``OUT/input/manifest_images/`` links each pseudonymous sample to its
+source file. Without a key (``--key`` or ``$MEDVIT_PSEUDONYM_KEY``) a random one is used for
+this run only, so its pseudonyms link to no other run.
+
+Outputs in ``OUT``:
+
+* ``predictions.csv``: one row per sample (``level = sample``) and one per patient
+  (``level = patient``), ``score_<c>`` and the thresholded ``call_<c>`` per class (multiclass:
+  ``call_<c>`` marks the argmax, also named in ``predicted``).
+* ``quarantine.csv``: every input left out (``source``, ``patient_id``, ``sample_id``,
+  ``reason``); the run goes on without it.
+* ``infer.json``: the package read (weights SHA-256), input, counts, device and timing.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medvit.errors import MedvitError
+from medvit.tasks.package import build_classifier, read_package
+
+logger = logging.getLogger(__name__)
+
+QUARANTINE_COLUMNS = ["source", "patient_id", "sample_id", "reason"]
+
+
+class InferError(MedvitError):
+    """The input cannot be scored at all (missing, empty, wrong columns)."""
+
+
+@dataclass
+class InferResult:
+    predictions: Path
+    quarantine: Path
+    n_samples: int
+    n_patients: int
+    n_quarantined: int
+
+    def summary(self) -> str:
+        return (f"scored {self.n_samples} sample(s) of {self.n_patients} patient(s) -> {self.predictions}; "
+                f"{self.n_quarantined} quarantined -> {self.quarantine}")
+
+
+def _input_manifest(source: Path, out_dir: Path, key: str | None) -> tuple[pd.DataFrame, Path, list[list[str]], str]:
+    """The rows to score, their root folder, quarantine rows from reading the input, and how
+    the input was read (``manifest`` or ``folder``)."""
+    from medvit.data.manifest import load_manifest
+
+    quarantine: list[list[str]] = []
+    if source.is_file() and source.suffix.lower() == ".csv":
+        manifest = load_manifest(source, check_files=False, confine=True)
+        for p in manifest.problems:
+            if p.row is not None:
+                quarantine.append([f"{source.name} row {p.row}", "", "", f"{p.column}: {p.reason}"])
+        return manifest.df, manifest.root, quarantine, "manifest"
+    if source.is_dir():
+        from medvit.data.ingest import ENV_KEY, ingest
+        import os
+
+        if key is None and not os.environ.get(ENV_KEY):
+            key = secrets.token_hex(32)
+            logger.warning("no pseudonymisation key (--key or $%s): a random key for this run; its pseudonyms "
+                           "link to no other run (OUT/input/manifest_images/ maps them to the source files)", ENV_KEY)
+        result = ingest(source, out_dir / "input" / "manifest.csv", key=key)
+        with open(result.quarantine, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                quarantine.append([row["file"], row.get("patient_id", ""), "", row["reason"]])
+        if result.n_samples == 0:
+            return pd.DataFrame(columns=["patient_id", "sample_id", "image"]), result.manifest.parent, quarantine, \
+                "folder"
+        manifest = load_manifest(result.manifest, check_files=False)
+        return manifest.df, manifest.root, quarantine, "folder"
+    if not source.exists():
+        raise InferError(f"input {source} does not exist")
+    raise InferError(f"input {source} is neither a folder nor a manifest .csv")
+
+
+def _check_columns(df: pd.DataFrame, channels: list[str], source: Path) -> None:
+    if channels == ["image"]:
+        if len(df) and "image" not in df.columns:
+            raise InferError(f"{source} has no `image` column; the model reads one image per sample")
+        return
+    missing = [c for c in channels if c not in df.columns]
+    if missing:
+        raise InferError(f"{source} lacks the column(s) {missing}: the model was trained on the channels "
+                         f"{channels}, stacked in that order")
+
+
+def _row_for(row: dict[str, Any], channels: list[str]) -> dict[str, Any]:
+    """The row as the reader sees it: only the package's image column(s), in package order."""
+    return {c: row[c] for c in channels}
+
+
+def predictions_table(samples: pd.DataFrame, scores: np.ndarray, block: dict[str, Any]) -> pd.DataFrame:
+    """Sample and patient rows with scores and thresholded calls (see the module docstring)."""
+    from medvit.evaluation.aggregate import aggregate_patients
+
+    task = block["task"]
+    classes, kind = task["classes"], task["kind"]
+    base = pd.DataFrame({"patient_id": samples["patient_id"].astype(str).to_numpy(),
+                         "sample_id": samples["sample_id"].astype(str).to_numpy()})
+    for j, c in enumerate(classes):
+        base[f"true_{c}"] = 0  # aggregate_patients' table shape; dropped below
+        base[f"score_{c}"] = np.clip(scores[:, j], 0.0, 1.0)
+    agg = block["aggregate"]
+    patients = aggregate_patients(base, agg["method"], agg.get("top_k") or 3, kind)
+    parts = []
+    for level, table in (("sample", base), ("patient", patients)):
+        t = table.drop(columns=[f"true_{c}" for c in classes] + ["n_samples"], errors="ignore").copy()
+        if level == "patient":
+            t["sample_id"] = ""
+            t["n_samples"] = patients["n_samples"].to_numpy()
+        else:
+            t["n_samples"] = 1
+        s = t[[f"score_{c}" for c in classes]].to_numpy(float)
+        if kind == "multiclass":
+            best = s.argmax(1)
+            t["predicted"] = [classes[i] for i in best]
+            calls = np.eye(len(classes), dtype=np.int64)[best]
+        else:
+            thr = np.array([float(block["threshold"][level][c]) for c in classes])
+            calls = (s >= thr).astype(np.int64)
+        for j, c in enumerate(classes):
+            t[f"call_{c}"] = calls[:, j]
+        t.insert(0, "level", level)
+        parts.append(t)
+    out = pd.concat(parts, ignore_index=True)
+    first = ["level", "patient_id", "sample_id", "n_samples"]
+    return out[first + [c for c in out.columns if c not in first]]
+
+
+def infer_stage(model_dir: str | Path, source: str | Path, out_dir: str | Path, key: str | None = None,
+                batch_size: int = 32, device: str = "auto") -> InferResult:
+    """Score every image of ``source`` with the model package in ``model_dir``.
+
+    Args:
+        model_dir: a model folder with model.safetensors and a complete model.json package.
+        source: a manifest CSV or a folder of DICOM/NIfTI/PNG/JPEG/TIFF/.npy files.
+        out_dir: folder for predictions.csv, quarantine.csv, infer.json (and input/ for a folder).
+        key: pseudonymisation key for folder input (default ``$MEDVIT_PSEUDONYM_KEY``, else random).
+        batch_size: images per forward pass.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<i>``.
+
+    Raises:
+        PackageError: the model folder is not a complete package.
+        InferError: the input is missing or lacks the image column(s); nothing could be scored.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from medvit.data.transforms import load_transforms
+    from medvit.engine import resolve_device
+    from medvit.fileio import atomic_write_json, atomic_write_text
+    from medvit.provenance import sha256_file
+    from medvit.tasks.classification import probabilities
+    from medvit.tasks.common import TaskSpec
+
+    started = time.perf_counter()
+    block, meta = read_package(model_dir)
+    source, out = Path(source), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df, root, quarantine, input_kind = _input_manifest(source, out, key)
+    channels = list(block["channels"])
+    _check_columns(df, channels, source)
+    in_chans = int(block["architecture"]["kwargs"]["in_chans"])
+    size = [int(s) for s in block["image_size"]]
+    dev = resolve_device(device)
+    model = build_classifier(block, Path(model_dir) / "model.safetensors").to(dev)
+    spec = TaskSpec(block["task"]["kind"], list(block["task"]["classes"]), "label",
+                    list(block["task"].get("all_classes") or block["task"]["classes"]))
+    load = load_transforms(root, size)
+
+    kept: list[int] = []
+    scores: list[np.ndarray] = []
+    batch: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if batch:
+            with torch.no_grad():
+                logits = model(torch.stack(batch).to(dev))
+            scores.append(probabilities(spec, logits).cpu().numpy())
+            batch.clear()
+
+    rows = df.to_dict("records")
+    for i, row in enumerate(tqdm(rows, desc="infer", unit="sample", file=sys.stderr, disable=len(rows) < 2)):
+        label = str(row.get("image") or next((row[c] for c in channels if row.get(c)), ""))
+        try:
+            image = torch.as_tensor(load({"row": _row_for(row, channels)})["image"])
+        except Exception as exc:  # noqa: BLE001 - any unreadable input is quarantined, the run goes on
+            reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+            quarantine.append([label, str(row["patient_id"]), str(row["sample_id"]), str(reason)])
+            continue
+        if image.shape[0] != in_chans:
+            quarantine.append([label, str(row["patient_id"]), str(row["sample_id"]),
+                               f"has {image.shape[0]} channel(s); the model takes {in_chans}"])
+            continue
+        kept.append(i)
+        batch.append(image.float())
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    if not kept:
+        atomic_write_text(out / "quarantine.csv", pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS)
+                          .to_csv(index=False))
+        raise InferError(f"no image of {source} could be scored ({len(quarantine)} quarantined: see "
+                         f"{out / 'quarantine.csv'})")
+    samples = df.iloc[kept].reset_index(drop=True)
+    table = predictions_table(samples, np.concatenate(scores), block)
+    pred_path = atomic_write_text(out / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
+    q_path = atomic_write_text(out / "quarantine.csv",
+                               pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).to_csv(index=False))
+    n_patients = int((table["level"] == "patient").sum())
+    atomic_write_json(out / "infer.json", {
+        "model_dir": str(model_dir), "model": block["architecture"]["name"], "task": meta.get("task"),
+        "weights_sha256": sha256_file(Path(model_dir) / "model.safetensors"), "input": str(source),
+        "input_kind": input_kind, "n_samples": len(kept), "n_patients": n_patients,
+        "n_quarantined": len(quarantine), "device": dev.type, "seconds": round(time.perf_counter() - started, 3),
+        "threshold": block["threshold"], "aggregate": block["aggregate"]})
+    return InferResult(Path(pred_path), Path(q_path), len(kept), n_patients, len(quarantine))
