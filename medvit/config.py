@@ -255,7 +255,34 @@ def _semantic_errors(study: Mapping, source: str | Path | None = None) -> list[s
             errors.append(f"tasks.xray.findings: got {_show(task['findings'])} with label_column 'label'; "
                           "allowed: [] (findings apply to label_column 'labels')")
         errors.extend(_vit_errors(name, task))
+        errors.extend(_subgroup_errors(study, name, task))
     return errors
+
+
+def _subgroup_errors(study: Mapping, name: str, task: Mapping) -> list[str]:
+    """``evaluation.subgroups`` columns missing from the task's manifest: the given one, or a
+    generated one once it exists (a manifest not yet generated is checked when it is)."""
+    wanted = (study.get("evaluation") or {}).get("subgroups")
+    if not isinstance(wanted, list) or not wanted:
+        return []
+    manifest = task.get("manifest")
+    path = Path(manifest) if isinstance(manifest, str) and manifest else None
+    if path is None and isinstance(study.get("results_dir"), str) and isinstance(study.get("study"), str):
+        path = Path(study["results_dir"]) / study["study"] / "data" / name / "manifest.csv"
+    if path is None or not path.is_file():
+        return []
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = [h.strip() for h in next(csv.reader(fh), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []  # an unreadable manifest is reported by the split stage in detail
+    missing = [c for c in wanted if c not in header]
+    if not missing:
+        return []
+    return [f"evaluation.subgroups: got {_show(missing)}, not column(s) of the {name} manifest {path}; allowed: "
+            f"columns of that manifest ({', '.join(header)})"]
 
 
 def _manifest_location_error(key: str, manifest: str, source: str | Path | None) -> str | None:

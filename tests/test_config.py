@@ -51,7 +51,8 @@ tasks:
     assert study["seed"] == 0 and study["device"] == "auto" and study["deterministic"] is True
     assert study["results_dir"] == "results"
     assert study["evaluation"] == {"bootstrap": 1000, "ci": 0.95, "aggregate": "max", "top_k": 3,
-                                   "threshold": "youden"}
+                                   "threshold": "youden", "subgroups": [],
+                                   "prevalence": {"xray": None, "brain": None, "prostate": None, "histo": None}}
     assert list(study["tasks"]) == ["xray", "prostate", "histo"]  # brain absent stays absent
     xray = study["tasks"]["xray"]
     assert xray["train"]["epochs"] == 2                               # given value kept
@@ -275,3 +276,17 @@ def test_docs_list_every_key_from_the_schema():
     assert generated in docs, "docs/config.md is out of date: regenerate it (see the note at its top)"
     for key in ("tasks.xray.findings", "tasks.<task>.train.bf16", "evaluation.aggregate", "tasks.brain.anomaly_ratio"):
         assert f"`{key}`" in generated
+
+
+def test_unknown_subgroup_columns_are_refused_at_config_time(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.csv").write_text("patient_id,image,label,sex,site\np1,a.png,normal,F,A\n")
+    good = load_study(write(tmp_path, "study: s\nevaluation: {subgroups: [sex, site]}\n"
+                                      "tasks:\n  brain: {manifest: m.csv}\n"))
+    assert good["evaluation"]["subgroups"] == ["sex", "site"]
+    with pytest.raises(ConfigError) as err:
+        load_study(write(tmp_path, "study: s\nevaluation: {subgroups: [sex, age]}\ntasks:\n  brain: {manifest: m.csv}\n"))
+    assert 'evaluation.subgroups: got ["age"], not column(s) of the brain manifest m.csv' in str(err.value)
+    assert "patient_id, image, label, sex, site" in str(err.value)
+    with pytest.raises(ConfigError):
+        load_study(write(tmp_path, "study: s\nevaluation: {prevalence: {brain: 1.5}}\ntasks:\n  brain: {}\n"))

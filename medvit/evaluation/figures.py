@@ -156,6 +156,8 @@ def confusion_figure(tables: Mapping[str, pd.DataFrame], classes: Sequence[str],
                 y = table[f"true_{c}"].to_numpy().astype(int)
                 pred = (table[f"score_{c}"].to_numpy(float) >= thr).astype(int)
                 title = model if kind == "binary" else f"{model}: {c}"
+                if len(pred) and (pred.all() or not pred.any()):  # a degenerate operating point, flagged
+                    title += f"\nDEGENERATE: all {'positive' if pred.all() else 'negative'}"
                 labels = [negative, c] if kind == "binary" else [f"no {c}", c]
                 row.append((title, confusion_counts(y, pred, 2), labels))
         panels.append(row)

@@ -11,11 +11,12 @@ section builders (figures, per-patient tables, ...) without touching the page fr
 from __future__ import annotations
 
 import base64
-
+import contextlib
+import contextvars
 import html
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,29 @@ figure{margin:1rem 0} figure img{max-width:100%;image-rendering:pixelated} figca
 h1{margin-bottom:.2rem} h2{margin-top:2.2rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem}
 .meta{color:#57606a;font-size:.9rem} .meta span{margin-right:1.5rem}
 .pair{display:flex;flex-wrap:wrap;gap:2rem;align-items:flex-start}
-table{border-collapse:collapse;font-size:.88rem;margin:.6rem 0;display:block;overflow-x:auto;max-width:100%}
-caption{text-align:left;font-weight:600;padding:.3rem 0}
+table{border-collapse:separate;border-spacing:0;font-size:.88rem;margin:.6rem 0;display:block;overflow-x:auto;
+      max-width:100%}
+caption{text-align:left;font-weight:600;padding:.3rem 0;position:sticky;left:0}
 th,td{border:1px solid #d0d7de;padding:.3rem .55rem;text-align:right;white-space:nowrap}
 th{background:#f6f8fa} td:first-child,th:first-child,td.t,th.t{text-align:left}
+td:first-child,th:first-child{position:sticky;left:0;z-index:1} td:first-child{background:#fff}
+td.t,th.t{white-space:normal;min-width:7rem;max-width:32rem}
+table.summary{display:table;width:100%} table.summary td,table.summary th{white-space:normal}
+.warn{border-left:4px solid #bf8700;background:#fff8c5;padding:.4rem .8rem;margin:.6rem 0;font-size:.9rem}
+.chance{color:#9a6700;font-weight:600}
 .settings,.notes{color:#57606a;font-size:.85rem} .notes li{margin:.1rem 0}
 .card table td{white-space:normal;text-align:left;max-width:60rem} .card{margin:.8rem 0}
 nav.toc{font-size:.9rem} nav.toc a{margin-right:1rem}
 details pre{background:#f6f8fa;padding:.6rem;overflow:auto;font-size:.8rem}
+@media print{
+ body{max-width:none;margin:0;padding:0;font-size:10pt;color:#000}
+ nav.toc{display:none} h2{break-after:avoid;page-break-after:avoid}
+ table{display:table;overflow:visible;font-size:7.5pt;max-width:100%} th,td{white-space:normal;padding:.15rem .3rem}
+ td:first-child,th:first-child,caption{position:static}
+ figure,table,.card,.warn{break-inside:avoid;page-break-inside:avoid} figure img{max-width:100%;max-height:24cm}
+ .pair{display:block} details{display:none}
+ a{color:#000;text-decoration:none}
+}
 """
 
 
@@ -103,11 +119,29 @@ def format_seconds(seconds: Any) -> str:
     return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 
+_COLLECTED: contextvars.ContextVar[list[tuple[str, list[str], list[list[str]], str]] | None] = \
+    contextvars.ContextVar("medvit_report_tables", default=None)
+
+
+@contextlib.contextmanager
+def collect_tables() -> Iterator[list[tuple[str, list[str], list[list[str]], str]]]:
+    """Inside the block every :func:`html_table` also appends ``(caption, headers, rows,
+    html)`` to the yielded list (the report exports them as CSV and LaTeX)."""
+    tables: list[tuple[str, list[str], list[list[str]], str]] = []
+    token = _COLLECTED.set(tables)
+    try:
+        yield tables
+    finally:
+        _COLLECTED.reset(token)
+
+
 def html_table(headers: Sequence[str], rows: Iterable[Sequence[str]], caption: str = "",
-               text_columns: Sequence[int] = ()) -> str:
+               text_columns: Sequence[int] = (), table_class: str = "") -> str:
     """A table from plain-text cells (every cell and header is escaped here). Cells are
-    right-aligned (numbers) except the first column and ``text_columns`` (indices)."""
+    right-aligned (numbers) except the first column and ``text_columns`` (indices); wide
+    tables scroll with their first column fixed."""
     left = set(text_columns)
+    rows = [list(map(str, r)) for r in rows]
 
     def cell(tag: str, j: int, value: Any) -> str:
         return f'<{tag} class="t">{esc(value)}</{tag}>' if j in left else f"<{tag}>{esc(value)}</{tag}>"
@@ -115,7 +149,12 @@ def html_table(headers: Sequence[str], rows: Iterable[Sequence[str]], caption: s
     head = "".join(cell("th", j, h) for j, h in enumerate(headers))
     body = "".join("<tr>" + "".join(cell("td", j, c) for j, c in enumerate(row)) + "</tr>" for row in rows)
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
-    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    cls = f' class="{esc(table_class)}"' if table_class else ""
+    out = f"<table{cls}>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    collected = _COLLECTED.get()
+    if collected is not None:
+        collected.append((str(caption), [str(h) for h in headers], rows, out))
+    return out
 
 
 _LABELS = {"auroc": "AUROC", "ap": "AP", "accuracy": "accuracy", "balanced_accuracy": "balanced acc.",
@@ -298,6 +337,8 @@ def report_stage(config_path: str | Path, metrics_paths: Sequence[str | Path], o
     from medvit.config import study_dir
     from medvit.evaluation import report_sections as rs
 
+    from medvit.evaluation import report_review as rr
+
     study = load_study(config_path)
     records = load_metrics(metrics_paths)
     code = git_version()
@@ -307,18 +348,27 @@ def report_stage(config_path: str | Path, metrics_paths: Sequence[str | Path], o
     root = study_dir(study)
     figures_dir = Path(out_path).parent / "figures"  # PNGs also kept as files (Snakemake's --report lists them)
     figures_dir.mkdir(parents=True, exist_ok=True)
-    results = rs.load_task_results(records, [Path(p) for p in metrics_paths], root)
-    comparisons = rs.task_comparisons(results)
-    parts: dict[str, list[str]] = {}
-    eces: dict[str, dict[str, float]] = {}
-    for task, tr in results.items():
-        html_figs, eces[task] = rs.task_figures_html(tr, figures_dir)
-        parts[task] = [html_figs, rs.ece_html(eces[task]), rs.comparisons_html(comparisons.get(task, []))]
-    for task, fragments in task_parts(study).items():
-        parts.setdefault(task, []).extend(fragments)
-    sections = [rs.summary_section(study, results, comparisons),
-                *task_sections(records, task_figures(study), parts),
-                rs.data_section(results), rs.model_cards_section(study, results, eces),
-                rs.provenance_section(study, records, root)]
+    ev = study.get("evaluation") or {}
+    subgroups = list(ev.get("subgroups") or [])
+    prevalence = ev.get("prevalence") or {}
+    with collect_tables() as tables:
+        results = rs.load_task_results(records, [Path(p) for p in metrics_paths], root)
+        comparisons = rs.task_comparisons(results)
+        parts: dict[str, list[str]] = {}
+        eces: dict[str, dict[str, float]] = {}
+        for task, tr in results.items():
+            html_figs, eces[task] = rs.task_figures_html(tr, figures_dir)
+            parts[task] = [rr.chance_html(tr), rr.curves_html(tr, figures_dir), html_figs, rs.ece_html(eces[task]),
+                           rr.decision_html(tr, figures_dir, prevalence.get(task)),
+                           rs.comparisons_html(comparisons.get(task, [])), rr.subgroups_html(tr, subgroups),
+                           rr.failures_html(tr)]
+        for task, fragments in task_parts(study).items():
+            parts.setdefault(task, []).extend(fragments)
+        summary = rs.summary_section(study, results, comparisons)
+        task_secs = task_sections(records, task_figures(study), parts)
+        sections = [summary, *task_secs, rs.data_section(results), rr.reporting_section(study, results, subgroups),
+                    rs.model_cards_section(study, results, eces), rs.provenance_section(study, records, root)]
     page = render_page(f"medvit report: {study['study']}", meta, [s for s in sections if s is not None])
+    shown = sorted(((page.find(t[3]), t[:3]) for t in tables if t[3] in page), key=lambda x: x[0])
+    rr.export_tables([t for _, t in shown], Path(out_path).parent / "tables")  # in page order
     return atomic_write_text(out_path, page)

@@ -44,6 +44,8 @@ class TaskResults:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     split: dict[str, Any] = field(default_factory=dict)
     split_csv: Path | None = None
+    dirs: dict[str, Path] = field(default_factory=dict)
+    samples: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -79,11 +81,17 @@ def load_task_results(records: Sequence[dict[str, Any]], metrics_paths: Sequence
         tr = out.setdefault(task, TaskResults(task, []))
         tr.records.append(record)
         predictions = Path(path).parent / "predictions.csv"
+        tr.dirs[str(record["model"])] = Path(path).parent
         if predictions.is_file():
             df = read_predictions(predictions)
+            df["line"] = np.arange(len(df)) + 2  # line in predictions.csv (after the header)
             agg = record.get("aggregate") or {}
             patients = aggregate_patients(df, agg.get("method") or "max", agg.get("top_k") or 3, record.get("kind"))
+            key = df["patient_id"].astype(str)
+            patients["lines"] = patients["patient_id"].map(df.groupby(key, sort=False)["line"].agg(list))
+            patients = patients.drop(columns="line")
             tr.tables[str(record["model"])] = patients[patients["split"] == "test"].reset_index(drop=True)
+            tr.samples[str(record["model"])] = df[df["split"].astype(str).str.lower() == "test"].reset_index(drop=True)
     from medvit.config import TASKS
 
     out = {t: out[t] for t in [t for t in TASKS if t in out] + sorted(t for t in out if t not in TASKS)}
@@ -93,6 +101,84 @@ def load_task_results(records: Sequence[dict[str, Any]], metrics_paths: Sequence
             tr.split = json.loads(split_json.read_text(encoding="utf-8"))
             tr.split_csv = split_json.with_suffix(".csv")
     return out
+
+
+def chance_level(name: str, record: dict[str, Any]) -> float | None:
+    """The value of a metric for a model that ranks or guesses at random: 0.5 for an AUROC,
+    1 / (number of classes) for balanced accuracy; None where chance depends on prevalence
+    (accuracy, AP) or is not defined (Dice)."""
+    if name == "auroc" or name.startswith("auroc_"):
+        return 0.5
+    if name == "balanced_accuracy":
+        k = len(record.get("classes") or []) if record.get("kind") == "multiclass" else 2
+        return 1.0 / max(k, 2)
+    return None
+
+
+def interval(entry: dict[str, Any] | None) -> tuple[float, float] | None:
+    """The (lo, hi) confidence interval of a metrics.json entry, None when undefined."""
+    ci = next((v for k, v in (entry or {}).items() if k.startswith("ci") and isinstance(v, list)), None)
+    if ci and len(ci) == 2 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in ci):
+        return float(ci[0]), float(ci[1])
+    return None
+
+
+def includes_chance(name: str, entry: dict[str, Any] | None, record: dict[str, Any]) -> float | None:
+    """The chance level when the entry's CI includes it (the model is not shown to be better
+    than chance), else None. A CI that cannot be computed counts as including chance."""
+    chance = chance_level(name, record)
+    if chance is None or not entry:
+        return None
+    ci = interval(entry)
+    return chance if ci is None or ci[0] <= chance else None
+
+
+def degenerate_points(tr: TaskResults) -> list[dict[str, Any]]:
+    """Operating points (threshold chosen on validation, applied to the test patients) that
+    call every test patient positive, or every one negative: their sensitivity, specificity
+    and confusion matrix describe the threshold, not the model's discrimination."""
+    out = []
+    if tr.kind == "multiclass":
+        return out
+    thresholds = tr.thresholds()
+    for model, table in tr.tables.items():
+        for c in tr.classes:
+            thr = thresholds.get(model, {}).get(c)
+            if thr is None or f"score_{c}" not in table or table.empty:
+                continue
+            y = table[f"true_{c}"].to_numpy().astype(int)
+            pred = table[f"score_{c}"].to_numpy(float) >= thr
+            if pred.all() or not pred.any():
+                out.append({"model": model, "class": c, "threshold": thr, "all": "positive" if pred.all() else "negative",
+                            "n": int(len(pred)), "tn": int(np.sum(~pred & (y == 0))), "tp": int(np.sum(pred & (y == 1)))})
+    return out
+
+
+def degenerate_html(points: list[dict[str, Any]], kind: str) -> str:
+    if not points:
+        return ""
+    items = []
+    for d in points:
+        what = f"{d['model']}" + (f" ({d['class']})" if kind != "binary" else "")
+        zero = "0 true negatives: specificity 0" if d["all"] == "positive" else "0 true positives: sensitivity 0"
+        items.append(f"<li>{esc(what)}: the threshold chosen on validation ({d['threshold']:.3g}) calls every one of "
+                     f"the {d['n']} test patients {d['all']} ({esc(zero)}). Its sensitivity, specificity, F1 and "
+                     "confusion matrix describe this threshold, not the model; read AUROC and the curves.</li>")
+    return ('<div class="warn"><b>Degenerate operating point.</b><ul>' + "".join(items) + "</ul></div>")
+
+
+def threshold_phrase(tr: TaskResults) -> str:
+    """How a task's operating points were set, read from its records (the same objects the
+    numbers come from): chosen on validation, or 0.5 where validation could not choose."""
+    fallback = [r["model"] for r in tr.records
+                if any(str(n).startswith("patient-level threshold") for n in r.get("notes") or [])]
+    chosen = [r["model"] for r in tr.records if r["model"] not in fallback]
+    if not fallback:
+        return "the threshold chosen on the validation patients"
+    if not chosen:
+        return "a threshold of 0.5 (validation could not choose one: see the notes)"
+    return (f"the threshold chosen on the validation patients ({', '.join(chosen)}), or 0.5 where validation "
+            f"could not choose one ({', '.join(fallback)})")
 
 
 # ------------------------------------------------------------------------ summary
@@ -120,20 +206,31 @@ def summary_section(study: dict[str, Any], results: dict[str, TaskResults],
             rows.append([task, format_count(patients), format_count(samples), "n/a", "", "", ""])
             continue
         record, name, entry = best
+        chance = includes_chance(name, entry, record)
+        if chance is not None:
+            above = [r["model"] for r in tr.records if (h := headline(r)) and h[0] == name
+                     and chance_level(name, r) is not None and includes_chance(name, h[1], r) is None]
+            verdict = (f"none: the highest, {record['model']}, is no better than chance (its 95% CI includes {chance:g})"
+                       + (f"; CI above chance: {', '.join(above)}" if above else ""))
+            rows.append([task, format_count(patients), format_count(samples), verdict,
+                         f"{metric_label(name)} {format_metric(entry)}", format_count(record.get("n_patients")),
+                         "no model is crowned" if not above else "see the task's paired comparison"])
+            continue
         backed = _backing(record["model"], tr, comparisons.get(task, []))
         rows.append([task, format_count(patients), format_count(samples), record["model"],
                      f"{metric_label(name)} {format_metric(entry)}", format_count(record.get("n_patients")), backed])
     table = html_table(["task", "patients", "samples", "best model", "patient-level test metric [95% CI]",
                         "test patients", "against the runner-up (paired test on the same patients)"], rows,
-                       text_columns=(3, 6))
-    links = [(f"task-{t}", f"Task: {t}") for t in results] + [("data", "Data"), ("model-cards", "Model cards"),
+                       text_columns=(3, 4, 6), table_class="summary")
+    links = [(f"task-{t}", f"Task: {t}") for t in results] + [("data", "Data"), ("reporting", "Reporting checklist"),
+                                                               ("model-cards", "Model cards"),
                                                                ("provenance", "Provenance")]
     nav = '<nav class="toc">' + "".join(f'<a href="#{esc(a)}">{esc(t)}</a>' for a, t in links) + "</nav>"
     origin = ", ".join(f"{t}: {_origin(study, t)}" for t in results)
     intro = (f'<p>Study <b>{esc(study["study"])}</b>, seed {esc(study["seed"])}; data {esc(origin)}. '
              "All headline numbers are patient level on the held-out test patients, with 95% percentile "
              "bootstrap intervals over patients. A model is called better only where the paired test "
-             "column says so.</p>")
+             "column says so, and best only when its interval excludes chance.</p>")
     return Section("Summary", intro + table + nav, anchor="summary")
 
 
@@ -187,18 +284,20 @@ def task_figures_html(tr: TaskResults, figures_dir: Path) -> tuple[str, dict[str
     thresholds = tr.thresholds() if tr.kind != "multiclass" else {}
     roc = roc_pr_figure(tr.tables, tr.classes, thresholds, figures_dir / f"{tr.task}_roc_pr.png")
     if roc:
-        parts.append(figure_html("ROC and precision-recall curves of the test patients; dots mark the operating "
-                                 "point of the threshold chosen on the validation patients", roc))
+        parts.append(figure_html(f"ROC and precision-recall curves of the test patients; dots mark the operating point at "
+                                 f"{threshold_phrase(tr)}",
+                                 roc))
     rel, eces = reliability_figure(tr.tables, tr.classes, figures_dir / f"{tr.task}_calibration.png")
     conf = confusion_figure(tr.tables, tr.classes, tr.kind, thresholds, figures_dir / f"{tr.task}_confusion.png",
                             negative=_negative_name(tr))
+    conf_how = "(argmax class)" if tr.kind == "multiclass" else f"at {threshold_phrase(tr)}"
     pair = "".join(figure_html(c, p) for c, p in (
         ("Reliability diagram of the test patients (all classes one-vs-rest); ECE = expected calibration "
          "error over 10 bins", rel),
-        ("Confusion matrices of the test patients " + ("(argmax class)" if tr.kind == "multiclass" else
-                                                       "at the threshold chosen on validation"), conf)) if p)
+        ("Confusion matrices of the test patients " + conf_how, conf)) if p)
     if pair:
         parts.append(f'<div class="pair">{pair}</div>')
+    parts.append(degenerate_html(degenerate_points(tr), tr.kind))
     points = []
     for r in tr.records:
         h = headline(r)
@@ -280,6 +379,12 @@ def data_section(results: dict[str, TaskResults]) -> Section | None:
             body += html_table(["split", "resampled by", "target abnormal fraction", "achieved (patients)",
                                 "achieved (images)", "patients normal : abnormal", "images normal : abnormal"], arows,
                                "Anomaly distribution after resampling")
+        for r in tr.records:  # the metrics' own test set when it is not the split's (cross-validation)
+            n_split = (splits.get("test") or {}).get("patients")
+            if r.get("n_patients") is not None and r.get("n_patients") != n_split:
+                body += (f'<p class="settings">{esc(r["model"])}: the metrics are computed on '
+                         f"{esc(evaluated_on(tr, r))}, not on the {esc(format_count(n_split))} patients of the "
+                         "test split above.</p>")
         quarantined = tr.split.get("quarantined") or []
         if quarantined:
             body += html_table(["row", "column", "reason"], text_columns=(1, 2), rows=
@@ -361,9 +466,53 @@ def provenance_section(study: dict[str, Any], records: Sequence[dict[str, Any]],
 
 
 # ------------------------------------------------------------------------ model cards
+_NOTE_RULES: tuple[tuple[re.Pattern[str], Any], ...] = (
+    (re.compile(r"^(patient|sample) level: test holds a single class for '(.+)': auroc is undefined$"),
+     lambda m: f"The {m[1]}-level test set holds only one class for {m[2]}, so its AUROC cannot be computed."),
+    (re.compile(r"^(patient|sample) level: (\w+) excludes (.+) \((.+): undefined\)$"),
+     lambda m: f"The {m[1]}-level {metric_label(m[2])} averages over the other classes: {m[3]} had {m[4]}."),
+    (re.compile(r"^(patient|sample) level: hd95: (\d+) of (\d+) rows undefined \(one mask empty\) and skipped$"),
+     lambda m: (f"HD95 (boundary distance) is undefined for {m[2]} of {m[3]} test "
+                f"{'patients' if m[1] == 'patient' else 'volumes'} where the predicted or the true lesion mask is "
+                "empty (no boundary to measure); the mean HD95 leaves them out, and Dice counts those misses.")),
+    (re.compile(r"^(patient|sample) level: dice: (\d+) of (\d+) rows undefined.*$"),
+     lambda m: f"Dice is undefined for {m[2]} of {m[3]} test {m[1]}s and left out of its mean."),
+    (re.compile(r"^(patient|sample)-level threshold for '(.+)': (\w+) threshold undefined \((.+)\); used ([\d.]+)$"),
+     lambda m: (f"Validation could not choose a {m[1]}-level threshold for {m[2]} ({m[4]}), so a fixed threshold "
+                f"of {m[5]} was used.")),
+    (re.compile(r"^no model.json beside the predictions.*$"),
+     lambda m: "The model's card (model.json) was missing at evaluation: parameters and training time are unknown."),
+)
+
+
+def plain_note(note: str) -> str:
+    """An evaluator note as a sentence a reader understands (unknown notes are kept, first
+    letter capitalised)."""
+    text = str(note).strip()
+    for pattern, sentence in _NOTE_RULES:
+        m = pattern.match(text)
+        if m:
+            return sentence(m)
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith(".") else text + "."
+
+
+def evaluated_on(tr: TaskResults, record: dict[str, Any]) -> str:
+    """The test set a record's numbers come from, read from the record (not the split): the
+    pooled out-of-fold patients of a cross-validation, or the test split."""
+    n_p, n_s = format_count(record.get("n_patients")), format_count(record.get("n_samples"))
+    samples = tr.samples.get(str(record.get("model")))
+    if samples is not None and "fold" in samples.columns and samples["fold"].nunique() > 1:
+        return (f"{n_p} patients ({n_s} samples) pooled out of fold over {samples['fold'].nunique()} "
+                "cross-validation folds (each patient tested once, by the model that did not train on it)")
+    return f"{n_p} test patients ({n_s} samples)"
+
+
 def model_cards_section(study: dict[str, Any], results: dict[str, TaskResults],
                         eces: dict[str, dict[str, float]]) -> Section | None:
     """One card per trained model: intended use, data, training, metrics, limits."""
+    from medvit.evaluation.report_review import chance_limits
+
     cards = []
     for task, tr in results.items():
         splits = tr.split.get("splits") or {}
@@ -378,17 +527,20 @@ def model_cards_section(study: dict[str, Any], results: dict[str, TaskResults],
             n_test = r.get("n_patients") or 0
             if n_test and n_test < 100:
                 limits.append(f"only {n_test} test patients: wide confidence intervals")
+            limits.extend(chance_limits(tr, r))
             ece = eces.get(task, {}).get(r["model"])
             if ece is not None and math.isfinite(ece) and ece > 0.1:
                 limits.append(f"poorly calibrated (ECE {ece:.2f}): scores are rankings, not probabilities")
-            limits.extend(str(n) for n in r.get("notes") or [])
             limits.append("single site/dataset: performance on other scanners and populations is unknown")
+            notes = list(dict.fromkeys(plain_note(n) for n in r.get("notes") or []))
+            limits_text = "; ".join(limits) + "." + (" " + " ".join(notes) if notes else "")
             rows = [["intended use", f"{INTENDED_USE} Task: {task} ({r.get('kind', '')}: {', '.join(tr.classes)})."],
                     ["data", data or "n/a"],
+                    ["evaluated on", evaluated_on(tr, r)],
                     ["training", f"{format_count(r.get('params'))} parameters ({format_count(r.get('trainable_params'))} "
                                  f"trainable), trained {format_seconds(r.get('train_seconds'))}"],
                     ["test metric (patient level)", metric],
-                    ["limits", "; ".join(limits)]]
+                    ["limits", limits_text[:1].upper() + limits_text[1:]]]
             caption = f"Model card: {task} / {r['model']}"
             cards.append(f'<div class="card">{html_table(["", ""], rows, caption)}</div>')
     return Section("Model cards", "".join(cards), anchor="model-cards") if cards else None

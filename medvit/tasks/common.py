@@ -188,8 +188,12 @@ class StageContext:
         return self.manifest.df
 
     def rows(self, split: str | list[str]) -> pd.DataFrame:
+        """The rows of the split(s); ``attrs["carry"]`` names the ``evaluation.subgroups``
+        columns that :func:`write_predictions` copies into predictions.csv."""
         splits = [split] if isinstance(split, str) else split
-        return self.df[self.df["split"].isin(splits)].reset_index(drop=True)
+        out = self.df[self.df["split"].isin(splits)].reset_index(drop=True)
+        out.attrs["carry"] = [c for c in (self.study.get("evaluation") or {}).get("subgroups") or [] if c in out.columns]
+        return out
 
 
 def load_context(config_path: str | Path, task: str, split_path: str | Path) -> StageContext:
@@ -321,7 +325,8 @@ def records(ctx: StageContext, df: pd.DataFrame) -> list[dict[str, Any]]:
 
 def write_predictions(path: str | Path, df: pd.DataFrame, spec: TaskSpec, scores: np.ndarray,
                       extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
-    """Write predictions.csv (Contract 3): patient_id, sample_id, split, true_<c>, score_<c>[, extra]."""
+    """Write predictions.csv (Contract 3): patient_id, sample_id, split, true_<c>, score_<c>[, extra],
+    then the subgroup columns ``df.attrs["carry"]`` names (see :meth:`StageContext.rows`)."""
     truth = spec.one_hot(df)
     out = pd.DataFrame({"patient_id": df["patient_id"].astype(str).values,
                         "sample_id": df["sample_id"].astype(str).values,
@@ -331,6 +336,9 @@ def write_predictions(path: str | Path, df: pd.DataFrame, spec: TaskSpec, scores
         out[f"score_{c}"] = np.clip(scores[:, j], 0.0, 1.0)
     for name, values in (extra or {}).items():
         out[name] = values
+    for name in df.attrs.get("carry") or []:
+        if name in df.columns and name not in out.columns:
+            out[name] = df[name].fillna("").astype(str).values
     atomic_write_text(path, out.to_csv(index=False, float_format="%.6g"))
     return out
 

@@ -143,7 +143,7 @@ if "brain" in TASKS:
                      "teacher": _brain["distill"]["teacher"]} if w.role == "teacher" else
                     json.loads(settings("brain", drop=("models", "train"), extra=_RUN, keep=("distill",))),
                     sort_keys=True),
-                evaluation=json.dumps(config["evaluation"], sort_keys=True),
+                evaluation=json.dumps(evaluation_settings(), sort_keys=True),
                 flags=lambda w, input: (["--teacher", input.teacher] if w.role == "student_distilled" else
                                         ["--reuse", input.reuse] if w.role == "teacher" and _REUSE else []),
                 out_dir=lambda w, output: os.path.dirname(output.weights),

@@ -151,8 +151,16 @@ def settings(task, *, drop=(), extra=(), keep=()):
     """
     skip = set(drop) | (set(STAGE_KEYS) - set(keep))
     cfg = {k: v for k, v in task_config(config, task).items() if k not in skip}
-    cfg.update({k: config[k] for k in extra})
+    cfg.update({k: evaluation_settings() if k == "evaluation" else config[k] for k in extra})
     return json.dumps(cfg, sort_keys=True)
+
+
+# evaluation keys only the report reads: editing them reruns the report, no training or evaluation
+REPORT_ONLY_EVALUATION = ("subgroups", "prevalence")
+
+
+def evaluation_settings():
+    return {k: v for k, v in config["evaluation"].items() if k not in REPORT_ONLY_EVALUATION}
 
 
 def train_mem_mb(wildcards):
