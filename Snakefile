@@ -35,6 +35,7 @@ include: "workflows/rules/dvpt.smk"
 include: "workflows/rules/brain.smk"
 include: "workflows/rules/prostate.smk"
 include: "workflows/rules/histo.smk"
+include: "workflows/rules/infer.smk"
 include: "workflows/rules/report.smk"
 
 

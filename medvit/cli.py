@@ -243,20 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     manifest = sub.add_parser("manifest", help="manifest tools")
     msub = manifest.add_subparsers(dest="manifest_command", required=True, metavar="ACTION")
     validate = msub.add_parser("validate", help="check a manifest and summarise it")
-    validate.add_argument("path", type=Path)
+    validate.add_argument("path", type=Path, help="the manifest CSV to check")
     validate.add_argument("--no-check-files", action="store_true",
                           help="check columns and values only, do not open the image files")
     validate.set_defaults(func=_cmd_manifest_validate)
     pseudo = msub.add_parser("pseudonymize", help="copy a manifest with patient_id, study_id and sample_id replaced "
                                                    "by keyed pseudonyms")
-    pseudo.add_argument("path", type=Path)
+    pseudo.add_argument("path", type=Path, help="the manifest CSV whose ids to replace")
     pseudo.add_argument("--out", type=Path, required=True, help="the pseudonymised manifest CSV to write")
     pseudo.add_argument("--key", default=None,
                         help="pseudonymisation key (default: $MEDVIT_PSEUDONYM_KEY); never written to outputs")
     pseudo.set_defaults(func=_cmd_manifest_pseudonymize)
 
     ingest = sub.add_parser("ingest", help="build a pseudonymised manifest from a folder of DICOM/NIfTI files")
-    ingest.add_argument("dir", type=Path)
+    ingest.add_argument("dir", type=Path, help="folder of DICOM files/series, NIfTI and other images (walked recursively)")
     ingest.add_argument("--out", type=Path, required=True, help="manifest CSV to write (quarantine.csv goes beside it)")
     ingest.add_argument("--key", default=None,
                         help="pseudonymisation key (default: $MEDVIT_PSEUDONYM_KEY); never written to outputs")
@@ -266,26 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.set_defaults(func=_cmd_ingest)
 
     synth = sub.add_parser("synth", help="generate a synthetic study with real files and a manifest")
-    synth.add_argument("modality", choices=["xray", "brain", "prostate", "histo"])
-    synth.add_argument("--patients", type=int, required=True)
-    synth.add_argument("--out", type=Path, required=True)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("modality", choices=["xray", "brain", "prostate", "histo"],
+                       help="which study to synthesise (docs/synthetic.md)")
+    synth.add_argument("--patients", type=int, required=True, help="number of synthetic patients")
+    synth.add_argument("--out", type=Path, required=True, help="folder for the images and manifest.csv")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same files")
     synth.add_argument("--image-size", type=int, default=None, help="side length in pixels (modality default if omitted)")
     synth.set_defaults(func=_cmd_synth)
 
     imp = sub.add_parser("import", help="turn a shipped real dataset into files and a manifest")
-    imp.add_argument("dataset", choices=["pneumoniamnist", "nih-cxr14", "lgg", "kather2016"])
+    imp.add_argument("dataset", choices=["pneumoniamnist", "nih-cxr14", "lgg", "kather2016"],
+                     help="the dataset to import (data_manifests/README.md)")
     imp.add_argument("source", type=Path, nargs="?", default=None,
                      help="the dataset file (default: the copy the repository ships, e.g. "
                           "data_manifests/pneumoniamnist/pneumoniamnist.npz; lgg: ../shared/data/lgg_brain_mri_128.npz beside "
                           "the repository, which is never copied into it)")
     imp.add_argument("--from", dest="source_from", type=Path, default=None, metavar="PATH",
                      help="the dataset file (same as SOURCE)")
-    imp.add_argument("--out", type=Path, required=True)
+    imp.add_argument("--out", type=Path, required=True, help="folder for the images and manifest.csv")
     imp.set_defaults(func=_cmd_import)
 
     config = sub.add_parser("config", help="validate a study config and print it with defaults filled")
-    config.add_argument("path", type=Path)
+    config.add_argument("path", type=Path, help="the study config YAML")
     config.set_defaults(func=_cmd_config)
 
     infer = sub.add_parser("infer", help="apply a trained model to new images (no labels, split or study config)",
@@ -324,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     def stage(name: str, help_: str, func) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", type=Path, required=True, help="study config YAML")
-        p.add_argument("--task", required=True, choices=["xray", "brain", "prostate", "histo"])
+        p.add_argument("--task", required=True, choices=["xray", "brain", "prostate", "histo"],
+                       help="the study task to run it for")
         p.set_defaults(func=func)
         return p
 
@@ -333,12 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     fsplit = sub.add_parser("fold-split", help="the train/val/test split of one cross-validation fold")
     fsplit.add_argument("--split", type=Path, required=True, help="split manifest with a `fold` column")
-    fsplit.add_argument("--fold", type=int, required=True)
+    fsplit.add_argument("--fold", type=int, required=True, help="0-based fold: its patients form the test split")
     fsplit.add_argument("--out", type=Path, required=True, help="split manifest CSV of the fold to write")
     fsplit.set_defaults(func=_cmd_fold_split)
 
     train = stage("train", "train one model of a task", _cmd_train)
-    train.add_argument("--model", required=True)
+    train.add_argument("--model", required=True, help="registered model name from the task's `models`")
     train.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     train.add_argument("--out", type=Path, required=True, help="model folder (checkpoints, weights, log)")
     train.add_argument("--seed", type=int, default=None,
@@ -350,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="folder for encoder.safetensors, reconstructions.png, train.log, checkpoints/")
 
     predict = stage("predict", "predict the validation and test splits", _cmd_predict)
-    predict.add_argument("--model", required=True)
-    predict.add_argument("--split", type=Path, required=True)
+    predict.add_argument("--model", required=True, help="the model name it was trained as")
+    predict.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     predict.add_argument("--weights", type=Path, required=True, help="model.safetensors from `medvit train`")
     predict.add_argument("--out", type=Path, required=True, help="predictions.csv to write")
 
@@ -361,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="folder for comparison.json and accuracy_vs_flops.png")
 
     evaluate = stage("evaluate", "patient- and sample-level metrics with bootstrap CIs", _cmd_evaluate)
-    evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--predictions", type=Path, required=True)
+    evaluate.add_argument("--model", required=True, help="the model name recorded in metrics.json")
+    evaluate.add_argument("--predictions", type=Path, required=True, help="predictions.csv from `medvit predict`")
     evaluate.add_argument("--out", type=Path, required=True, help="metrics.json to write")
 
     detect = stage("detect", "train, validate and run the YOLOv8 detector (offline) on a task's split", _cmd_detect)
@@ -376,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     ptp.add_argument("--out", type=Path, required=True, help="ptp.json to write")
 
     distill = stage("distill", "train, predict and evaluate the CNN teacher or a DeiT student", _cmd_distill)
-    distill.add_argument("role", choices=["teacher", "student", "student_distilled"])
+    distill.add_argument("role", choices=["teacher", "student", "student_distilled"],
+                         help="the CNN teacher, the plain DeiT student, or the student distilled from the teacher")
     distill.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     distill.add_argument("--teacher", type=Path, default=None,
                          help="the teacher's model.safetensors (required for student_distilled)")
@@ -391,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cascade = stage("cascade", "detection then classification of the flagged slices, evaluated per patient",
                     _cmd_cascade)
-    cascade.add_argument("--split", type=Path, required=True)
+    cascade.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     cascade.add_argument("--detector", type=Path, required=True, help="the detector folder (predictions.csv, boxes.csv)")
     cascade.add_argument("--classifier", type=Path, required=True, help="the classifier's model.safetensors")
     cascade.add_argument("--out", type=Path, required=True, help="cascade folder")
@@ -399,36 +403,37 @@ def build_parser() -> argparse.ArgumentParser:
     # prostate: self-supervised pretraining and patient-level cross-validation (docs/prostate.md)
     ssl = stage("ssl-pretrain", "multi-task self-supervised pretraining of the CSwin encoder on one fold",
                 _cmd_ssl_pretrain)
-    ssl.add_argument("--split", type=Path, required=True)
+    ssl.add_argument("--split", type=Path, required=True, help="split manifest with a `fold` column")
     ssl.add_argument("--fold", type=int, required=True, help="0-based cross-validation fold")
     ssl.add_argument("--out", type=Path, required=True, help="folder for encoder.safetensors, inpainting.png")
     cv_fold = stage("cv-fold", "train one segmentation model on one fold and predict its held-out volumes",
                     _cmd_cv_fold)
-    cv_fold.add_argument("--model", required=True)
-    cv_fold.add_argument("--split", type=Path, required=True)
+    cv_fold.add_argument("--model", required=True, help="segmentation model name from the task's `models`")
+    cv_fold.add_argument("--split", type=Path, required=True, help="split manifest with a `fold` column")
     cv_fold.add_argument("--fold", type=int, required=True, help="0-based cross-validation fold")
     cv_fold.add_argument("--init", type=Path, default=None, help="SSL encoder.safetensors (cswin_unet_ssl)")
     cv_fold.add_argument("--out", type=Path, required=True, help="the fold folder")
     cv_pool = stage("cv-pool", "pool a model's folds: out-of-fold predictions.csv and the fold ensemble",
                     _cmd_cv_pool)
-    cv_pool.add_argument("--model", required=True)
-    cv_pool.add_argument("--split", type=Path, required=True)
+    cv_pool.add_argument("--model", required=True, help="segmentation model name")
+    cv_pool.add_argument("--split", type=Path, required=True, help="split manifest with a `fold` column")
     cv_pool.add_argument("--folds", type=Path, nargs="+", required=True, help="the fold folders, in fold order")
     cv_pool.add_argument("--out", type=Path, required=True, help="the model folder")
     external = stage("external-test", "evaluate a trained model on the external cohort", _cmd_external_test)
-    external.add_argument("--model", required=True)
-    external.add_argument("--split", type=Path, required=True)
+    external.add_argument("--model", required=True, help="segmentation model name")
+    external.add_argument("--split", type=Path, required=True, help="the task's split manifest")
     external.add_argument("--weights", type=Path, required=True, help="the model's model.safetensors")
     external.add_argument("--out", type=Path, required=True, help="folder for predictions.csv, metrics.json, maps/")
     cv_summary = stage("cv-summary", "fold table, FLOPs, inference time and overlays of every model",
                        _cmd_cv_summary)
-    cv_summary.add_argument("--split", type=Path, required=True)
+    cv_summary.add_argument("--split", type=Path, required=True, help="split manifest with a `fold` column")
     cv_summary.add_argument("--out", type=Path, required=True, help="cv_summary.json (overlays.png beside it)")
 
     # DVPT and the other ways to adapt a frozen ViT (docs/dvpt.md)
     adapt = stage("adapt", "adapt the frozen backbone with one method (linear, vpt, dvpt, full) at each "
                            "fraction of the training patients: adapter, predictions, metrics", _cmd_adapt)
-    adapt.add_argument("--method", required=True, choices=["linear", "vpt", "dvpt", "full"])
+    adapt.add_argument("--method", required=True, choices=["linear", "vpt", "dvpt", "full"],
+                       help="how the frozen backbone is adapted (docs/dvpt.md)")
     adapt.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     adapt.add_argument("--fraction", type=float, nargs="+", default=None,
                        help="fractions of the training patients (default: the study's adapt.fractions)")
@@ -439,15 +444,89 @@ def build_parser() -> argparse.ArgumentParser:
     acompare.add_argument("--out", type=Path, required=True, help="comparison.json to write")
 
     report = sub.add_parser("report", help="write the HTML evaluation report")
-    report.add_argument("--config", type=Path, required=True)
-    report.add_argument("--out", type=Path, required=True)
+    report.add_argument("--config", type=Path, required=True, help="the study config YAML")
+    report.add_argument("--out", type=Path, required=True, help="index.html to write (figures beside it)")
     report.add_argument("metrics", type=Path, nargs="+", help="metrics.json files")
     report.set_defaults(func=_cmd_report)
+    _group_commands(parser, sub)
     return parser
+
+
+# What a user types; the other subcommands are the pipeline's stages, run by the workflow's rules.
+USER_COMMANDS = ("ingest", "synth", "import", "config", "manifest", "infer", "export", "package", "report")
+_EXAMPLES = """examples:
+  medvit synth xray --patients 40 --out data/synth_xray        # a synthetic study to try things on
+  medvit config my_study.yaml                                   # the config with defaults, or its errors
+  snakemake --cores 4 --configfile my_study.yaml                # run the study (profiles/default applies)
+  medvit infer --model results/demo/xray/densenet121 --input new_patients/ --out scored/
+  medvit export --model results/demo/xray/densenet121 --format onnx
+  MEDVIT_PSEUDONYM_KEY=... medvit ingest dicom_export/ --out data/my_cxr.csv
+
+`medvit COMMAND -h` describes a command and its arguments; docs/ has the details."""
+
+
+def _group_commands(parser: argparse.ArgumentParser, sub) -> None:
+    """``medvit --help``: user commands apart from the internal stage commands, then examples."""
+    helps = {a.dest: a.help for a in sub._choices_actions}
+
+    def block(names) -> str:
+        return "\n".join(f"  {n:<16}{helps[n]}" for n in names)
+
+    stages = [n for n in helps if n not in USER_COMMANDS]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.usage = "medvit [-h] [--version] COMMAND ..."
+    parser.epilog = ("user commands:\n" + block([n for n in USER_COMMANDS if n in helps])
+                     + "\n\nstage commands (run by the workflow's rules, workflows/README.md):\n" + block(stages)
+                     + "\n\n" + _EXAMPLES)
+    sub.help = argparse.SUPPRESS
 
 
 # Commands that train into one output folder: it is locked while they run (medvit.fileio.folder_lock).
 _LOCKED_COMMANDS = {"train", "pretrain", "distill", "ssl-pretrain", "cv-fold", "detect"}
+
+
+# Stage commands that serve only the tasks whose schema has a given block (the rest refuse in one line).
+_TASK_BLOCKS = {"pretrain": "pretrain", "adapt": "adapt", "adapt-compare": "adapt", "detect": "detection",
+                "ptp": "detection", "cascade": "cascade", "distill": "distill", "distill-compare": "distill",
+                "ssl-pretrain": "ssl", "cv-fold": "roi_size", "cv-pool": "roi_size", "external-test": "roi_size",
+                "cv-summary": "roi_size"}
+# Commands that run a network: on a multi-GPU machine each claims its own GPU (medvit.engine.gpu_slots).
+_GPU_COMMANDS = {"train", "predict", "pretrain", "distill", "cascade", "detect", "ssl-pretrain", "cv-fold",
+                 "cv-pool", "external-test", "adapt", "infer"}
+
+
+def served_tasks(command: str) -> list[str] | None:
+    """The tasks a stage command serves (None: every task)."""
+    from medvit.config import load_schema
+
+    block = _TASK_BLOCKS.get(command)
+    if block is None:
+        return None
+    tasks = load_schema()["properties"]["tasks"]["properties"]
+    return [t for t, schema in tasks.items() if block in schema.get("properties", {})]
+
+
+def _check_task_served(args: argparse.Namespace) -> None:
+    from medvit.errors import ConfigError
+
+    served = served_tasks(args.command) if getattr(args, "task", None) else None
+    if served is not None and args.task not in served:
+        raise ConfigError(f"`medvit {args.command}` serves task {' and '.join(served)}, not {args.task!r}")
+
+
+def _study_device(args: argparse.Namespace) -> str:
+    if getattr(args, "device", None):
+        return str(args.device)
+    config = getattr(args, "config", None)
+    if config is None or not Path(config).is_file():
+        return "auto"
+    import yaml
+
+    try:
+        study = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return "auto"
+    return str(study.get("device", "auto")) if isinstance(study, dict) else "auto"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,6 +534,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        _check_task_served(args)
+        if args.command in _GPU_COMMANDS and _study_device(args) != "cpu":
+            from medvit.engine.gpu_slots import assign_gpu
+
+            assign_gpu()
         if args.command in _LOCKED_COMMANDS:
             # held to the end of the process: the weights written after training are covered too
             from medvit.fileio import folder_lock

@@ -225,3 +225,28 @@ def test_export_refuses_an_unsupported_operator_by_name(trained, tmp_path, monke
     err = capsys.readouterr().err.strip()
     assert "aten::fft_fft2" in err and len(err.splitlines()) == 1
     assert not (pkg / "model.onnx").exists()
+
+
+def test_study_infer_cohorts_run_after_evaluation(tmp_path):
+    """`tasks.<task>.infer` adds one `infer` job per model and cohort, after its evaluation."""
+    import re
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "cohort.csv").write_text("patient_id,image\np1,a.png\n")
+    study = {"study": "wf", "device": "cpu",
+             "tasks": {"xray": {"synthetic": {"patients": 12, "image_size": 32}, "image_size": 32,
+                                "models": ["resnet18", "densenet121"],
+                                "infer": [{"name": "new_site", "input": "cohort.csv"}]}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    bin_dir = Path(sys.executable).parent
+    proc = subprocess.run([str(bin_dir / "snakemake"), "-s", str(repo / "Snakefile"), "--directory", str(tmp_path),
+                           "--cores", "2", "--configfile", str(tmp_path / "s.yaml"), "-n"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert re.search(r"^infer\s+2$", out, re.M), out[-3000:]
+    for model in ("resnet18", "densenet121"):
+        assert f"results/wf/xray/{model}/infer/new_site/predictions.csv" in out
+    assert "results/wf/xray/resnet18/metrics.json" in out.split("rule infer:")[1].split("rule ")[0]

@@ -139,7 +139,7 @@ def source_file(name):
 # a stage's settings leave them out unless it names them in `keep`, so editing one reruns only
 # the jobs that read it (e.g. detection.epochs never re-splits the data or retrains a model).
 VIT_KEYS = ("pretrain", "finetune")
-STAGE_KEYS = VIT_KEYS + ("adapt", "detection", "distill", "cascade", "compare", "cswin", "ssl",
+STAGE_KEYS = VIT_KEYS + ("adapt", "detection", "distill", "cascade", "compare", "cswin", "ssl", "infer",
                          "external_manifest", "external_synthetic", "figures")
 
 
