@@ -141,6 +141,10 @@ def read_package(model_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]
     except (OSError, ValueError) as exc:
         raise PackageError(f"{card} is unreadable: {exc}") from None
     block = meta.get("inference")
+    if not isinstance(block, dict) and not is_classifier_folder(folder, str(meta.get("task"))):
+        raise PackageError(f"{folder} holds a {meta.get('model')!r} model of task {meta.get('task')!r}: only 2D "
+                           "classifiers are served as packages so far (segmentation, detection and adapters are "
+                           "not; docs/inference.md)")
     if not isinstance(block, dict):
         raise PackageError(f"{card} has no 'inference' block: the model was trained by an older medvit or not "
                            "evaluated yet. Complete the package from its study with `medvit package --config "
