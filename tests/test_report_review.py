@@ -243,3 +243,11 @@ def test_subgroup_columns_travel_into_predictions(tmp_path):
     plain = StageContext({"evaluation": {}}, tmp_path, "brain", {}, SimpleNamespace(df=df), spec)
     write_predictions(tmp_path / "p2.csv", plain.rows(["test"]), spec, np.array([[0.2]]))
     assert "sex" not in pd.read_csv(tmp_path / "p2.csv").columns
+
+
+@pytest.mark.slow
+def test_review_report_renders_in_headless_chromium(study, tmp_path):
+    from tests.test_report_full import render_in_chromium
+
+    out, _ = study
+    render_in_chromium(out / "report" / "index.html", tmp_path)

@@ -16,6 +16,7 @@ import contextvars
 import html
 import json
 import math
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ def esc(value: Any) -> str:
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)  # NumPy numbers too
 
 
 def format_value(value: Any, digits: int = 3) -> str:
@@ -358,7 +359,8 @@ def report_stage(config_path: str | Path, metrics_paths: Sequence[str | Path], o
         eces: dict[str, dict[str, float]] = {}
         for task, tr in results.items():
             html_figs, eces[task] = rs.task_figures_html(tr, figures_dir)
-            parts[task] = [rr.chance_html(tr), rr.curves_html(tr, figures_dir), html_figs, rs.ece_html(eces[task]),
+            parts[task] = [rr.chance_html(tr), rs.degenerate_html(rs.degenerate_points(tr), tr.kind),
+                           rr.curves_html(tr, figures_dir), html_figs, rs.ece_html(eces[task]),
                            rr.decision_html(tr, figures_dir, prevalence.get(task)),
                            rs.comparisons_html(comparisons.get(task, [])), rr.subgroups_html(tr, subgroups),
                            rr.failures_html(tr)]

@@ -88,24 +88,30 @@ def _lines(value: Any, limit: int = 4) -> str:
     return shown + (f", ... ({len(lines)} samples)" if len(lines) > limit else "")
 
 
+def failures_per_kind(tr: TaskResults) -> int:
+    """Errors of each kind shown per model and class: fewer when a multi-label task has many findings."""
+    return FAILURES_PER_KIND if tr.kind != "multilabel" else max(2, FAILURES_PER_KIND - len(tr.classes) // 2)
+
+
 def failure_rows(tr: TaskResults, model: str) -> list[list[str]]:
     """Table rows of one model's most confident errors: patients (threshold chosen on
     validation patients) then images (threshold chosen on validation samples)."""
     record = next(r for r in tr.records if r["model"] == model)
     thr = record.get("threshold") or {}
+    n = failures_per_kind(tr)
     rows: list[list[str]] = []
     patients = tr.tables.get(model)
     if patients is not None and not patients.empty:
         keep = [c for c in patients.columns if c.startswith(("true_", "score_"))] + ["lines", "n_samples"]
         for case in C.failure_cases(patients[[c for c in keep if c in patients.columns]], tr.classes, tr.kind,
-                                    thr.get("patient"), FAILURES_PER_KIND):
+                                    thr.get("patient"), n):
             rows.append([model, "patient", case["class"], case["error"], format_value(case["score"]),
                          format_value(case["threshold"]), format_count(case.get("n_samples")),
                          _lines(case.get("lines", []))])
     samples = tr.samples.get(model)
     if samples is not None and not samples.empty and samples["patient_id"].nunique() < len(samples):
         keep = [c for c in samples.columns if c.startswith(("true_", "score_"))] + ["line"]
-        for case in C.failure_cases(samples[keep], tr.classes, tr.kind, thr.get("sample"), FAILURES_PER_KIND):
+        for case in C.failure_cases(samples[keep], tr.classes, tr.kind, thr.get("sample"), n):
             rows.append([model, "image", case["class"], case["error"], format_value(case["score"]),
                          format_value(case["threshold"]), "1", _lines(case.get("line"))])
     return rows
@@ -116,8 +122,8 @@ def failures_html(tr: TaskResults) -> str:
     if not rows:
         return ""
     how = ("the wrong predictions with the highest predicted probability" if tr.kind == "multiclass" else
-           f"up to {FAILURES_PER_KIND} false positives with the highest scores and {FAILURES_PER_KIND} false "
-           "negatives with the lowest, at the operating threshold")
+           f"up to {failures_per_kind(tr)} false positives with the highest scores and {failures_per_kind(tr)} "
+           "false negatives with the lowest per class, at the operating threshold")
     return html_table(["model", "level", "class", "error", "score", "threshold", "samples", "predictions.csv lines"],
                       rows, text_columns=(1, 2, 3, 7), caption=
                       f"Failure cases (test): {how}. Patients are named by their lines in the model's predictions.csv "
@@ -369,32 +375,33 @@ def checklist_rows(study: dict[str, Any], results: dict[str, TaskResults],
 
     seed = study.get("seed")
     rows = [
-        ["Title, abstract, introduction, objectives", "TRIPOD+AI 1-3, CLAIM 1-4", _AUTHORS],
-        ["Data source", "TRIPOD+AI 5a, CLAIM 7", per_task(origin)],
-        ["Dates of data collection, setting", "TRIPOD+AI 5b, CLAIM 8", _AUTHORS + " (not in the manifest)"],
-        ["Eligibility criteria", "TRIPOD+AI 6a, CLAIM 9", "inputs the pipeline could not read or validate are "
-                                                          "quarantined with reasons: " + per_task(eligibility)],
-        ["Outcome / reference standard", "TRIPOD+AI 7, CLAIM 14-18", "labels as given in the manifest; how they were "
-                                                                    "established: " + _AUTHORS],
-        ["Sample size, data partitions", "TRIPOD+AI 9, CLAIM 20-21", per_task(split)],
-        ["Model", "TRIPOD+AI 12a, CLAIM 22-24", per_task(model)],
-        ["Training (initialisation, hyperparameters, selection)", "TRIPOD+AI 12b, CLAIM 25-27",
-         per_task(training) + f"; seed {seed}; learning curves per task"],
-        ["Performance metrics with uncertainty", "TRIPOD+AI 12e/23a, CLAIM 28-29",
+        ["Title, abstract, background, objectives", "Title/abstract; Introduction", _AUTHORS],
+        ["Data source", "Methods: data", per_task(origin)],
+        ["Dates of data collection, setting, centres", "Methods: data", _AUTHORS + " (not in the manifest)"],
+        ["Eligibility criteria", "Methods: participants / data", "inputs the pipeline could not read or validate "
+                                                                 "are quarantined with reasons: " + per_task(eligibility)],
+        ["Outcome / reference standard", "Methods: outcome / ground truth",
+         "labels as given in the manifest; how they were established: " + _AUTHORS],
+        ["Sample size, data partitions", "Methods: sample size / data partitions", per_task(split)],
+        ["Model", "Methods: model", per_task(model)],
+        ["Training (initialisation, hyperparameters, selection)", "Methods: training", per_task(training)
+         + f"; seed {seed}; learning curves per task"],
+        ["Performance metrics with uncertainty", "Methods: evaluation; Results: performance",
          per_task(metrics) + " (patient level, 95% bootstrap CI over patients)"],
-        ["Statistical comparison of models", "CLAIM 30", "DeLong's test / paired bootstrap, Holm-adjusted (task sections)"],
-        ["Calibration", "TRIPOD+AI 12e", "reliability diagrams, ECE and Brier scores (task sections)"],
-        ["Subgroup / fairness analysis", "TRIPOD+AI 14/23b, CLAIM 32",
+        ["Statistical comparison of models", "Methods: statistical analysis",
+         "DeLong's test / paired bootstrap, Holm-adjusted (task sections)"],
+        ["Calibration", "Results: performance", "reliability diagrams, ECE and Brier scores (task sections)"],
+        ["Subgroups / fairness", "Methods: fairness; Results",
          (f"by {', '.join(subgroups)} (task sections)" if subgroups else
           "none configured (evaluation.subgroups); " + _AUTHORS)],
-        ["Failure analysis", "CLAIM 37", "most confident false positives and negatives (task sections)"],
-        ["External validation", "TRIPOD+AI 20, CLAIM 32",
+        ["Failure analysis", "Results / Discussion", "most confident false positives and negatives (task sections)"],
+        ["External validation", "Methods: evaluation",
          "external test reported in the task section where configured; otherwise " + _AUTHORS],
-        ["Limitations", "TRIPOD+AI 27, CLAIM 38", "model cards list the limits the pipeline knows (test size, "
-                                                  "calibration, chance-level results, single site); " + _AUTHORS],
-        ["Code and data availability, provenance", "TRIPOD+AI 18, CLAIM 41", "git commit, config and manifest "
-                                                                            "hashes, package versions (Provenance)"],
-        ["Funding, conflicts, ethics approval", "TRIPOD+AI 4, 24, CLAIM 42", _AUTHORS],
+        ["Limitations", "Discussion: limitations", "model cards list the limits the pipeline knows (test size, "
+                                                   "calibration, chance-level results, single site); " + _AUTHORS],
+        ["Code, data availability, provenance", "Open science", "git commit, config and manifest hashes, package "
+                                                               "versions (Provenance)"],
+        ["Ethics approval, funding, conflicts of interest", "Open science / other information", _AUTHORS],
     ]
     return rows
 
@@ -404,9 +411,11 @@ def reporting_section(study: dict[str, Any], results: dict[str, TaskResults], su
 
     if not results:
         return None
-    table = html_table(["item", "guideline", "from this run"], checklist_rows(study, results, subgroups),
-                       text_columns=(1, 2), caption="Reporting checklist (TRIPOD+AI 2024, CLAIM 2024): what the "
-                                                    "pipeline fills from the run, and what the authors must write")
+    table = html_table(["item", "section of the guidelines", "from this run"],
+                       checklist_rows(study, results, subgroups), text_columns=(1, 2),
+                       caption="Reporting checklist for TRIPOD+AI (2024) and CLAIM (2024): what the pipeline fills "
+                               "from the run, and what the authors must write (match each row to the item numbers "
+                               "of the checklist version you submit)")
     methods = methods_paragraph(study, results)
     body = table + ("<h3>Methods (generated from this run)</h3>" + methods if methods else "")
     return Section("Reporting checklist and methods", body, anchor="reporting")

@@ -297,7 +297,6 @@ def task_figures_html(tr: TaskResults, figures_dir: Path) -> tuple[str, dict[str
         ("Confusion matrices of the test patients " + conf_how, conf)) if p)
     if pair:
         parts.append(f'<div class="pair">{pair}</div>')
-    parts.append(degenerate_html(degenerate_points(tr), tr.kind))
     points = []
     for r in tr.records:
         h = headline(r)
