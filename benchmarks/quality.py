@@ -81,11 +81,12 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def bench_cost(study_out: Path, keys: list[str]) -> tuple[float, float]:
-    """Wall seconds (sum) and peak RSS (MB, max) of the benchmark files whose name holds a key."""
+    """Wall seconds (sum) and peak RSS (MB, max) of the benchmark files named ``<rule>/<job>``
+    in ``keys`` (a key ending in ``*`` is a prefix)."""
     secs, peak = 0.0, 0.0
     for tsv in sorted((study_out / "benchmarks").rglob("*.tsv")):
         name = f"{tsv.parent.name}/{tsv.stem}"
-        if not any(k in name for k in keys):
+        if not any(name.startswith(k[:-1]) if k.endswith("*") else name == k for k in keys):
             continue
         df = pd.read_csv(tsv, sep="\t")
         secs += float(df["s"].iloc[-1])
@@ -94,7 +95,7 @@ def bench_cost(study_out: Path, keys: list[str]) -> tuple[float, float]:
 
 
 def study_cost(study_out: Path) -> tuple[float, float]:
-    return bench_cost(study_out, [""])
+    return bench_cost(study_out, ["*"])
 
 
 def fmt_cost(secs: float, peak: float) -> str:
@@ -124,7 +125,7 @@ def xray_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, An
         key = next((k for k in ("auroc", "auroc_macro") if k in rec["metrics"]), None)
         pred = pd.read_csv(folder / "predictions.csv")
         tables[model] = test_patients(pred)
-        secs, peak = bench_cost(out, [f"{task}_{model}"])
+        secs, peak = bench_cost(out, [f"{r}/{task}_{model}" for r in ("train", "predict", "evaluate")])
         rows.append([model, key, fmt_ci(rec["metrics"].get(key)), str(rec["n_patients"]), "", *fmt_cost(secs, peak)])
     for r in rows:
         model = r[0]
@@ -241,11 +242,12 @@ def lgg_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, Any
         if role == "teacher" and not log.is_file():
             log = brain / "resnet18" / "train.log"
         if log.is_file():
-            vals = [ln.split("val=")[1].split()[0].strip(",") for ln in log.read_text().splitlines() if "val=" in ln]
+            vals = [ln.split("val_metric ")[1].split()[0] for ln in log.read_text().splitlines() if " val_metric " in ln]
             if vals:
                 curves.append(f"{role}: {', '.join(vals)}")
     if curves:
-        lines += ["Validation metric per epoch (train logs): " + "; ".join(curves) + ".", ""]
+        lines += ["Learning curves, validation AUROC per epoch (train logs; weights of the best epoch kept): "
+                  + "; ".join(curves) + ".", ""]
     # targets
     best = max(((s["metrics"]["slice_auroc"]["value"], k) for k, s in summaries.items() if k != "detector (box confidence)"
                 and not k.startswith("cascade")), default=(float("nan"), "n/a"))
@@ -283,7 +285,7 @@ def kather_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, 
     for e in comp["models"]:
         c = e["compute"]
         lat = (c.get("latency") or {}).get("1") or (c.get("latency") or {}).get(1) or {}
-        secs, peak = bench_cost(out, [f"histo_{e['model']}_fold"])
+        secs, peak = bench_cost(out, [f"{r}/histo_{e['model']}_fold*" for r in ("train", "predict", "evaluate")])
         rows.append([e["model"], fmt_mean_sd(e["sample"]["accuracy"]), fmt_mean_sd(e["sample"]["auroc"]),
                      fmt_mean_sd(e["sample"]["f1_macro"]), f"{c['params'] / 1e6:.2f}", f"{c['flops'] / 1e6:.1f}",
                      f"{lat.get('per_sample_ms', float('nan')):.2f}", f"{secs / 60:.1f} min", f"{peak / 1024:.2f} GB"])
