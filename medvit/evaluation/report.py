@@ -339,6 +339,7 @@ def report_stage(config_path: str | Path, metrics_paths: Sequence[str | Path], o
     from medvit.evaluation import report_sections as rs
 
     from medvit.evaluation import report_review as rr
+    from medvit.evaluation.saliency import saliency_html
 
     study = load_study(config_path)
     records = load_metrics(metrics_paths)
@@ -360,7 +361,8 @@ def report_stage(config_path: str | Path, metrics_paths: Sequence[str | Path], o
         for task, tr in results.items():
             html_figs, eces[task] = rs.task_figures_html(tr, figures_dir)
             parts[task] = [rr.chance_html(tr), rs.degenerate_html(rs.degenerate_points(tr), tr.kind),
-                           rr.curves_html(tr, figures_dir), html_figs, rs.ece_html(eces[task]),
+                           rr.curves_html(tr, figures_dir), html_figs, saliency_html(tr, figures_dir, study["seed"]),
+                           rs.ece_html(eces[task]),
                            rr.decision_html(tr, figures_dir, prevalence.get(task)),
                            rs.comparisons_html(comparisons.get(task, [])), rr.subgroups_html(tr, subgroups),
                            rr.failures_html(tr)]
