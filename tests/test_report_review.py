@@ -251,3 +251,44 @@ def test_review_report_renders_in_headless_chromium(study, tmp_path):
 
     out, _ = study
     render_in_chromium(out / "report" / "index.html", tmp_path)
+
+
+def test_counts_and_captions_come_from_the_metrics_records():
+    """A cross-validated model's metrics pool out-of-fold patients: the Data section and the
+    model card give those counts, not the split's test split; a threshold that fell back to
+    0.5 is named so in the captions."""
+    from medvit.evaluation.report_sections import TaskResults, data_section, evaluated_on, threshold_phrase
+
+    record = {"model": "cswin_unet", "task": "prostate", "kind": "binary", "classes": ["cspca"], "n_patients": 40,
+              "n_samples": 40, "notes": ["patient-level threshold for 'cspca': youden threshold undefined (no val "
+                                         "rows); used 0.5"]}
+    samples = pd.DataFrame({"patient_id": [f"p{i}" for i in range(40)], "fold": [i % 5 for i in range(40)]})
+    tr = TaskResults("prostate", [record], split={"splits": {"train": {"patients": 24, "samples": 24},
+                                                             "val": {"patients": 8, "samples": 8},
+                                                             "test": {"patients": 8, "samples": 8}}},
+                     samples={"cswin_unet": samples})
+    text = evaluated_on(tr, record)
+    assert text.startswith("40 patients (40 samples) pooled out of fold over 5 cross-validation folds")
+    data = data_section({"prostate": tr}).body
+    assert "the metrics are computed on 40 patients" in data and "not on the 8 patients of the test split" in data
+    assert threshold_phrase(tr).startswith("a threshold of 0.5 (validation could not choose one")
+    other = dict(record, model="unet3d", notes=[])
+    both = TaskResults("prostate", [record, other])
+    assert threshold_phrase(both) == ("the threshold chosen on the validation patients (unet3d), or 0.5 where "
+                                      "validation could not choose one (cswin_unet)")
+
+
+def test_multiclass_failures_and_subgroups():
+    table = pd.DataFrame({"true_a": [1, 0, 0, 1, 0, 0], "true_b": [0, 1, 0, 0, 1, 0], "true_c": [0, 0, 1, 0, 0, 1],
+                          "score_a": [.7, .8, .1, .2, .1, .3], "score_b": [.2, .1, .1, .7, .8, .3],
+                          "score_c": [.1, .1, .8, .1, .1, .4], "site": ["x", "x", "x", "y", "y", "y"]})
+    cases = C.failure_cases(table.drop(columns="site"), ["a", "b", "c"], "multiclass", None, n=5)
+    assert [(c["class"], c["error"], c["score"]) for c in cases] == [("b", "predicted a", 0.8), ("a", "predicted b", 0.7)]
+    res = C.subgroup_metrics(table, "site", ["a", "b", "c"], "multiclass", "balanced_accuracy", n_boot=50,
+                             n_permutations=50)
+    got = {g["value"]: g["metric"]["value"] for g in res["groups"]}
+    from sklearn.metrics import balanced_accuracy_score
+    for site, idx in (("x", [0, 1, 2]), ("y", [3, 4, 5])):
+        t = table.iloc[idx][["true_a", "true_b", "true_c"]].to_numpy().argmax(1)
+        p = table.iloc[idx][["score_a", "score_b", "score_c"]].to_numpy().argmax(1)
+        assert got[site] == pytest.approx(balanced_accuracy_score(t, p))
