@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     package = sub.add_parser("package", help="complete an evaluated model folder's package (model.json inference "
                                              "block, MODEL_CARD.md) from its study")
     package.add_argument("--config", type=Path, required=True, help="the study config YAML the model was trained by")
-    package.add_argument("--task", required=True, choices=["xray", "brain", "histo"], help="the model's task")
+    package.add_argument("--task", required=True, choices=["xray", "brain", "histo", "prostate"],
+                         help="the model's task")
     package.add_argument("--model-dir", type=Path, required=True,
                          help="the model folder (model.safetensors, model.json, metrics.json)")
     package.set_defaults(func=_cmd_package)

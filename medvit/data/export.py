@@ -112,6 +112,62 @@ def dicom_source_files(path: str | Path) -> list[Path]:
     return [f for f, _ in sorted(datasets, key=position)]
 
 
+def dicom_series_affine(source: str | Path) -> np.ndarray:
+    """The RAS voxel-to-world affine of a DICOM series as :func:`medvit.data.io.read_image` stacks
+    it, for a NIfTI array in (x, y, z) = (column, row, slice) order: from the first slice's
+    ImagePositionPatient, ImageOrientationPatient and PixelSpacing and the step between slice
+    positions (one slice: the normal times SpacingBetweenSlices or SliceThickness).
+
+    Raises:
+        ExportError: the instances lack the geometry (position, orientation, pixel spacing).
+    """
+    import pydicom
+
+    files = dicom_source_files(source)
+    headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
+    ds = headers[0]
+    if any(k not in ds for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")) or \
+            int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        raise ExportError(f"{source}: no per-slice ImagePositionPatient/ImageOrientationPatient/PixelSpacing; "
+                          "its geometry cannot be written as NIfTI")
+    iop = np.asarray(ds.ImageOrientationPatient, float)
+    row_dir, col_dir = iop[:3], iop[3:]  # along a row (increasing column), along a column (increasing row)
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)  # between rows, between columns
+    first = np.asarray(ds.ImagePositionPatient, float)
+    if len(headers) > 1:
+        step = (np.asarray(headers[-1].ImagePositionPatient, float) - first) / (len(headers) - 1)
+    else:
+        normal = np.cross(row_dir, col_dir)
+        step = normal * float(getattr(ds, "SpacingBetweenSlices", None) or getattr(ds, "SliceThickness", None) or 1.0)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * col_spacing, col_dir * row_spacing, step, first
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def save_nifti_dicom_grid(volume: np.ndarray, source: str | Path, out_path: str | Path,
+                          dtype: type | np.dtype = np.float32) -> Path:
+    """Write ``volume`` (D, H, W) on the grid of the DICOM series ``source`` (slices in
+    :func:`dicom_source_files` order, rows, columns) as NIfTI with that series' RAS affine.
+
+    Raises:
+        ExportError: no geometry in the series, or a shape that does not fit it.
+    """
+    import nibabel as nib
+
+    vol = np.asarray(volume)
+    files = dicom_source_files(source)
+    if vol.ndim != 3 or vol.shape[0] != len(files):
+        raise ExportError(f"prediction of shape {vol.shape} does not fit the {len(files)} slice(s) of {source}")
+    affine = dicom_series_affine(source)
+    img = nib.Nifti1Image(np.ascontiguousarray(np.transpose(vol, (2, 1, 0))).astype(dtype), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    data = img.to_bytes()
+    if str(out_path).endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    return atomic_write_bytes(out_path, data)
+
+
 def save_dicom_seg(mask: np.ndarray, source: str | Path, out_path: str | Path, patient_id: str,
                    label: str = "csPCa lesion", series_description: str = "medvit lesion segmentation") -> Path:
     """Write a binary DICOM Segmentation of ``mask`` referencing the source series.
@@ -183,5 +239,5 @@ def _mark_deidentified(ds) -> None:
     code.CodingSchemeDesignator = "DCM"
     code.CodeMeaning = "Basic Application Confidentiality Profile"
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "medvit: DICOM PS3.15 basic application level confidentiality profile"
+    ds.DeidentificationMethod = "medvit: PS3.15 basic application confidentiality"  # LO: 64 characters at most
     ds.DeidentificationMethodCodeSequence = Sequence([code])

@@ -373,8 +373,8 @@ def evaluate_stage(config_path: str | Path, task: str, model: str, predictions_p
               "notes": notes, "provenance": prov}
     out = write_json(out_path, record)
     # a classifier's folder becomes a self-describing package once its threshold is chosen
-    from medvit.tasks.package import is_classifier_folder, write_package
+    from medvit.tasks.package import is_classifier_folder, is_segmentation_folder, write_package
 
-    if is_classifier_folder(predictions_path.parent, task):
+    if is_classifier_folder(predictions_path.parent, task) or is_segmentation_folder(predictions_path.parent, task):
         write_package(predictions_path.parent, to_jsonable(record))
     return out

@@ -101,8 +101,10 @@ def _check_columns(df: pd.DataFrame, channels: list[str], source: Path) -> None:
         return
     missing = [c for c in channels if c not in df.columns]
     if missing:
+        hint = ("; a folder gives one image per file or series: list the channels of each sample in a manifest "
+                "with these columns" if source.is_dir() else "")
         raise InferError(f"{source} lacks the column(s) {missing}: the model was trained on the channels "
-                         f"{channels}, stacked in that order")
+                         f"{channels}, stacked in that order{hint}")
 
 
 def _row_for(row: dict[str, Any], channels: list[str]) -> dict[str, Any]:
@@ -181,6 +183,9 @@ def infer_stage(model_dir: str | Path, source: str | Path, out_dir: str | Path, 
     df, root, quarantine, input_kind = _input_manifest(source, out, key)
     channels = list(block["channels"])
     _check_columns(df, channels, source)
+    if block["kind"] in ("segmentation", "detection"):
+        run = _infer_segmentation if block["kind"] == "segmentation" else _infer_detection
+        return run(block, meta, Path(model_dir), df, root, quarantine, out, source, input_kind, device, started)
     in_chans = int(block["architecture"]["kwargs"]["in_chans"])
     size = [int(s) for s in block["image_size"]]
     dev = resolve_device(device)
@@ -236,3 +241,102 @@ def infer_stage(model_dir: str | Path, source: str | Path, out_dir: str | Path, 
         "n_quarantined": len(quarantine), "device": dev.type, "seconds": round(time.perf_counter() - started, 3),
         "threshold": block["threshold"], "aggregate": block["aggregate"]})
     return InferResult(Path(pred_path), Path(q_path), len(kept), n_patients, len(quarantine))
+
+
+# ------------------------------------------------------------------------------ segmentation
+def _write_outputs(out: Path, table: pd.DataFrame, quarantine: list[list[str]], record: dict[str, Any],
+                   n_samples: int) -> InferResult:
+    from medvit.fileio import atomic_write_json, atomic_write_text
+
+    pred_path = atomic_write_text(out / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
+    q_path = atomic_write_text(out / "quarantine.csv",
+                               pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).to_csv(index=False))
+    n_patients = int((table["level"] == "patient").sum())
+    atomic_write_json(out / "infer.json", {**record, "n_samples": n_samples, "n_patients": n_patients,
+                                           "n_quarantined": len(quarantine)})
+    return InferResult(Path(pred_path), Path(q_path), n_samples, n_patients, len(quarantine))
+
+
+def _nothing_scored(out: Path, source: Path, quarantine: list[list[str]]) -> InferError:
+    from medvit.fileio import atomic_write_text
+
+    atomic_write_text(out / "quarantine.csv", pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).to_csv(index=False))
+    return InferError(f"no image of {source} could be scored ({len(quarantine)} quarantined: see "
+                      f"{out / 'quarantine.csv'})")
+
+
+def _record(block: dict[str, Any], meta: dict[str, Any], model_dir: Path, source: Path, input_kind: str,
+            dev: str, started: float, name: str) -> dict[str, Any]:
+    from medvit.provenance import sha256_file
+
+    return {"model_dir": str(model_dir), "model": name, "kind": block["kind"], "task": meta.get("task"),
+            "weights_sha256": sha256_file(model_dir / "model.safetensors"), "input": str(source),
+            "input_kind": input_kind, "device": dev, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _infer_segmentation(block: dict[str, Any], meta: dict[str, Any], model_dir: Path, df: pd.DataFrame, root: Path,
+                        quarantine: list[list[str]], out: Path, source: Path, input_kind: str, device: str,
+                        started: float) -> InferResult:
+    """Segment every volume: sliding-window inference on the package's grid (``image_size``
+    cube, ``roi_size`` windows), probabilities resampled to the input's grid and written as
+    NIfTI with the input's affine (``maps/<sample>_prob.nii.gz``, ``maps/<sample>_mask.nii.gz``)
+    and, for DICOM input, a DICOM SEG (``maps/<sample>_seg.dcm``); the volume score is the
+    map's maximum, as in the study's own prediction stage."""
+    import torch
+    from monai.inferers import sliding_window_inference
+    from tqdm import tqdm
+
+    from medvit.data.transforms import load_transforms
+    from medvit.engine import resolve_device
+    from medvit.tasks.package import build_segmenter
+    from medvit.tasks.segmentation import write_maps
+
+    channels = list(block["channels"])
+    in_chans = int(block["architecture"]["kwargs"]["in_chans"])
+    dev = resolve_device(device)
+    model = build_segmenter(block, model_dir / "model.safetensors").to(dev)
+    load = load_transforms(root, [int(s) for s in block["image_size"]])
+    sw = block["sliding_window"]
+    roi = [int(r) for r in block["roi_size"]]
+    maps_dir = out / "maps"
+    kept: list[int] = []
+    scores: list[float] = []
+    paths: list[tuple[str, str, str]] = []
+    rows = df.to_dict("records")
+    for i, row in enumerate(tqdm(rows, desc="infer", unit="volume", file=sys.stderr, disable=len(rows) < 2)):
+        label = str(row.get(channels[0], ""))
+        ids = [str(row["patient_id"]), str(row["sample_id"])]
+        try:
+            image = torch.as_tensor(load({"row": _row_for(row, channels)})["image"]).float()
+            if image.ndim != 4:
+                raise InferError(f"is {image.ndim - 1}D; the model segments 3D volumes")
+            if image.shape[0] != in_chans:
+                raise InferError(f"has {image.shape[0]} channel(s); the model takes {in_chans}")
+            with torch.no_grad():
+                logits = sliding_window_inference(image[None].to(dev), roi_size=roi,
+                                                  sw_batch_size=int(sw["sw_batch_size"]), predictor=model,
+                                                  overlap=float(sw["overlap"]), mode=sw.get("mode", "constant"))
+            prob = logits.float().sigmoid().cpu()[0, 0].numpy()
+            written = write_maps(prob, {**_row_for(row, channels), "patient_id": ids[0], "sample_id": ids[1]},
+                                 root, maps_dir, threshold=float(block["mask_threshold"]))
+        except Exception as exc:  # noqa: BLE001 - any unreadable or unwritable volume is quarantined
+            reason = getattr(exc, "reason", None) or (str(exc) if isinstance(exc, InferError)
+                                                       else f"{type(exc).__name__}: {exc}")
+            quarantine.append([label, *ids, str(reason)])
+            continue
+        kept.append(i)
+        scores.append(float(prob.max()))
+        paths.append(written)
+    if not kept:
+        raise _nothing_scored(out, source, quarantine)
+    samples = df.iloc[kept].reset_index(drop=True)
+    table = predictions_table(samples, np.asarray(scores)[:, None], block)
+    maps = pd.DataFrame(paths, columns=["prob_map", "mask_map", "dicom_seg"])
+    maps["sample_id"] = samples["sample_id"].astype(str).to_numpy()
+    table = table.merge(maps, on="sample_id", how="left")
+    for col in ("prob_map", "mask_map", "dicom_seg"):
+        table[col] = table[col].fillna("")
+    record = _record(block, meta, model_dir, source, input_kind, dev.type, started, block["architecture"]["name"])
+    record.update(threshold=block["threshold"], aggregate=block["aggregate"], mask_threshold=block["mask_threshold"],
+                  ensemble_members=len(block["ensemble"]["members"]))
+    return _write_outputs(out, table, quarantine, record, len(kept))

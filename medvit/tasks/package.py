@@ -40,6 +40,13 @@ REQUIRED_FIELDS = {
     "classification": ["format", "kind", "architecture.name", "architecture.kwargs", "channels", "image_size",
                        "preprocess", "input_norm", "task.kind", "task.classes", "aggregate.method",
                        "threshold.patient", "threshold.sample"],
+    "segmentation": ["format", "kind", "architecture.name", "architecture.kwargs", "channels", "image_size",
+                     "roi_size", "preprocess", "sliding_window.overlap", "sliding_window.sw_batch_size", "task.kind",
+                     "task.classes", "mask_threshold", "aggregate.method", "threshold.patient", "threshold.sample",
+                     "ensemble.members"],
+    "detection": ["format", "kind", "detector", "names", "channels", "image_size", "window.percentiles",
+                  "window.per", "conf", "nms.conf_floor", "nms.iou", "nms.max_det", "nms.agnostic", "task.kind",
+                  "task.classes", "aggregate.method"],
 }
 
 # The deterministic preprocessing of every classifier (medvit.data.transforms.load_transforms).
@@ -107,6 +114,102 @@ def classifier_package(meta: dict[str, Any], metrics: dict[str, Any], model_name
     }
 
 
+SLIDING_WINDOW = {"overlap": 0.25, "sw_batch_size": 2, "mode": "constant"}
+"""MONAI sliding-window inference as the prostate stages run it (medvit.tasks.segmentation)."""
+MASK_THRESHOLD = 0.5
+"""Lesion masks are ``probability > 0.5`` (medvit.tasks.segmentation.write_maps)."""
+
+
+def is_segmentation_folder(model_dir: str | Path, task: str) -> bool:
+    """Whether ``model_dir`` holds a pooled fold ensemble of a segmentation task (``medvit cv-pool``):
+    weights and a model.json with the fold members, ROI and image size."""
+    from medvit.tasks.common import SEGMENTATION_TASKS
+
+    folder = Path(model_dir)
+    card = folder / "model.json"
+    if task not in SEGMENTATION_TASKS or not (folder / "model.safetensors").is_file() or not card.is_file():
+        return False
+    try:
+        meta = json.loads(card.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and all(k in meta for k in ("spec", "in_chans", "roi_size", "image_size",
+                                                              "members"))
+
+
+def _fold_members(folder: Path, n: int) -> list[dict[str, Any]]:
+    """The fold models pooled into the ensemble: ``fold<i>/`` beside the package, with their
+    weights' SHA-256 and best epoch from their model.json (null when the folder is absent)."""
+    members = []
+    for i in range(n):
+        sub = folder / f"fold{i}"
+        card: dict[str, Any] = {}
+        try:
+            card = json.loads((sub / "model.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        members.append({"fold": i, "folder": f"fold{i}", "weights_sha256": card.get("sha256"),
+                        "best_epoch": card.get("best_epoch")})
+    return members
+
+
+def segmentation_package(meta: dict[str, Any], metrics: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """The ``inference`` block of a segmentation fold ensemble (``medvit cv-pool``'s folder).
+
+    The weights hold the whole ensemble (the k fold models; their probabilities are averaged);
+    ``ensemble.members`` lists the fold folders they came from.
+    """
+    for key in ("spec", "in_chans", "roi_size", "image_size", "members"):
+        if key not in meta:
+            raise PackageError(f"model.json has no {key!r}: it was not written by `medvit cv-pool`")
+    spec = meta["spec"]
+    size = int(meta["image_size"])
+    thr = metrics.get("threshold") or {}
+    n = int(meta["members"])
+    return {
+        "format": PACKAGE_FORMAT, "kind": "segmentation",
+        "architecture": {"name": meta["model"], "kwargs": {"in_chans": int(meta["in_chans"]), "num_classes": 1,
+                                                           **(meta.get("model_kwargs") or {})}},
+        "channels": _image_columns(meta.get("split_manifest")) or ["image"],
+        "image_size": [size, size, size], "roi_size": [int(r) for r in meta["roi_size"]],
+        "preprocess": dict(CLASSIFIER_PREPROCESS), "sliding_window": dict(SLIDING_WINDOW),
+        "input_norm": None,
+        "task": {"kind": spec["kind"], "classes": list(spec["classes"]),
+                 "all_classes": list(spec.get("all_classes") or spec["classes"])},
+        "mask_threshold": MASK_THRESHOLD,
+        "score": "the maximum of the volume's lesion probability map",
+        "aggregate": {"method": metrics["aggregate"]["method"], "top_k": metrics["aggregate"].get("top_k")},
+        "threshold": {"method": thr.get("method"), "selected_on": thr.get("selected_on"),
+                      "rule": thr.get("rule"), "patient": thr.get("patient"), "sample": thr.get("sample")},
+        "ensemble": {"combine": "mean probability of the fold models" if n > 1 else "single model",
+                     "folds": meta.get("folds"), "members": _fold_members(Path(folder), n)},
+    }
+
+
+def detection_package(det: dict[str, Any], names: list[str], window: dict[str, Any], iou: float,
+                      conf_floor: float, max_det: int) -> dict[str, Any]:
+    """The ``inference`` block of the YOLO detector (written by ``medvit detect``).
+
+    Args:
+        det: the task's ``detection`` settings (``model``, ``image_size``, ``conf``).
+        names: class names.
+        window: ``{"percentiles": [lo, hi], "per": "study_id"|"patient_id"}``: how slices
+            become 8-bit images (:mod:`medvit.data.yolo`).
+        iou, conf_floor, max_det: the NMS settings of prediction.
+    """
+    return {
+        "format": PACKAGE_FORMAT, "kind": "detection", "detector": det["model"], "names": list(names),
+        "channels": ["image"], "image_size": int(det["image_size"]),
+        "window": {"percentiles": [float(p) for p in window["percentiles"]], "per": window["per"],
+                   "mapping": "u8 = round(255 * clip((x - lo) / (hi - lo), 0, 1)), one window per volume"},
+        "conf": float(det["conf"]),
+        "nms": {"conf_floor": float(conf_floor), "iou": float(iou), "max_det": int(max_det), "agnostic": False},
+        "task": {"kind": "binary", "classes": list(names)},
+        "score": "the highest box confidence of the slice",
+        "aggregate": {"method": "max", "top_k": None},
+    }
+
+
 def _get(block: dict[str, Any], dotted: str) -> Any:
     value: Any = block
     for part in dotted.split("."):
@@ -134,17 +237,20 @@ def read_package(model_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]
         raise PackageError(f"{folder} has no model.json: not a trained medvit model folder")
     weights = folder / "model.safetensors"
     if not weights.is_file():
-        raise PackageError(f"{folder} has no model.safetensors (the detector's weights are in its folder's "
-                           "ultralytics/ run; detection packages are not served by this command yet)")
+        raise PackageError(f"{folder} has no model.safetensors: not a trained medvit model folder")
     try:
         meta = json.loads(card.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise PackageError(f"{card} is unreadable: {exc}") from None
     block = meta.get("inference")
-    if not isinstance(block, dict) and not is_classifier_folder(folder, str(meta.get("task"))):
-        raise PackageError(f"{folder} holds a {meta.get('model')!r} model of task {meta.get('task')!r}: only 2D "
-                           "classifiers are served as packages so far (segmentation, detection and adapters are "
-                           "not; docs/inference.md)")
+    if not isinstance(block, dict) and not (is_classifier_folder(folder, str(meta.get("task")))
+                                             or is_segmentation_folder(folder, str(meta.get("task")))):
+        if meta.get("detector"):
+            raise PackageError(f"{card} is a detector's card without an 'inference' block: it was trained by an "
+                               "older medvit; rerun the detection stage (`medvit detect`) to write the package")
+        raise PackageError(f"{folder} holds a {meta.get('model')!r} model of task {meta.get('task')!r}, which is "
+                           "not served as a package (classifiers, the prostate fold ensembles and the YOLO detector "
+                           "are; adapters are not: docs/inference.md)")
     if not isinstance(block, dict):
         raise PackageError(f"{card} has no 'inference' block: the model was trained by an older medvit or not "
                            "evaluated yet. Complete the package from its study with `medvit package --config "
@@ -181,6 +287,20 @@ def build_classifier(block: dict[str, Any], weights: str | Path):
     return model.eval()
 
 
+def build_segmenter(block: dict[str, Any], weights: str | Path):
+    """The package's segmentation network (the fold ensemble when it has several members) with
+    its weights loaded, in eval mode on the CPU."""
+    from medvit.engine import load_weights
+    from medvit.models import create_model
+    from medvit.tasks.segmentation import FoldEnsemble
+
+    arch = block["architecture"]
+    members = [create_model(arch["name"], **arch["kwargs"]) for _ in block["ensemble"]["members"]]
+    model = FoldEnsemble(members)
+    load_weights(weights, model)
+    return model.eval()
+
+
 # ------------------------------------------------------------------------------ writing
 def _fmt_metric(entry: Any) -> str:
     if not isinstance(entry, dict) or entry.get("value") is None:
@@ -200,12 +320,21 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], block: dict[str, A
     spec = block["task"]
     prov = meta.get("provenance") or {}
     code = prov.get("code") or {}
+    if block["kind"] == "segmentation":
+        use = (f"Research use: lesion segmentation of `{meta.get('task')}` volumes ({', '.join(block['channels'])}):"
+               f" a {spec['classes'][0]} probability map and mask (probability > {block['mask_threshold']}) per "
+               f"volume, a volume score (the map's maximum) aggregated per patient "
+               f"({block['aggregate']['method']}); {block['ensemble']['combine']} of "
+               f"{len(block['ensemble']['members'])} fold model(s).")
+        size = "x".join(str(s) for s in block["image_size"])
+    else:
+        use = (f"Research use: {spec['kind']} classification of `{meta.get('task')}` images into "
+               f"{', '.join(spec['all_classes'])} (scores for {', '.join(spec['classes'])}), scored per image and "
+               f"aggregated per patient ({block['aggregate']['method']}).")
+        size = f"{block['image_size'][0]}x{block['image_size'][1]}"
     lines = [f"# Model card: {meta.get('task')} / {block['architecture']['name']}", "",
              "## Intended use", "",
-             f"Research use: {spec['kind']} classification of `{meta.get('task')}` images into "
-             f"{', '.join(spec['all_classes'])} (scores for {', '.join(spec['classes'])}), scored per image and "
-             f"aggregated per patient ({block['aggregate']['method']}). Not a medical device; not validated for "
-             "clinical decisions.", "",
+             use + " Not a medical device; not validated for clinical decisions.", "",
              "Apply it with `medvit infer --model THIS_FOLDER --input DIR_OR_MANIFEST --out OUT` (docs/inference.md).",
              "", "## Training data", ""]
     split = meta.get("split_manifest")
@@ -217,7 +346,7 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], block: dict[str, A
     if support:
         lines.append(f"- test support: {json.dumps(support)}")
     lines += [f"- input: {len(block['channels'])} channel(s) {block['channels']}, resized to "
-              f"{block['image_size'][0]}x{block['image_size'][1]}, intensities scaled per image by the "
+              f"{size}, intensities scaled per image by the "
               f"{block['preprocess']['percentiles'][0]}/{block['preprocess']['percentiles'][1]} percentiles",
               f"- best epoch {meta.get('best_epoch')}, validation metric {meta.get('best_val_metric')}", "",
               f"## Test metrics (patient level, {metrics.get('n_patients')} patients, 95% bootstrap CIs)", "",
@@ -266,7 +395,8 @@ def write_package(model_dir: str | Path, metrics: dict[str, Any], model_name: st
     """Add the ``inference`` block to ``model_dir/model.json`` and write ``MODEL_CARD.md``.
 
     Args:
-        model_dir: a classifier's folder (model.safetensors + model.json).
+        model_dir: a classifier's folder (model.safetensors + model.json), or a segmentation
+            task's pooled fold ensemble (``medvit cv-pool``).
         metrics: its metrics.json (as a dict).
         model_name: the architecture's registry name (default: model.json's ``model``).
 
@@ -278,7 +408,10 @@ def write_package(model_dir: str | Path, metrics: dict[str, Any], model_name: st
     folder = Path(model_dir)
     card = folder / "model.json"
     meta = json.loads(card.read_text(encoding="utf-8"))
-    block = classifier_package(meta, metrics, model_name or meta["model"])
+    if is_segmentation_folder(folder, str(meta.get("task"))):
+        block = segmentation_package(meta, metrics, folder)
+    else:
+        block = classifier_package(meta, metrics, model_name or meta["model"])
     meta["inference"] = block
     atomic_write_json(card, meta)
     atomic_write_text(folder / "MODEL_CARD.md", model_card(meta, metrics, block))

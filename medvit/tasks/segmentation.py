@@ -292,12 +292,13 @@ def write_maps(prob: np.ndarray, row: dict[str, Any], root: Path, maps_dir: Path
                threshold: float = 0.5) -> tuple[str, str, str]:
     """Write a model-grid probability map as ``<sample_id>_prob.nii.gz`` and its mask
     (``prob > threshold``) as ``<sample_id>_mask.nii.gz`` on the input's grid and affine,
-    plus ``<sample_id>_seg.dcm`` (DICOM SEG) when the input is DICOM.
+    plus ``<sample_id>_seg.dcm`` (DICOM SEG) when the input is DICOM (whose NIfTI maps carry
+    the series' affine from its position/orientation headers).
 
     Returns:
         (prob, mask, seg) paths relative to ``maps_dir.parent`` ("" for a file not written).
     """
-    from medvit.data.export import save_dicom_seg, save_nifti_like, to_input_grid
+    from medvit.data.export import ExportError, save_dicom_seg, save_nifti_dicom_grid, save_nifti_like, to_input_grid
 
     ref = root / _reference_image(row)
     source = read_image(ref)
@@ -311,7 +312,12 @@ def write_maps(prob: np.ndarray, row: dict[str, Any], root: Path, maps_dir: Path
         return str(p.relative_to(base)), str(m.relative_to(base)), ""
     if source.source_format in ("dicom", "dicom-series"):
         s = save_dicom_seg(mask_in, ref, maps_dir / f"{sid}_seg.dcm", patient_id=str(row["patient_id"]))
-        return "", "", str(s.relative_to(base))
+        try:  # NIfTI on the series' grid too, where its headers give the geometry
+            p = save_nifti_dicom_grid(prob_in, ref, maps_dir / f"{sid}_prob.nii.gz", dtype=np.float32)
+            m = save_nifti_dicom_grid(mask_in, ref, maps_dir / f"{sid}_mask.nii.gz", dtype=np.uint8)
+        except ExportError:
+            return "", "", str(s.relative_to(base))
+        return str(p.relative_to(base)), str(m.relative_to(base)), str(s.relative_to(base))
     return "", "", ""
 
 

@@ -9,10 +9,10 @@
 
 
 def infer_cohorts(task):
-    """The task's cohorts, or none where its models have no single model folder (prostate's
-    cross-validated segmentation, a classification task run in `folds`)."""
+    """The task's cohorts, or none where its models have no single model folder (a
+    classification task run in `folds`; prostate's folds are pooled into one ensemble package)."""
     tcfg = config["tasks"][task]
-    if task == "prostate" or tcfg.get("folds", 1) > 1:
+    if task != "prostate" and tcfg.get("folds", 1) > 1:
         return []
     return {c["name"]: c["input"] for c in tcfg.get("infer", [])}
 
