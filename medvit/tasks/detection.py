@@ -6,7 +6,8 @@ YAML (random initialisation, no weights download), measure the common detection 
 (mAP50, mAP50-95, precision, recall) on the val and test splits, and run the detector on
 every val and test slice. Outputs in ``out_dir``::
 
-    model.safetensors, model.json   the detector's state dict (safetensors) + its card
+    model.safetensors, model.json   the detector's state dict (safetensors) + its card and package
+                                    (``inference``: classes, size, window, confidence and NMS)
     predictions.csv                 one row per slice: highest box confidence as score_<c> (Contract 3)
     boxes.csv                       every predicted box (sample_id, conf, cx, cy, w, h, normalised)
     detection_metrics.json          mAP50, mAP50-95, precision, recall on val and test
@@ -30,7 +31,8 @@ What ultralytics would fetch from the network, and how it is kept offline:
 tests/test_detection.py trains one epoch with every socket call raising.
 
 Ultralytics saves its checkpoints as pickles (``*.pt``); the stage converts the best one to
-safetensors and deletes the pickles, so only safetensors weights are ever loaded back.
+safetensors and deletes the pickles, so only safetensors weights are ever loaded back; the
+run's ``weights/`` folder keeps ``best.safetensors`` (the same file) and a README.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ DETECTION_DEFAULTS: dict[str, Any] = {"enabled": False, "model": "yolov8n", "ima
 PREDICT_FLOOR = 0.001
 """Lowest box confidence kept by prediction (ultralytics' own validation floor); the PTP
 threshold ``conf`` is applied later, so it can change without rerunning the detector."""
+NMS_IOU = 0.7
+"""IoU above which non-maximum suppression drops the less confident box (ultralytics' default)."""
+MAX_DET = 20
+"""Boxes kept per slice after NMS."""
 _INTEGRATIONS_OFF = {"sync": False, "clearml": False, "comet": False, "dvc": False, "mlflow": False,
                      "raytune": False, "tensorboard": False, "wandb": False, "vscode_msg": False,
                      "openvino_msg": False}
@@ -127,7 +133,7 @@ def _predict(yolo: Any, images: list[Path], imgsz: int, device: str, batch: int)
     out = []
     for start in range(0, len(images), batch):
         results = yolo.predict([str(p) for p in images[start:start + batch]], imgsz=imgsz, conf=PREDICT_FLOOR,
-                               device=device, verbose=False, max_det=20)
+                               iou=NMS_IOU, device=device, verbose=False, max_det=MAX_DET)
         for r in results:
             b = r.boxes
             out.append(np.concatenate([b.conf.cpu().numpy()[:, None], b.xywhn.cpu().numpy()], 1).reshape(-1, 5))
@@ -177,6 +183,29 @@ def _example_figure(path: Path, rows: pd.DataFrame, images: dict[str, Path], tru
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _fill_weights_folder(folder: Path, weights: Path) -> None:
+    """Replace ultralytics' pickled checkpoints in its run's ``weights/`` folder by the best
+    weights as safetensors (a hard link to the stage's ``model.safetensors``, else a copy) and a
+    README saying how to use and export them."""
+    for pickle in folder.glob("*.pt"):
+        pickle.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    best = folder / "best.safetensors"
+    best.unlink(missing_ok=True)
+    try:
+        os.link(weights, best)
+    except OSError:
+        shutil.copyfile(weights, best)
+    atomic_write_text(folder / "README.md", (
+        "# Detector weights\n\n"
+        "`best.safetensors` holds the best epoch's weights (on validation mAP); it is the stage's "
+        "`model.safetensors`, whose `model.json` is the model package (classes, image size, intensity window, "
+        "confidence and NMS settings). Ultralytics' pickled `best.pt`/`last.pt` are not kept: loading a pickle "
+        "can run code.\n\n"
+        "    medvit infer --model DETECTOR_FOLDER --input DIR_OR_MANIFEST --out OUT\n"
+        "    medvit export --model DETECTOR_FOLDER --format onnx   # through ultralytics' exporter\n"))
+
+
 def detect_stage(config_path: str | Path, task: str, split_path: str | Path, out_dir: str | Path) -> Path:
     """Train, validate and run the YOLO detector of a task (see the module docstring).
 
@@ -215,15 +244,17 @@ def detect_stage(config_path: str | Path, task: str, split_path: str | Path, out
     train_seconds = time.perf_counter() - t0
     # The best epoch (on val mAP) is what ultralytics leaves in yolo.model; keep it as safetensors.
     from medvit.models import count_parameters
+    from medvit.tasks.package import detection_package
 
     params, _ = count_parameters(yolo.model)
+    window = dataset.summary["window"]
     meta = model_sidecar(ctx, "detector", split_path, detector=det["model"], names=names, in_chans=3,
                          image_size=det["image_size"], detection=det, params=params, trainable_params=params,
                          train_seconds=train_seconds, dataset=dataset.summary["splits"],
-                         window=dataset.summary["window"]["percentiles"])
+                         window=window["percentiles"],
+                         inference=detection_package(det, names, window, NMS_IOU, PREDICT_FLOOR, MAX_DET))
     weights = save_weights(out_dir / "model.safetensors", yolo.model, meta)
-    for pickle in (run_dir / "weights").glob("*.pt"):
-        pickle.unlink()
+    _fill_weights_folder(run_dir / "weights", weights)
     yolo = load_detector(weights)
 
     common = {"imgsz": det["image_size"], "batch": det["batch_size"], "device": device, "plots": False,
@@ -234,7 +265,7 @@ def detect_stage(config_path: str | Path, task: str, split_path: str | Path, out
 
     write_json(out_dir / "detection_metrics.json", {
         "study": ctx.study["study"], "task": task, "model": det["model"], "image_size": det["image_size"],
-        "epochs": det["epochs"], "splits": metrics, "iou_nms": 0.7, "conf_floor": PREDICT_FLOOR,
+        "epochs": det["epochs"], "splits": metrics, "iou_nms": NMS_IOU, "conf_floor": PREDICT_FLOOR,
         "definition": "ultralytics validation: mAP50 / mAP50-95 = mean average precision at IoU 0.5 / "
                       "averaged over IoU 0.5:0.95; precision and recall at the confidence maximising F1",
         "dataset": dataset.summary, "train_seconds": train_seconds})

@@ -128,6 +128,11 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
         raise ExportError(f"export format {fmt!r} is not supported; allowed: {', '.join(FORMATS)}")
     block, meta = read_package(model_dir)
     folder = Path(model_dir)
+    if block["kind"] == "detection":
+        return export_detector(folder, block, meta, fmt, out, tolerance)
+    if block["kind"] != "classification":
+        raise ExportError(f"{folder} is a {block['kind']} package; export serves classifiers and the YOLO detector "
+                          "(apply segmentation models with `medvit infer`)")
     path = Path(out) if out is not None else folder / f"model{FORMATS[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     model = build_classifier(block, folder / "model.safetensors")
@@ -158,5 +163,82 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
               "output": {"name": "logits", "activation": "softmax" if block["task"]["kind"] == "multiclass"
                          else "sigmoid", "classes": block["task"]["classes"]},
               "threshold": block["threshold"], "weights_sha256": meta.get("sha256")}
+    atomic_write_json(path.with_name(path.name + ".export.json"), record)
+    return record
+
+
+def export_detector(folder: Path, block: dict[str, Any], meta: dict[str, Any], fmt: str, out: str | Path | None,
+                    tolerance: float) -> dict[str, Any]:
+    """Export the YOLO detector through ultralytics' own exporter (``format=onnx``; NMS stays
+    outside the graph, as in ultralytics' default ONNX export) and check the raw head output
+    ``(batch, 4 + classes, anchors)`` against PyTorch with onnxruntime.
+
+    Raises:
+        ExportError: a format other than ONNX, a missing package, or a parity failure.
+    """
+    import shutil
+
+    import torch
+
+    from medvit.fileio import atomic_write_json
+    from medvit.tasks.detection import load_detector, setup_ultralytics
+
+    if fmt != "onnx":
+        raise ExportError(f"the YOLO detector exports to ONNX only (through ultralytics' exporter); got {fmt!r}")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ExportError("ONNX export needs the `onnx` and `onnxruntime` packages: pip install 'medvit[export]'") from None
+    path = Path(out) if out is not None else folder / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    setup_ultralytics(folder / "ultralytics_config")
+    imgsz = int(block["image_size"])
+    yolo = load_detector(folder / "model.safetensors")
+    yolo.model.pt_path = str(folder / "model.pt")  # ultralytics names its output after this: folder/model.onnx
+    yolo.model.args = {"imgsz": imgsz, "data": ""}  # what a checkpoint loaded by ultralytics would carry
+    yolo.model.task = "detect"
+    try:
+        written = Path(yolo.export(format="onnx", imgsz=imgsz, opset=ONNX_OPSET, simplify=False, dynamic=True,
+                                   nms=False, device="cpu", verbose=False))
+    except Exception as exc:  # noqa: BLE001 - the exporter's own errors, named
+        raise ExportError(f"ultralytics could not export {block['detector']} to ONNX: {_op_name(exc)}") from None
+    if written.resolve() != path.resolve():
+        shutil.move(str(written), path)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    reference = load_detector(folder / "model.safetensors").model.eval()
+    rng = np.random.default_rng(0)
+    samples = [rng.random((n, 3, imgsz, imgsz), dtype=np.float32) for n in (1, 2)]
+    diffs, scale = [], 1.0
+    with torch.no_grad():
+        for x in samples:
+            expected = reference(torch.from_numpy(x))
+            expected = (expected[0] if isinstance(expected, (list, tuple)) else expected).numpy()
+            diffs.append(float(np.abs(session.run(None, {name: x})[0] - expected).max()))
+            scale = max(scale, float(np.abs(expected).max()))
+    worst = max(diffs)
+    # box coordinates are in input pixels (up to image_size): the tolerance is relative to the largest output
+    if not worst <= tolerance * scale:
+        path.unlink(missing_ok=True)
+        raise ExportError(f"onnx export of {block['detector']} differs from PyTorch by {worst:.3g} (max abs, raw "
+                          f"head output of magnitude {scale:.3g}) > tolerance {tolerance:g} x {scale:.3g}; not "
+                          "written")
+    import ultralytics
+
+    record = {"path": str(path), "format": "onnx", "model": block["detector"], "task": meta.get("task"),
+              "exporter": f"ultralytics {ultralytics.__version__}", "max_abs_diff": worst,
+              "max_abs_output": scale, "batches": [len(x) for x in samples], "tolerance": tolerance,
+              "tolerance_rule": "max_abs_diff <= tolerance x max(1, max_abs_output)", "opset": ONNX_OPSET,
+              "torch": torch.__version__,
+              "input": {"name": name, "shape": ["batch", 3, imgsz, imgsz], "dtype": "float32",
+                        "preprocess": {"window": block["window"], "scale": "u8 / 255, RGB, letterboxed to "
+                                                                             f"{imgsz}x{imgsz}"}},
+              "output": {"shape": ["batch", 4 + len(block["names"]), "anchors"],
+                         "meaning": "cx, cy, w, h in input pixels, then one sigmoid score per class; NMS is not "
+                                    "in the graph", "classes": block["names"]},
+              "conf": block["conf"], "nms": block["nms"], "weights_sha256": meta.get("sha256")}
     atomic_write_json(path.with_name(path.name + ".export.json"), record)
     return record

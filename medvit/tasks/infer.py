@@ -340,3 +340,127 @@ def _infer_segmentation(block: dict[str, Any], meta: dict[str, Any], model_dir: 
     record.update(threshold=block["threshold"], aggregate=block["aggregate"], mask_threshold=block["mask_threshold"],
                   ensemble_members=len(block["ensemble"]["members"]))
     return _write_outputs(out, table, quarantine, record, len(kept))
+
+
+# ------------------------------------------------------------------------------ detection
+def _volume_keys(df: pd.DataFrame, per: str) -> pd.Series:
+    """The volume of each slice, as the detector's training windowed them (``study_id`` where
+    the package says so and the input has it, else the patient)."""
+    patients = df["patient_id"].astype(str)
+    if per == "study_id" and "study_id" in df.columns:
+        vol = df["study_id"].fillna("").astype(str)
+        return vol.where(vol.str.len() > 0, patients)
+    return patients
+
+
+def _overlay(png: Path, boxes: list[dict[str, Any]], path: Path) -> None:
+    """The windowed slice in colour with its boxes (red) and their confidence."""
+    from PIL import Image, ImageDraw
+
+    from medvit.fileio import atomic_path
+
+    with Image.open(png) as im:
+        img = im.convert("RGB")
+    scale = max(1, 256 // max(img.size))  # small slices are enlarged so boxes and labels stay legible
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(img)
+    for b in boxes:
+        xy = [b["x1"] * scale, b["y1"] * scale, b["x2"] * scale, b["y2"] * scale]
+        draw.rectangle(xy, outline=(255, 0, 0), width=max(1, scale // 2))
+        draw.text((xy[0] + 2, max(0, xy[1] - 11)), f"{b['class']} {b['conf']:.2f}", fill=(255, 64, 64))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def _infer_detection(block: dict[str, Any], meta: dict[str, Any], model_dir: Path, df: pd.DataFrame, root: Path,
+                     quarantine: list[list[str]], out: Path, source: Path, input_kind: str, device: str,
+                     started: float) -> InferResult:
+    """Run the YOLO detector on every slice: the slices of a volume are windowed to 8 bits
+    together (the package's ``window``), boxes come from ultralytics' prediction with the
+    package's NMS settings, in the input image's pixel coordinates. Writes ``boxes.csv``
+    (boxes at or above the package's confidence ``conf``), ``overlays/<sample>.png`` and
+    ``predictions.csv`` (a slice's score is its highest box confidence, called at ``conf``;
+    a patient's is the maximum over its slices)."""
+    from medvit.data.io import read_sample
+    from medvit.data.yolo import _png_bytes, _stems, volume_window, window_to_uint8
+    from medvit.fileio import atomic_write_bytes, atomic_write_text
+    from medvit.tasks.detection import load_detector, setup_ultralytics, ultralytics_device
+
+    setup_ultralytics(out / "ultralytics_config")
+    yolo = load_detector(model_dir / "model.safetensors")
+    dev = ultralytics_device(device)
+    nms, conf, names = block["nms"], float(block["conf"]), list(block["names"])
+    percentiles = tuple(float(p) for p in block["window"]["percentiles"])
+    df = df.reset_index(drop=True)
+    stems = _stems(df["sample_id"].astype(str).tolist())
+    slices_dir = out / "input" / "slices"
+    kept: list[int] = []
+    pngs: list[Path] = []
+    for _, group in df.groupby(_volume_keys(df, block["window"]["per"]), sort=False):
+        images: dict[int, np.ndarray] = {}
+        for i, row in zip(group.index, group.to_dict("records")):
+            try:
+                arr = read_sample(_row_for(row, ["image"]), root).array
+                if arr.ndim != 3 or arr.shape[0] not in (1, 3):
+                    raise InferError(f"has shape {arr.shape} (C, ...); the detector reads 2D grayscale or RGB slices")
+            except Exception as exc:  # noqa: BLE001 - a bad slice is quarantined, the run goes on
+                reason = getattr(exc, "reason", None) or (str(exc) if isinstance(exc, InferError)
+                                                           else f"{type(exc).__name__}: {exc}")
+                quarantine.append([str(row.get("image", "")), str(row["patient_id"]), str(row["sample_id"]),
+                                   str(reason)])
+                continue
+            images[i] = arr
+        if not images:
+            continue
+        lo, hi = volume_window(list(images.values()), percentiles)
+        for i, arr in images.items():
+            u8 = window_to_uint8(arr, lo, hi)
+            u8 = u8[0] if u8.shape[0] == 1 else np.moveaxis(u8, 0, -1)
+            kept.append(i)
+            pngs.append(atomic_write_bytes(slices_dir / f"{stems[i]}.png", _png_bytes(u8)))
+    if not kept:
+        raise _nothing_scored(out, source, quarantine)
+    order = np.argsort(kept, kind="stable")
+    kept, pngs = [kept[j] for j in order], [Path(pngs[j]) for j in order]
+    scores, box_rows = [], []
+    from tqdm import tqdm
+
+    batch = 16
+    progress = tqdm(total=len(kept), desc="infer", unit="slice", file=sys.stderr, disable=len(kept) < 2)
+    for start in range(0, len(kept), batch):
+        results = yolo.predict([str(p) for p in pngs[start:start + batch]], imgsz=int(block["image_size"]),
+                               conf=float(nms["conf_floor"]), iou=float(nms["iou"]), max_det=int(nms["max_det"]),
+                               agnostic_nms=bool(nms["agnostic"]), device=dev, verbose=False)
+        for i, png, r in zip(kept[start:start + batch], pngs[start:start + batch], results):
+            row = df.loc[i]
+            b = r.boxes
+            confs = b.conf.cpu().numpy()
+            scores.append(float(confs.max()) if len(confs) else 0.0)
+            h, w = r.orig_shape
+            mine = []
+            for c, cls, xyxy in zip(confs, b.cls.cpu().numpy().astype(int), b.xyxy.cpu().numpy()):
+                if c >= conf:
+                    mine.append({"patient_id": str(row["patient_id"]), "sample_id": str(row["sample_id"]),
+                                 "class": names[cls], "conf": float(c), "x1": float(xyxy[0]), "y1": float(xyxy[1]),
+                                 "x2": float(xyxy[2]), "y2": float(xyxy[3]), "image_width": int(w),
+                                 "image_height": int(h)})
+            box_rows += mine
+            _overlay(png, mine, out / "overlays" / f"{png.stem}.png")
+        progress.update(len(results))
+    progress.close()
+    samples = df.iloc[kept].reset_index(drop=True)
+    called = {**block, "threshold": {"sample": {c: conf for c in block["task"]["classes"]},
+                                     "patient": {c: conf for c in block["task"]["classes"]}}}
+    table = predictions_table(samples, np.asarray(scores)[:, None], called)
+    counts = pd.DataFrame(box_rows, columns=["sample_id"]).value_counts("sample_id") if box_rows else pd.Series()
+    table["n_boxes"] = [int(counts.get(s, 0)) if lvl == "sample" else int(table.loc[(table["level"] == "sample")
+                        & (table["patient_id"] == p), "sample_id"].map(lambda x: counts.get(x, 0)).sum())
+                        for lvl, s, p in zip(table["level"], table["sample_id"], table["patient_id"])]
+    columns = ["patient_id", "sample_id", "class", "conf", "x1", "y1", "x2", "y2", "image_width", "image_height"]
+    atomic_write_text(out / "boxes.csv", pd.DataFrame(box_rows, columns=columns)
+                      .to_csv(index=False, float_format="%.6g"))
+    record = _record(block, meta, model_dir, source, input_kind, dev, started, block["detector"])
+    record.update(conf=conf, nms=nms, window=block["window"], n_boxes=len(box_rows),
+                  boxes="pixel coordinates of the input image: x = column, y = row, from its top-left corner")
+    return _write_outputs(out, table, quarantine, record, len(kept))
