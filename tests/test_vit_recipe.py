@@ -157,6 +157,7 @@ def pneumonia_subset(tmp_path_factory):
     return root, manifest
 
 
+@pytest.mark.slow
 def test_scratch_vit_learns_real_xrays(pneumonia_subset):
     """The default ViT recipe on 300 real PneumoniaMNIST images (ViT-Tiny, 28 px, patch 4,
     3 epochs of 10 steps): validation AUROC clearly above chance (0.789 measured on a 2-core
