@@ -20,6 +20,13 @@ def _cmd_manifest_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_manifest_add_labels(args: argparse.Namespace) -> int:
+    from medvit.data.labels import add_labels
+
+    print(add_labels(args.path, args.labels, args.out, on=args.on, key=args.key))
+    return 0
+
+
 def _cmd_manifest_pseudonymize(args: argparse.Namespace) -> int:
     from medvit.data.ingest import pseudonymize_manifest
 
@@ -254,6 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     pseudo.add_argument("--key", default=None,
                         help="pseudonymisation key (default: $MEDVIT_PSEUDONYM_KEY); never written to outputs")
     pseudo.set_defaults(func=_cmd_manifest_pseudonymize)
+    add_labels = msub.add_parser("add-labels", help="join a labels CSV onto an ingested manifest by pseudonymous "
+                                 "patient or study id",
+                                 description="Add the columns of a labels CSV (label, labels, split, ...) to an "
+                                             "ingested manifest, joined by patient_id or study_id. The labels may "
+                                             "hold the manifest's pseudonyms, or the original DICOM PatientID / "
+                                             "StudyInstanceUID with the key ingest used.")
+    add_labels.add_argument("path", type=Path, help="the ingested manifest CSV")
+    add_labels.add_argument("--labels", type=Path, required=True,
+                            help="CSV with patient_id or study_id and the columns to add")
+    add_labels.add_argument("--out", type=Path, required=True, help="the labelled manifest CSV to write")
+    add_labels.add_argument("--on", choices=["patient_id", "study_id"], default=None,
+                            help="the id to join on (default: study_id when both files have it, else patient_id)")
+    add_labels.add_argument("--key", default=None,
+                            help="the ingest key, for labels keyed by original ids (default $MEDVIT_PSEUDONYM_KEY)")
+    add_labels.set_defaults(func=_cmd_manifest_add_labels)
 
     ingest = sub.add_parser("ingest", help="build a pseudonymised manifest from a folder of DICOM/NIfTI files")
     ingest.add_argument("dir", type=Path, help="folder of DICOM files/series, NIfTI and other images (walked recursively)")

@@ -256,7 +256,48 @@ def _semantic_errors(study: Mapping, source: str | Path | None = None) -> list[s
                           "allowed: [] (findings apply to label_column 'labels')")
         errors.extend(_vit_errors(name, task))
         errors.extend(_subgroup_errors(study, name, task))
+        errors.extend(_label_column_errors(name, task))
     return errors
+
+
+def _label_column_errors(name: str, task: Mapping) -> list[str]:
+    """A given manifest without the task's label column, e.g. a single-label manifest (``label``)
+    read with the chest X-ray task's default multi-label setting (``label_column: labels``): the
+    key(s) to set, with the manifest's classes. Checked on the header and the label values only."""
+    manifest, column = task.get("manifest"), task.get("label_column", "label")
+    if name not in ("xray", "brain", "histo") or not isinstance(manifest, str) or not manifest \
+            or not Path(manifest).is_file() or not isinstance(column, str):
+        return []
+    import csv
+
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = [h.strip() for h in next(reader, [])]
+            if column in header or (name == "xray" and column == "label" and "labels" in header):
+                return []
+            values: set[str] = set()
+            if "label" in header:
+                at = header.index("label")
+                for i, row in enumerate(reader):
+                    if i >= 200_000 or len(values) > 20:
+                        break
+                    if at < len(row) and row[at].strip():
+                        values.add(row[at].strip())
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []  # an unreadable manifest is reported by the split stage in detail
+    if name == "xray" and column == "labels" and "label" in header:
+        classes = sorted(values)
+        positive = next((c for c in classes if c.lower() not in ("normal", "negative", "no_finding", "0")),
+                        classes[-1] if classes else "CLASS")
+        return [f"tasks.xray.label_column: got 'labels' (the default: multi-label findings, `|`-separated), but the "
+                f"manifest {manifest} has no `labels` column; it has a single-label `label` column with "
+                f"{len(classes)} class(es) {_show(classes[:10])}. Set `label_column: label` and "
+                f"`positive_class: {positive}` (binary; or leave positive_class null for one score per class)"]
+    if not {"label", "labels"} & set(header):
+        return []  # no labels at all: the split stage says what is missing
+    return [f"tasks.{name}.label_column: got {_show(column)}, not a column of the manifest {manifest}; allowed: "
+            f"one of its columns ({', '.join(h for h in header if h)})"]
 
 
 def _subgroup_errors(study: Mapping, name: str, task: Mapping) -> list[str]:
