@@ -184,7 +184,9 @@ def task_saliency(tr: Any, seed: int, n: int = N_PATIENTS) -> dict[str, Any] | N
         try:
             block, _ = read_package(folder)
         except PackageError:
-            continue  # not a packaged 2D classifier (segmentation, detection, adapters)
+            continue  # not a packaged model (adapters, older folders)
+        if block.get("kind") != "classification":
+            continue  # segmentation shows its contours, detection its boxes
         size = [int(s) for s in block["image_size"]]
         load = load_transforms(Path(tr.split_csv).parent, size)
         channels = list(block["channels"])
