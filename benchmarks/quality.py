@@ -277,7 +277,7 @@ def kather_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, 
 
     comp = read_json(out / "histo" / "comparison.json")
     if comp is None:
-        return ["not run (no comparison.json)", ""]
+        return kather_partial(out, study)
     lines = [f"{comp.get('folds', 1)}-fold patient-level cross-validation, {comp['image_size']} px; tile (sample) "
              "level, which is patient level for the 100 tiles without a slide. Mean ± sd over the folds. Colour: "
              "no stain normalisation; each tile is scaled per channel to its own 0.5/99.5 percentiles.", ""]
@@ -341,6 +341,23 @@ def kather_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, 
                       + ("**Met.**" if ok else "**Not met**" + (" (accuracy)" if gap > sd else "")
                          + (" (FLOPs)" if not fewer else "") + "."), ""]
     return lines
+
+
+def kather_partial(out: Path, study: dict[str, Any]) -> list[str]:
+    """The folds that finished, when the comparison has not run yet (an interrupted study)."""
+    from medvit.tasks.compare import run_metrics, summarize
+
+    k = int(study["tasks"]["histo"].get("folds", 1))
+    rows = []
+    for model in study["tasks"]["histo"]["models"]:
+        done = [out / "histo" / model / f"fold{i}" / "metrics.json" for i in range(k)]
+        runs = [run_metrics(p) for p in done if p.is_file()]
+        acc = summarize([r["sample"]["accuracy"] for r in runs])
+        auc = summarize([r["sample"]["auroc"] for r in runs])
+        rows.append([model, f"{len(runs)} of {k}", fmt_mean_sd(acc), fmt_mean_sd(auc)])
+    return (["**Incomplete**: the comparison (params, FLOPs, latency, all folds) has not run; the folds that "
+             "finished are summarised below (tile level, mean ± sd over those folds).", ""]
+            + table(["model", "folds finished", "accuracy", "macro AUROC"], rows))
 
 
 def fmt_mean_sd(s: dict[str, Any] | None) -> str:
