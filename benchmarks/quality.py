@@ -409,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         secs, peak = study_cost(out)
         lines += [f"Whole study: {secs / 60:.1f} min of job wall time, peak {peak / 1024:.2f} GB.", "",
                   f"Published context: {spec['context']}", ""]
+    skipped = [n for n in STUDIES if n not in args.studies]
+    if skipped:
+        lines += ["## Not in this run", "", "Not requested this time (`make bench-quality QUALITY_STUDIES=\"...\"`): "
+                  + ", ".join(f"`{n}` ({STUDIES[n]['file']})" for n in skipped) + ".", ""]
     args.out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     return 0
