@@ -154,7 +154,8 @@ def test_manifest_docs_link_only_files_the_repository_has():
 
 def test_the_workstation_run_command_is_the_same_in_every_doc():
     command = "snakemake --profile workflows/profiles/local"
-    for doc in ("README.md", "docs/config.md", "docs/cluster.md", "workflows/README.md"):
+    for doc in ("README.md", "docs/config.md", "docs/cluster.md", "workflows/README.md", "docs/xray_mae.md",
+                "docs/dvpt.md"):
         text = (REPO / doc).read_text()
         assert command in text, doc
         assert not re.search(r"^snakemake --cores", text, re.M), doc
