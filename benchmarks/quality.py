@@ -53,6 +53,22 @@ STUDIES = {
 
 
 # ------------------------------------------------------------------------------ helpers
+def validation_curve(run_dir: Path) -> list[str]:
+    """The validation metric per epoch of a training run: from its history.csv (the engine's
+    per-epoch record; the metric is the fourth column), else from the ` val_metric ` lines of
+    train.log written before history.csv existed."""
+    history, log = run_dir / "history.csv", run_dir / "train.log"
+    if history.is_file():
+        import csv
+
+        with history.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+        return [r[3] for r in rows[1:] if len(r) > 3 and r[3]]
+    if log.is_file():
+        return [ln.split("val_metric ")[1].split()[0] for ln in log.read_text().splitlines() if " val_metric " in ln]
+    return []
+
+
 def fmt(v: Any, d: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
@@ -241,10 +257,9 @@ def lgg_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, Any
         log = brain / "distill" / role / "train.log"
         if role == "teacher" and not log.is_file():
             log = brain / "resnet18" / "train.log"
-        if log.is_file():
-            vals = [ln.split("val_metric ")[1].split()[0] for ln in log.read_text().splitlines() if " val_metric " in ln]
-            if vals:
-                curves.append(f"{role}: {', '.join(vals)}")
+        vals = validation_curve(log.parent)
+        if vals:
+            curves.append(f"{role}: {', '.join(vals)}")
     if curves:
         lines += ["Learning curves, validation AUROC per epoch (train logs; weights of the best epoch kept): "
                   + "; ".join(curves) + ".", ""]
