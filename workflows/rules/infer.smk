@@ -5,28 +5,7 @@
 #   <results_dir>/<study>/<task>/<model>/infer/<cohort>/predictions.csv (+ quarantine.csv, infer.json)
 #
 # Folder input goes through the identifier-free ingest path with $MEDVIT_PSEUDONYM_KEY (a random
-# key for the run when it is unset).
-
-
-def infer_cohorts(task):
-    """The task's cohorts, or none where its models have no single model folder (a
-    classification task run in `folds`; prostate's folds are pooled into one ensemble package)."""
-    tcfg = config["tasks"][task]
-    if task != "prostate" and tcfg.get("folds", 1) > 1:
-        return []
-    return {c["name"]: c["input"] for c in tcfg.get("infer", [])}
-
-
-def infer_inputs(wildcards):
-    inputs = {
-        "weights": f"{study_dir(config)}/{wildcards.task}/{wildcards.model}/model.safetensors",
-        # written after evaluation has completed the package (threshold chosen on validation)
-        "metrics": f"{study_dir(config)}/{wildcards.task}/{wildcards.model}/metrics.json",
-    }
-    source = infer_cohorts(wildcards.task)[wildcards.cohort]
-    if os.path.isfile(source):  # a manifest: rescored when it changes
-        inputs["manifest"] = source
-    return inputs
+# key for the run when it is unset). Its input functions are in rules/stages.smk.
 
 
 rule infer:

@@ -116,3 +116,25 @@ def prostate_summary_inputs(wildcards):
         inputs["external"] = [f"{_PDIR}/{m}/external/metrics.json" for m in models]
     return inputs
 
+
+# ---------------------------------------------------------------- infer.smk
+
+def infer_cohorts(task):
+    """The task's cohorts, or none where its models have no single model folder (a
+    classification task run in `folds`; prostate's folds are pooled into one ensemble package)."""
+    tcfg = config["tasks"][task]
+    if task != "prostate" and tcfg.get("folds", 1) > 1:
+        return []
+    return {c["name"]: c["input"] for c in tcfg.get("infer", [])}
+
+
+def infer_inputs(wildcards):
+    inputs = {
+        "weights": f"{study_dir(config)}/{wildcards.task}/{wildcards.model}/model.safetensors",
+        # written after evaluation has completed the package (threshold chosen on validation)
+        "metrics": f"{study_dir(config)}/{wildcards.task}/{wildcards.model}/metrics.json",
+    }
+    source = infer_cohorts(wildcards.task)[wildcards.cohort]
+    if os.path.isfile(source):  # a manifest: rescored when it changes
+        inputs["manifest"] = source
+    return inputs
