@@ -100,6 +100,11 @@ def test_mae_initialised_finetuning_and_prediction(study, pretrained, tmp_path):
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["init"] == "mae" and card["init_weights"] == str(pretrained)
     assert card["finetune"]["layer_decay"] == 0.75 and card["layer_decay_applied"] == 0.75 and card["patch_size"] == 8
+    # the fine-tuned ViT standardises its input with the statistics the encoder was pretrained on
+    encoder_card = json.loads(pretrained.with_suffix(".json").read_text())
+    assert card["input_norm_source"] == "initial weights"
+    for key in ("mean", "std"):  # float32 buffers against the float64 statistics
+        assert card["input_norm"][key] == pytest.approx(encoder_card["input_norm"][key], rel=1e-6)
     weights = {k: v for k, v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(out).items()}
     assert weights["pos_embed"].shape == (1, 17, 192)
     preds = predict_stage(config, "xray", "vit_tiny_mae", split, out, tmp_path / "predictions.csv")
