@@ -71,6 +71,11 @@ class InputStandardize(nn.Module):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return (x - self.mean.view(shape).to(x.dtype)) / self.std.view(shape).to(x.dtype)
 
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`forward`: standardised values back to the input's units."""
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.std.view(shape).to(x.dtype) + self.mean.view(shape).to(x.dtype)
+
 
 def _standardize_input(module: nn.Module, args: tuple) -> tuple:
     # a module-level function, not a closure: deepcopies of the model (EMA, device moves)

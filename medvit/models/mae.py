@@ -172,10 +172,7 @@ class MaskedAutoencoder(nn.Module):
     def unstandardize(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`standardize`."""
         norm = getattr(self.encoder, "input_norm", None)
-        if norm is None:
-            return x
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * norm.std.view(shape) + norm.mean.view(shape)
+        return norm.inverse(x) if norm is not None else x
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, generator: torch.Generator | None = None

@@ -18,15 +18,20 @@ epoch's weights are kept.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader
 
+from medvit.config import pretrain_extra_manifests
+from medvit.data.manifest import load_manifest
 from medvit.data.transforms import random_resized_crop
-from medvit.engine import TrainConfig, Trainer, save_weights, seed_everything
+from medvit.engine import TrainConfig, Trainer, save_weights, seed_everything, sha256_file
 from medvit.errors import ConfigError, LeakageError
 from medvit.models.mae import MaskedAutoencoder, build_mae
 from medvit.tasks.common import StageContext, load_context, model_sidecar
@@ -73,13 +78,6 @@ def with_extra_pretraining_images(ctx: StageContext) -> tuple[StageContext, list
     Raises:
         LeakageError: an extra image's patient is one of this task's validation or test patients.
     """
-    import dataclasses
-    import os
-
-    from medvit.config import pretrain_extra_manifests
-    from medvit.data.manifest import load_manifest
-    from medvit.provenance import sha256_file
-
     paths = pretrain_extra_manifests(ctx.study, ctx.task)
     if not paths:
         return ctx, []
@@ -183,7 +181,8 @@ def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, o
     recipe = {k: v for k, v in pcfg.items() if k not in ("train", "figures")}
     result = trainer.fit(resume=recipe_unchanged(out_dir, {**recipe, "image_size": size[0], "in_chans": in_chans,
                                                            "input_norm": stats, "extras": extras}))
-    baseline = patch_mean_baseline_loss(mae, split_dataset(ctx, PRETRAINING_SPLITS, size, cache=False), seed=cfg.seed)
+    plain = split_dataset(ctx, PRETRAINING_SPLITS, size, cache=False)  # unaugmented, read on demand
+    baseline = patch_mean_baseline_loss(mae, plain, seed=cfg.seed)
     print(f"MAE reconstruction loss {result.history[-1]['train_loss']:.4f} (predicting each masked patch's own "
           f"mean scores {baseline:.4f})", flush=True)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -194,7 +193,7 @@ def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, o
     if probe:
         print(f"linear probe, validation AUROC: MAE encoder {probe['mae_encoder']:.3f}, random encoder "
               f"{probe['random_encoder']:.3f}", flush=True)
-    figure = save_reconstructions(mae.cpu(), split_dataset(ctx, PRETRAINING_SPLITS, size, cache=False),
+    figure = save_reconstructions(mae.cpu(), plain,
                                   out_dir / "reconstructions.png", n=pcfg["figures"], seed=cfg.seed)
     meta = model_sidecar(ctx, pcfg["model"], split_path, stage="mae_pretrain", in_chans=in_chans,
                          image_size=size[0], patch_size=pcfg["patch_size"], pretrain=pcfg,
@@ -210,8 +209,6 @@ def pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, o
 @torch.no_grad()
 def encoder_features(encoder: torch.nn.Module, dataset, batch_size: int = 256) -> np.ndarray:
     """(N, D) pooled features of a frozen ViT encoder (``num_classes=0``) over ``dataset``."""
-    from torch.utils.data import DataLoader
-
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
@@ -233,6 +230,8 @@ def linear_probe_check(ctx: StageContext, encoder: torch.nn.Module, random_encod
     Returns:
         ``{"mae_encoder": auroc, "random_encoder": auroc, "train_samples": n, "val_samples": m}``.
     """
+    # scikit-learn is imported where it is used, as in medvit.data.splits: it adds seconds to
+    # every stage's start-up and only this check needs it
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
