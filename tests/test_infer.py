@@ -249,4 +249,9 @@ def test_study_infer_cohorts_run_after_evaluation(tmp_path):
     assert re.search(r"^infer\s+2$", out, re.M), out[-3000:]
     for model in ("resnet18", "densenet121"):
         assert f"results/wf/xray/{model}/infer/new_site/predictions.csv" in out
-    assert "results/wf/xray/resnet18/metrics.json" in out.split("rule infer:")[1].split("rule ")[0]
+    # Snakemake lists jobs in no fixed order: every infer job must wait for its own model's evaluation.
+    infer_jobs = [block.split("\nrule ")[0].split("\n[")[0] for block in out.split("rule infer:")[1:]]
+    assert len(infer_jobs) == 2, out[-3000:]
+    for job in infer_jobs:
+        model = re.search(r"results/wf/xray/(\w+)/model\.safetensors", job).group(1)
+        assert f"results/wf/xray/{model}/metrics.json" in job, job
