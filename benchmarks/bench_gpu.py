@@ -121,7 +121,7 @@ def padded_to_multiple(multiple: int):
 
 
 def head_rows(device: torch.device, quick: bool, rounds: int) -> list[dict]:
-    from medvit.models import cswin, create_model
+    from medvit.models import create_model, cswin
 
     rows = []
     original = cswin.flash_friendly_attention

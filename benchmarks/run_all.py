@@ -497,8 +497,8 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true", help="rebuild RESULTS.md from the JSON files only")
     args = p.parse_args()
     import torch
-
     from _util import device_of, machine, write_json
+
     from medvit.provenance import now_iso
 
     # --report-only renders JSON files: a GPU run's report can be rebuilt on a machine without one

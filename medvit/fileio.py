@@ -19,6 +19,7 @@ import numpy as np
 
 from medvit.errors import DiskFullError
 
+
 def _fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
     try:

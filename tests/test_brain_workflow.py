@@ -32,7 +32,8 @@ TINY_BRAIN = {
 }
 
 
-from test_pipeline import job_counts, run_snakemake as run_workflow  # noqa: E402  (the workflow tests' runner)
+from test_pipeline import job_counts  # noqa: E402  (the workflow tests' runner)
+from test_pipeline import run_snakemake as run_workflow
 
 
 def run_snakemake(workdir: Path, study: Path, *args: str) -> str:

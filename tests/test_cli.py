@@ -67,9 +67,9 @@ def test_no_traceback_from_the_console_command(workdir):
 
 
 def test_console_command_keeps_the_exit_code_and_flushes_before_its_fast_exit(monkeypatch, capsys):
-    import medvit.cli as cli
-
     import torch  # noqa: F401  (as in every model job)
+
+    import medvit.cli as cli
     exits = []
     monkeypatch.setattr(cli, "main", lambda argv=None: print("last line", end="") or 3)
     monkeypatch.setattr(os, "_exit", exits.append)

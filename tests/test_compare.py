@@ -14,11 +14,19 @@ import torch
 import yaml
 from sklearn.metrics import f1_score
 
+from medvit.engine.compute import count_flops as model_flops
 from medvit.errors import ConfigError
 from medvit.evaluation.evaluate import evaluate_predictions, write_json
-from medvit.engine.compute import count_flops as model_flops
-from medvit.tasks.compare import (compare_stage, format_mean_sd, measure_compute, report_parts, run_dir,
-                                  run_metrics, summarize, training_seeds)
+from medvit.tasks.compare import (
+    compare_stage,
+    format_mean_sd,
+    measure_compute,
+    report_parts,
+    run_dir,
+    run_metrics,
+    summarize,
+    training_seeds,
+)
 
 
 def _study(tmp_path: Path, models: list[str], seeds: int = 2, label_column: str = "label") -> tuple[Path, dict]:

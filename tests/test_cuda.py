@@ -130,7 +130,7 @@ def test_depthwise_conv_on_cuda_equals_the_module(spatial):
 
 @pytest.mark.parametrize("tf32", [True, False])
 def test_trainer_sets_tf32_on_cuda(tmp_path, tf32):
-    from medvit.engine import Trainer, TrainConfig
+    from medvit.engine import TrainConfig, Trainer
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))

@@ -8,10 +8,18 @@ import pytest
 import torch
 from scipy.fft import dctn, idctn
 
-from medvit.models import count_parameters, create_model, list_models, model_spatial_dims
-from medvit.models.dct import (DCTAttention, DCTHistoBlock, MobileConv, dct2, dct_attention_flops, dct_matrix, idct2,
-                               kept_size)
 from medvit.engine.compute import count_flops as model_flops
+from medvit.models import count_parameters, create_model, list_models, model_spatial_dims
+from medvit.models.dct import (
+    DCTAttention,
+    DCTHistoBlock,
+    MobileConv,
+    dct2,
+    dct_attention_flops,
+    dct_matrix,
+    idct2,
+    kept_size,
+)
 
 
 @pytest.mark.parametrize("shape", [(8, 8), (5, 7), (2, 3, 16, 12)])

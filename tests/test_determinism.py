@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_faults import snakemake, strip_volatile
 
 pytestmark = pytest.mark.slow

@@ -41,7 +41,10 @@ def test_binary_loss_equals_two_class_softmax_ce():
     y = torch.tensor([[1.0], [0.0], [0.0]])
     teacher = torch.tensor([[-3.0], [0.5], [0.0]])  # decisions 0, 1, 0 (logit 0 -> p = 0.5 -> not tumour)
     assert teacher_labels(teacher, "binary").flatten().tolist() == [0.0, 1.0, 0.0]
-    two = lambda z: torch.cat([torch.zeros_like(z), z], 1)
+
+    def two(z):  # one logit -> two-class logits [0, z]
+        return torch.cat([torch.zeros_like(z), z], 1)
+
     expected = 0.5 * F.cross_entropy(two(cls), y[:, 0].long()) + 0.5 * F.cross_entropy(two(dist),
                                                                                           torch.tensor([0, 1, 0]))
     got = hard_distillation_loss(cls, dist, y, teacher, "binary")

@@ -154,7 +154,7 @@ def test_adapter_round_trip_on_shared_backbone(method, tmp_path):
     model = build_prompted_vit("tiny", method, in_chans=1, num_classes=3, img_size=32, patch_size=8,
                                dvpt=card["dvpt"], vpt_prompts=3)
     load_pretrained(model.backbone, backbone)
-    for name, p in model.named_parameters():  # pretend training moved every trainable tensor
+    for p in model.parameters():  # pretend training moved every trainable tensor
         if p.requires_grad:
             p.data.add_(0.01 * torch.randn_like(p))
     path = save_adapter(tmp_path / "adapter.safetensors", model, card)

@@ -14,8 +14,14 @@ from medvit.errors import LeakageError
 from medvit.evaluation import bootstrap as B
 from medvit.evaluation import metrics as M
 from medvit.evaluation.aggregate import PredictionsError, aggregate_patients, check_predictions, infer_kind
-from medvit.evaluation.evaluate import (ci_key, evaluate_predictions, evaluate_stage, read_predictions,
-                                        to_jsonable, write_json)
+from medvit.evaluation.evaluate import (
+    ci_key,
+    evaluate_predictions,
+    evaluate_stage,
+    read_predictions,
+    to_jsonable,
+    write_json,
+)
 
 
 def make_predictions(kind: str = "binary", n_patients: int = 80, per_patient: int = 3, signal: float = 2.0,

@@ -4,7 +4,6 @@ refuse tasks they do not serve, the default workflow profile, and one GPU per jo
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path

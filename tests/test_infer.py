@@ -125,7 +125,7 @@ def test_infer_on_a_folder_of_dicom_quarantines_bad_files(trained, tmp_path):
     _, model_dir = trained
     src = tmp_path / "incoming"
     rng = np.random.default_rng(0)
-    for i, (name, mrn) in enumerate([("Doe^Jane", "MRN55501234"), ("Roe^Richard", "MRN55509876")]):
+    for name, mrn in [("Doe^Jane", "MRN55501234"), ("Roe^Richard", "MRN55509876")]:
         _dicom(src / f"{name.split('^')[0]}_{mrn}" / "img.dcm", rng.integers(0, 4000, (40, 40)), (name, mrn),
                generate_uid())
     (src / "broken.dcm").write_bytes(b"DICM" + b"\0" * 50)  # not an image

@@ -18,7 +18,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SegmentationStorage, generate_uid
 
-from medvit.data.ingest import ENV_KEY, IngestError, PseudonymKeyError, Pseudonymizer, ingest
+from medvit.data.ingest import ENV_KEY, IngestError, Pseudonymizer, PseudonymKeyError, ingest
 from medvit.data.io import read_sample
 from medvit.errors import MedvitError
 

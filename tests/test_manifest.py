@@ -11,8 +11,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medvit.data.manifest import (SCHEMA_PATH, Problem, class_names, finding_names, format_report, load_manifest,
-                                  manifest_summary, validate_manifest)
+from medvit.data.manifest import (
+    SCHEMA_PATH,
+    Problem,
+    class_names,
+    finding_names,
+    format_report,
+    load_manifest,
+    manifest_summary,
+    validate_manifest,
+)
 from medvit.errors import LeakageError, ManifestError
 
 MEDVIT = Path(sys.executable).with_name("medvit")

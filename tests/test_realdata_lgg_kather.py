@@ -16,8 +16,14 @@ from PIL import Image
 
 from medvit.data.io import read_sample
 from medvit.data.manifest import load_manifest, validate_manifest
-from medvit.data.realdata import (KATHER_ATTRIBUTION, KATHER_SHA256, LGG_SHA256, default_source, import_dataset,
-                                  yolo_box_from_mask)
+from medvit.data.realdata import (
+    KATHER_ATTRIBUTION,
+    KATHER_SHA256,
+    LGG_SHA256,
+    default_source,
+    import_dataset,
+    yolo_box_from_mask,
+)
 from medvit.data.splits import assign_splits, check_no_leakage, patient_kfold
 from medvit.data.yolo import build_yolo_dataset, read_boxes
 from medvit.errors import MedvitError

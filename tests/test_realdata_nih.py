@@ -58,7 +58,7 @@ def test_import_matches_source(imported: Path) -> None:
             assert row["split"] == str(data["chexnet_split"][i])
         per_finding = {n: int(data["labels"][:, j].sum()) for j, n in enumerate(names)}
     sets = df["labels"].map(lambda v: set(v.split("|")) - {""})
-    assert {n: int(sets.map(lambda s: n in s).sum()) for n in names} == per_finding
+    assert {n: int(sets.map(lambda s, n=n: n in s).sum()) for n in names} == per_finding
     assert per_finding["Effusion"] == 170 and (df["labels"] != "").sum() == 500
     assert "NIH Clinical Center" in (imported.parent / "ATTRIBUTION.md").read_text(encoding="utf-8")
     rep = validate_manifest(imported, check_files=True)

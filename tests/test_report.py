@@ -7,8 +7,14 @@ from html.parser import HTMLParser
 
 import pytest
 
-from medvit.evaluation.report import (ReportError, format_metric, format_seconds, load_metrics, metric_label,
-                                     report_stage)
+from medvit.evaluation.report import (
+    ReportError,
+    format_metric,
+    format_seconds,
+    load_metrics,
+    metric_label,
+    report_stage,
+)
 
 
 def _metrics(task: str, model: str, auroc: float, extra: dict | None = None) -> dict:

@@ -97,7 +97,11 @@ def test_cli_writes_study_and_reports_bad_arguments(tmp_path, capsys):
 def test_manifest_follows_contract(studies, modality):
     path = studies[modality]
     df = _read_csv(path)
-    assert list(df.columns) == COLUMNS[modality]
+    assert list(df.columns) == [*COLUMNS[modality], "sex", "site"]
+    # one sex and one site per patient, both values of each present
+    per_patient = df.groupby("patient_id")[["sex", "site"]].nunique()
+    assert (per_patient == 1).all().all()
+    assert set(df["sex"]) == {"F", "M"} and set(df["site"]) <= {"site_1", "site_2", "site_3"}
     assert "split" not in df.columns
     assert df["patient_id"].nunique() == N[modality]
     assert df["sample_id"].is_unique

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medvit.data.manifest import SPLITS, class_names, finding_sets, finding_names
+from medvit.data.manifest import SPLITS, class_names, finding_names, finding_sets
 from medvit.errors import ConfigError, LeakageError, ManifestError
 
 logger = logging.getLogger(__name__)

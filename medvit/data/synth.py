@@ -72,6 +72,7 @@ HISTO_MAGNIFICATIONS: tuple[str, ...] = ("40X", "100X", "200X", "400X")
 _TUMOUR_FRACTION = 0.35  # brain tumour patients (paper: 30 of 81) and prostate csPCa patients
 _PATIENT_PREFIX = {"xray": "XR", "brain": "BR", "prostate": "PR", "histo": "HI"}
 _MODALITY_KEY = {"xray": 1, "brain": 2, "prostate": 3, "histo": 4}
+SITES = 3  # synthetic acquisition sites in the `site` column
 # Synthetic studies get UIDs under pydicom's example root; never a real organisation's.
 _UID_PREFIX = "1.2.826.0.1.3680043.8.498."
 PROSTATE_FOV_MM = 48.0
@@ -115,7 +116,9 @@ def synthesize(
         ``out_dir``. Columns: ``patient_id, study_id, sample_id`` and, per modality,
         ``image, labels`` (xray), ``image, label, boxes, slice_index`` (brain),
         ``image_t2w, image_adc, image_hbv, mask, label`` (prostate) or
-        ``image, label, subtype, magnification`` (histo). There is no ``split`` column.
+        ``image, label, subtype, magnification`` (histo), then ``sex`` (F/M) and ``site``
+        (site_1..site_3) per patient, for subgroup analyses (``evaluation.subgroups``); they
+        are drawn independently of the findings. There is no ``split`` column.
 
     Raises:
         SynthError: unknown modality, too few patients, image size out of range, bad seed.
@@ -139,6 +142,10 @@ def synthesize(
     pids = [f"{_PATIENT_PREFIX[modality]}{i + 1:0{width}d}" for i in range(n_patients)]
     make = _GENERATORS[modality]
     plan = make.plan(study_rng, n_patients)
+    # Their own stream, so adding them left every image and label as it was.
+    demographics_rng = np.random.default_rng(np.random.SeedSequence([seed, _MODALITY_KEY[modality], 1]))
+    sexes = demographics_rng.choice(["F", "M"], n_patients)
+    sites = demographics_rng.choice([f"site_{k}" for k in range(1, SITES + 1)], n_patients)
 
     rows: list[dict[str, Any]] = []
     for i in _progress(range(n_patients), modality, n_patients):
@@ -151,9 +158,9 @@ def synthesize(
                     writer(path)
                 except OSError as exc:
                     raise SynthError(f"cannot write {path}: {exc.strerror or exc}") from exc
-            rows.append(sample.row)
+            rows.append({**sample.row, "sex": sexes[i], "site": sites[i]})
 
-    df = pd.DataFrame(rows, columns=make.columns)
+    df = pd.DataFrame(rows, columns=[*make.columns, "sex", "site"])
     _atomic_write_text(manifest, df.to_csv(index=False, lineterminator="\n"))
     info = {
         "generator": f"medvit.data.synth {__version__}",
@@ -474,7 +481,7 @@ def _xray_dicom_writer(img: np.ndarray, *, seed: int, pid: str, k: int, modality
     import datetime as dt
 
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
     sop_class = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}[modality]
     pixels = np.round(img * 4095).astype(np.uint16)
@@ -968,7 +975,7 @@ class _Histo:
                 cy, cx = rng.uniform(0, size, 2)
                 th = base_dir + rng.normal(0, 0.4)
                 steps = int(rng.integers(6, 20))
-                for s_ in range(-steps // 2, steps // 2):
+                for _ in range(-steps // 2, steps // 2):
                     th += rng.normal(0, 0.12)
                     cy += 2.4 * r0 * math.sin(th)
                     cx += 2.4 * r0 * math.cos(th)

@@ -267,7 +267,7 @@ def apply_channels_last(model: nn.Module) -> nn.Module:
     outputs and ``state_dict`` values are unchanged (only the strides differ).
     """
     for module in model.modules():
-        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
             if tensor is None or tensor.dim() not in (4, 5):
                 continue
             fmt = torch.channels_last if tensor.dim() == 4 else torch.channels_last_3d

@@ -32,8 +32,14 @@ import numpy as np
 import pandas as pd
 
 from medvit.evaluation import metrics as M
-from medvit.evaluation.aggregate import (ID_COLUMNS, Kind, PredictionsError, aggregate_patients, check_predictions,
-                                         infer_kind)
+from medvit.evaluation.aggregate import (
+    ID_COLUMNS,
+    Kind,
+    PredictionsError,
+    aggregate_patients,
+    check_predictions,
+    infer_kind,
+)
 from medvit.evaluation.bootstrap import Statistic, cluster_bootstrap
 from medvit.fileio import atomic_write_json
 

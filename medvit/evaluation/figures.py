@@ -276,7 +276,7 @@ def learning_curves_figure(runs: Mapping[str, tuple[Sequence[Mapping[str, Any]],
     for ax, (title, (history, metric_name, best)) in zip(axes.ravel(), runs.items()):
         epochs = [int(r["epoch"]) for r in history]
 
-        def series(key: str) -> list[float]:
+        def series(key: str, history: list[dict] = history) -> list[float]:
             return [float(r[key]) if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) else np.nan
                     for r in history]
 

@@ -25,7 +25,6 @@ from typing import Any
 from medvit.errors import MedvitError
 from medvit.fileio import atomic_write_text
 
-
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:90rem;
      padding:0 1rem;color:#1b1f24;line-height:1.4}
@@ -332,14 +331,11 @@ def report_stage(config_path: str | Path, metrics_paths: Sequence[str | Path], o
         ``out_path``.
     """
     from medvit import __version__
-    from medvit.config import load_study
-    from medvit.provenance import git_version, now_iso
-
-    from medvit.config import study_dir
-    from medvit.evaluation import report_sections as rs
-
+    from medvit.config import load_study, study_dir
     from medvit.evaluation import report_review as rr
+    from medvit.evaluation import report_sections as rs
     from medvit.evaluation.saliency import saliency_html
+    from medvit.provenance import git_version, now_iso
 
     study = load_study(config_path)
     records = load_metrics(metrics_paths)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,10 +21,16 @@ import numpy as np
 
 from medvit.evaluation import clinical as C
 from medvit.evaluation.figures import _COLORS, learning_curves_figure, plt, read_history, save_figure
-from medvit.evaluation.report import (esc, figure_html, format_count, format_metric, format_value, html_table,
-                                      metric_label)
-from medvit.evaluation.report_sections import (TaskResults, chance_level, degenerate_points, headline,
-                                               includes_chance)
+from medvit.evaluation.report import (
+    esc,
+    figure_html,
+    format_count,
+    format_metric,
+    format_value,
+    html_table,
+    metric_label,
+)
+from medvit.evaluation.report_sections import TaskResults, chance_level, degenerate_points, headline, includes_chance
 from medvit.fileio import atomic_write_text
 
 FAILURES_PER_KIND = 5  # false positives and false negatives shown per model and class

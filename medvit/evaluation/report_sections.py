@@ -25,8 +25,17 @@ from medvit.evaluation.aggregate import aggregate_patients
 from medvit.evaluation.evaluate import read_predictions
 from medvit.evaluation.figures import comparison_figure, confusion_figure, reliability_figure, roc_pr_figure
 from medvit.evaluation.paired import paired_auroc_comparisons
-from medvit.evaluation.report import (Section, esc, figure_html, format_count, format_metric, format_seconds,
-                                      format_value, html_table, metric_label)
+from medvit.evaluation.report import (
+    Section,
+    esc,
+    figure_html,
+    format_count,
+    format_metric,
+    format_seconds,
+    format_value,
+    html_table,
+    metric_label,
+)
 
 # Headline metric of a task, first present wins (patient level).
 HEADLINE = ("auroc_macro", "auroc", "balanced_accuracy", "accuracy", "dice")

@@ -161,7 +161,10 @@ class CrossShapedWindowAttention(nn.Module):
         qw, kw, vw = (window_partition(t, window) for t in (q, k, v))  # (N, T, C)
         n, t = qw.shape[:2]
         pos = locally_enhanced_positions(lepe, vw, window)
-        split = lambda z: z.view(n, t, heads, hd).transpose(1, 2)
+
+        def split(z: torch.Tensor) -> torch.Tensor:  # (N, T, C) -> (N, heads, T, hd)
+            return z.view(n, t, heads, hd).transpose(1, 2)
+
         out = flash_friendly_attention(split(qw), split(kw), split(vw),
                                        dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(n, t, C) + pos

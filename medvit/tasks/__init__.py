@@ -18,9 +18,9 @@ def train_stage(config_path: str | Path, task: str, model: str, split_path: str 
                 seed: int | None = None) -> Path:
     """Train one model of a task -> ``<out_dir>/model.safetensors`` (+ model.json, checkpoints/, train.log).
     ``seed`` (classification tasks) replaces the study seed for this run."""
+    from medvit.errors import ConfigError
     from medvit.models import model_spatial_dims
     from medvit.tasks.common import SEGMENTATION_TASKS
-    from medvit.errors import ConfigError
 
     expected = 3 if task in SEGMENTATION_TASKS else 2
     if model_spatial_dims(model) != expected:

@@ -14,12 +14,18 @@ import numpy as np
 import pandas as pd
 
 from medvit.config import load_study, task_config, task_manifest_path
-from medvit.data.manifest import (Manifest, class_names, finding_names, finding_sets, identifying_id_warnings,
-                                  load_manifest)
+from medvit.data.manifest import (
+    Manifest,
+    class_names,
+    finding_names,
+    finding_sets,
+    identifying_id_warnings,
+    load_manifest,
+)
 from medvit.data.sampling import resample_to_anomaly_ratio
 from medvit.data.splits import assign_splits, check_no_leakage, patient_kfold, split_summary
-from medvit.fileio import atomic_write_json, atomic_write_text
 from medvit.errors import ManifestError
+from medvit.fileio import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

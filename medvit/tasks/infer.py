@@ -73,8 +73,9 @@ def _input_manifest(source: Path, out_dir: Path, key: str | None) -> tuple[pd.Da
                 quarantine.append([f"{source.name} row {p.row}", "", "", f"{p.column}: {p.reason}"])
         return manifest.df, manifest.root, quarantine, "manifest"
     if source.is_dir():
-        from medvit.data.ingest import ENV_KEY, ingest
         import os
+
+        from medvit.data.ingest import ENV_KEY, ingest
 
         if key is None and not os.environ.get(ENV_KEY):
             key = secrets.token_hex(32)

@@ -37,7 +37,6 @@ from medvit.models.mae import MaskedAutoencoder, build_mae
 from medvit.tasks.common import StageContext, load_context, model_sidecar
 from medvit.tasks.training import split_dataset
 
-
 PRETRAINING_SPLITS = ["train", "unlabeled"]
 """Splits a self-supervised stage reads: the training images and the manifest's unlabeled ones."""
 

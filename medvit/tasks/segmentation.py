@@ -336,8 +336,11 @@ def _load_model(weights: str | Path, model_name: str, tcfg: dict[str, Any], devi
     if "in_chans" not in meta:
         raise CheckpointError(f"{weights}: its model.json lacks in_chans; retrain the model")
     members = int(meta.get("members", 0))
-    build = lambda: create_model(model_name, in_chans=int(meta["in_chans"]), num_classes=1,
-                                 **meta.get("model_kwargs", model_kwargs(tcfg, model_name)))
+
+    def build() -> nn.Module:
+        return create_model(model_name, in_chans=int(meta["in_chans"]), num_classes=1,
+                            **meta.get("model_kwargs", model_kwargs(tcfg, model_name)))
+
     model: nn.Module = FoldEnsemble([build() for _ in range(members)]) if members else build()
     load_weights(weights, model)
     return model.to(device).eval()
