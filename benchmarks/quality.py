@@ -208,7 +208,10 @@ def lgg_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, Any
              "teacher ResNet-18": (brain / "distill" / "teacher" / "predictions.csv", None),
              "DeiT-Tiny (plain)": (brain / "distill" / "student" / "predictions.csv", None),
              "DeiT-Tiny (distilled)": (brain / "distill" / "student_distilled" / "predictions.csv", None),
-             "cascade (detector -> distilled DeiT)": (brain / "cascade" / "predictions.csv", tcfg["cascade"]["threshold"])}
+             # the threshold the cascade stage resolved (config, or its classifier's validation choice)
+             "cascade (detector -> distilled DeiT)": (brain / "cascade" / "predictions.csv",
+                                                      (read_json(brain / "cascade" / "model.json") or {}).get(
+                                                          "threshold", tcfg["cascade"].get("threshold")))}
     preds, rows, summaries = {}, [], {}
     for label, (path, thr) in roles.items():
         if not path.is_file():

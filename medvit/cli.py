@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Score a folder of images (DICOM, NIfTI, PNG/JPEG/TIFF, .npy) or a manifest "
                                        "with a trained model folder; see docs/inference.md.")
     infer.add_argument("--model", type=Path, required=True,
-                       help="a trained model's folder (model.safetensors + model.json), e.g. results/demo/xray/resnet18")
+                       help="a trained model's folder (model.safetensors + model.json), "
+                            "e.g. results/demo/xray/resnet18")
     infer.add_argument("--input", type=Path, required=True,
                        help="a folder of images (read through the identifier-free ingest path) or a manifest CSV")
     infer.add_argument("--out", type=Path, required=True,

@@ -20,6 +20,7 @@ os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="medvit-yolo-")
 from medvit.data.synth import synthesize
 from medvit.engine import save_weights
 from medvit.models import create_model
+from medvit.errors import ConfigError
 from medvit.tasks.cascade import cascade_stage, crop_region
 from medvit.tasks.common import split_stage
 
@@ -141,3 +142,31 @@ def test_cascade_scores_flagged_slices_only(detector, tmp_path, monkeypatch, mod
     assert json.loads(metrics.read_text())["model"] == "cascade"
     ptp = json.loads((tmp_path / "cascade" / "ptp.json").read_text())
     assert ptp["conf"] == 0.0 and ptp["source"] == "cascade"
+
+
+def test_cascade_flags_at_the_classifiers_validation_threshold(detector, tmp_path, monkeypatch):
+    """With no number in the config, a flagged slice stays positive from the classifier's own
+    validation-chosen threshold (its metrics.json), not from a fixed 0.5."""
+    study, split, out, _ = detector
+    monkeypatch.setenv("MEDVIT_DATA_ROOTS", str(study.parent))
+    cfg = yaml.safe_load(study.read_text())
+    del cfg["tasks"]["brain"]["cascade"]["threshold"]
+    study2 = tmp_path / "s.yaml"
+    study2.write_text(yaml.safe_dump(cfg))
+    spec = {"kind": "binary", "classes": ["tumor"], "column": "label", "all_classes": ["normal", "tumor"]}
+    weights = save_weights(tmp_path / "clf" / "model.safetensors", create_model("resnet10t", in_chans=1, num_classes=1),
+                           {"model": "resnet10t", "in_chans": 1, "image_size": 32, "spec": spec, "params": 1})
+    with pytest.raises(ConfigError, match="threshold"):  # nothing to read the threshold from yet
+        cascade_stage(study2, "brain", split, out, weights, tmp_path / "cascade")
+    (weights.parent / "metrics.json").write_text(json.dumps(
+        {"threshold": {"method": "youden", "selected_on": "val", "sample": {"tumor": 0.123},
+                       "patient": {"tumor": 0.5}}}))
+    cascade_stage(study2, "brain", split, out, weights, tmp_path / "cascade")
+    card = json.loads((tmp_path / "cascade" / "model.json").read_text())
+    assert card["threshold"] == pytest.approx(0.123) and "validation" in card["threshold_source"]
+    ptp = json.loads((tmp_path / "cascade" / "ptp.json").read_text())
+    assert ptp["conf"] == pytest.approx(0.123)
+    preds = pd.read_csv(tmp_path / "cascade" / "predictions.csv")
+    test = preds[preds["split"] == "test"]
+    expected = (test["score_tumor"] >= 0.123).groupby(test["patient_id"].astype(str)).sum()
+    assert {r["patient_id"]: r["flagged"] for r in ptp["patients"]} == expected.to_dict()

@@ -740,7 +740,8 @@ def _ensure_transfer_syntax(ds, p: Path) -> None:
         raise ImageReadError(p, "no Transfer Syntax UID and unknown byte order")
     if meta is None:
         ds.file_meta = meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    explicit = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else explicit
 
 
 def _n_frames(ds, p: Path) -> int:

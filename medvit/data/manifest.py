@@ -836,8 +836,8 @@ def format_report(report: ValidationReport) -> str:
         lines.append(f"usable:   {_n(s['samples'], 'sample')} from {_n(s['patients'], 'patient')}"
                      + (f", {_n(s['studies'], 'study', 'studies')}" if "studies" in s else "")
                      + f" ({_n(s['rows'], 'row')} read)")
-        lines.append(f"images:   {', '.join(s['image_columns'])}"
-                     + ("  (files opened and checked)" if s["checked_files"] else "  (existence only, --no-check-files)"))
+        checked = "  (files opened and checked)" if s["checked_files"] else "  (existence only, --no-check-files)"
+        lines.append(f"images:   {', '.join(s['image_columns'])}" + checked)
         if s.get("extra_columns"):
             lines.append(f"extra:    {', '.join(s['extra_columns'])} (kept, ignored by the pipeline)")
         for key, title in (("classes", "classes (label)"), ("findings", "findings (labels)"), ("splits", "splits")):

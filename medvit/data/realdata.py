@@ -133,7 +133,8 @@ def import_nih_cxr14(source: str | Path, out_dir: str | Path, limit: int | None 
 
     1000 frontal NIH ChestX-ray14 radiographs of 264 patients with the 14 findings. Columns:
     ``patient_id`` (the NIH patient number, unpadded so it is no MRN-like digit run:
-    ``nih-1234``), ``sample_id`` (the NIH file name without ``.png``, e.g. ``nih-00001234_001``), ``image``, ``labels`` (the findings present,
+    ``nih-1234``), ``sample_id`` (the NIH file name without ``.png``, e.g. ``nih-00001234_001``), ``image``,
+    ``labels`` (the findings present,
     ``|``-separated, names as in the file's ``class_names``, e.g. ``Effusion|Pleural_Thickening``;
     empty for no finding), ``split`` (the file's patient-disjoint ``chexnet_split``: train 725,
     val 94, test 181 images), ``kcr_split`` (the source repository's own split, ``valid``

@@ -392,7 +392,8 @@ class _Xray:
         thorax = _inside(_ellipse_r(y, x, -0.05, 0.0, 0.75 * lh, 0.72 * lw), 0.05)
         d += a["rib_amp"] * (0.5 + 0.5 * np.cos(2 * np.pi * (y + 0.35 * x**2) * a["rib_freq"])) ** 8 * thorax
         ax = np.abs(x)
-        clav = np.exp(-(((y - (-0.62 + 0.15 * (ax - 0.1))) / 0.025) ** 2)) * expit((ax - 0.08) / 0.02) * expit((0.6 - ax) / 0.03)
+        clav = (np.exp(-(((y - (-0.62 + 0.15 * (ax - 0.1))) / 0.025) ** 2)) * expit((ax - 0.08) / 0.02)
+                * expit((0.6 - ax) / 0.03))
         d += 0.12 * clav
         px = size / 2.0  # pixels per normalised unit
         vessels = np.clip(_noise(rng, (size, size), 0.02 * px), 0, None)
@@ -603,7 +604,8 @@ class _Brain:
             if mask is not None:
                 rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
                 y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-                box = f"0 {(x0 + x1) / 2 / size:.6f} {(y0 + y1) / 2 / size:.6f} {(x1 - x0) / size:.6f} {(y1 - y0) / size:.6f}\n"
+                box = (f"0 {(x0 + x1) / 2 / size:.6f} {(y0 + y1) / 2 / size:.6f} "
+                       f"{(x1 - x0) / size:.6f} {(y1 - y0) / size:.6f}\n")
                 # YOLO convention: labels/ mirrors images/ with the same stem.
                 boxes = f"labels/{pid}/{sid}.txt"
                 files.append((boxes, _text_writer(box)))
@@ -989,7 +991,8 @@ class _Histo:
             cells = _noise(rng, (size, size), 1.5 * ps * mag)
             septa = np.abs(cells) < 0.15
             white |= fat & ~septa
-            nuclei[:] = [nc for nc in nuclei if not fat[int(np.clip(nc[0], 0, size - 1)), int(np.clip(nc[1], 0, size - 1))]]
+            nuclei[:] = [nc for nc in nuclei
+                         if not fat[int(np.clip(nc[0], 0, size - 1)), int(np.clip(nc[1], 0, size - 1))]]
         # A few lymphocytes everywhere: small, round, very dark.
         for _ in range(int(rng.poisson(3 * ps**2))):
             add(*rng.uniform(0, size, 2), 0.9 * mag * ps, 1.0, None, 1.3)

@@ -95,7 +95,9 @@ def _slice_level(root: Path, study: dict[str, Any]) -> str:
                ("teacher", root / "distill" / "teacher" / "predictions.csv", None),
                ("student", root / "distill" / "student" / "predictions.csv", None),
                ("student_distilled", root / "distill" / "student_distilled" / "predictions.csv", None),
-               ("cascade", root / "cascade" / "predictions.csv", tcfg["cascade"]["threshold"])]
+               # the threshold the cascade stage resolved (config, or its classifier's validation choice)
+               ("cascade", root / "cascade" / "predictions.csv",
+                (_read(root / "cascade" / "model.json") or {}).get("threshold", tcfg["cascade"]["threshold"]))]
     rows = []
     for label, path, thr in sources:
         if not path.is_file():

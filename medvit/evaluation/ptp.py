@@ -17,6 +17,7 @@ healthy patient). Each comes with a percentile cluster-bootstrap interval over t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import pandas as pd
 
 from medvit.evaluation.aggregate import PredictionsError, check_predictions
 from medvit.evaluation.bootstrap import cluster_bootstrap
+from medvit.errors import ConfigError
 
 PTP_METRICS = ("sensitivity", "specificity", "precision", "f1", "accuracy", "fp_slices_per_normal_patient")
 
@@ -122,13 +124,18 @@ def ptp_metrics(df: pd.DataFrame, conf: float, k: int, n_boot: int = 1000, ci: f
 
 
 def ptp_stage(config_path: str | Path, task: str, predictions_path: str | Path, out_path: str | Path,
-              section: str = "detection") -> Path:
+              section: str = "detection", conf: float | None = None) -> Path:
     """PTP evaluation of a detector's (or cascade's) slice predictions -> ptp.json.
 
-    ``conf`` and ``k`` come from ``tasks.<task>.<section>`` (``conf``/``threshold`` and
-    ``min_slices``, the detection block's ``min_slices`` when the section has none); the
-    bootstrap settings from ``evaluation``. Besides the configured ``k``, the file holds the
-    same metrics for k = 1..3 (``by_k``) and the patient table (``patients``).
+    ``conf`` (when None) and ``k`` come from ``tasks.<task>.<section>`` (``conf``/``threshold``
+    and ``min_slices``, the detection block's ``min_slices`` when the section has none). A null
+    cascade ``threshold`` means the one the cascade resolved from its classifier's validation
+    split, read from the model.json beside the predictions. The bootstrap settings come from
+    ``evaluation``. Besides the configured ``k``, the file holds the same metrics for k = 1..3
+    (``by_k``) and the patient table (``patients``).
+
+    Raises:
+        ConfigError: the threshold is null and no model.json beside the predictions records one.
     """
     from medvit.config import load_study, task_config
     from medvit.evaluation.evaluate import read_predictions, write_json
@@ -136,7 +143,15 @@ def ptp_stage(config_path: str | Path, task: str, predictions_path: str | Path, 
     study = load_study(config_path)
     tcfg = task_config(study, task)
     block = tcfg.get(section) or {}
-    conf = float(block.get("conf", block.get("threshold", 0.5)))
+    if conf is None:
+        conf = block.get("conf", block.get("threshold"))
+    if conf is None:
+        card_path = Path(predictions_path).parent / "model.json"
+        conf = (json.loads(card_path.read_text()) if card_path.is_file() else {}).get("threshold")
+        if conf is None:
+            raise ConfigError(f"tasks.{task}.{section}.threshold is null and {card_path} records no resolved "
+                              "threshold: run the stage that wrote the predictions again, or set the threshold")
+    conf = float(conf)
     k = int(block.get("min_slices", (tcfg.get("detection") or {}).get("min_slices", 1)))
     ev = study.get("evaluation", {})
     df = read_predictions(predictions_path)

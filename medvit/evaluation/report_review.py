@@ -164,8 +164,8 @@ def decision_html(tr: TaskResults, figures_dir: Path, prevalence: float | None) 
         thr = thresholds.get(model, {}).get(c)
         if thr is not None and len(y):
             pv = C.predictive_values(y, s, thr, prevalence, **boot)
-            prev_text = (f"{pv['prevalence']:.3g} " + ("(stated in the study config)" if pv["prevalence_source"] == "stated"
-                                                       else "(the test prevalence)"))
+            source = "(stated in the study config)" if pv["prevalence_source"] == "stated" else "(the test prevalence)"
+            prev_text = f"{pv['prevalence']:.3g} {source}"
             pv_rows.append([model, format_value(thr), format_value(pv["sensitivity"]), format_value(pv["specificity"]),
                             _ci_text(pv["ppv"]), _ci_text(pv["npv"])])
         if len(y) and 0 < y.sum() < len(y):
@@ -316,7 +316,8 @@ def methods_paragraph(study: dict[str, Any], results: dict[str, TaskResults]) ->
                 + ", keeping the epoch with the best validation metric. "
                 f"Sample scores were aggregated per patient by {(r0.get('aggregate') or {}).get('method')}; "
                 + (f"the decision threshold was chosen on the validation patients by {thr.get('method')} and applied "
-                   "to the test patients. " if r0.get("kind") != "multiclass" else "the predicted class is the argmax. ")
+                   "to the test patients. " if r0.get("kind") != "multiclass"
+                   else "the predicted class is the argmax. ")
                 + f"Metrics are reported on {format_count(r0.get('n_patients'))} test patients "
                 f"({format_count(r0.get('n_samples'))} samples) with {boot.get('ci', ev.get('ci'))} percentile "
                 f"bootstrap confidence intervals over patients ({boot.get('n')} resamples, seed {boot.get('seed')}); "
@@ -383,8 +384,8 @@ def checklist_rows(study: dict[str, Any], results: dict[str, TaskResults],
         ["Title, abstract, background, objectives", "Title/abstract; Introduction", _AUTHORS],
         ["Data source", "Methods: data", per_task(origin)],
         ["Dates of data collection, setting, centres", "Methods: data", _AUTHORS + " (not in the manifest)"],
-        ["Eligibility criteria", "Methods: participants / data", "inputs the pipeline could not read or validate "
-                                                                 "are quarantined with reasons: " + per_task(eligibility)],
+        ["Eligibility criteria", "Methods: participants / data",
+         "inputs the pipeline could not read or validate are quarantined with reasons: " + per_task(eligibility)],
         ["Outcome / reference standard", "Methods: outcome / ground truth",
          "labels as given in the manifest; how they were established: " + _AUTHORS],
         ["Sample size, data partitions", "Methods: sample size / data partitions", per_task(split)],

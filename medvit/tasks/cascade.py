@@ -8,14 +8,20 @@ classifier's own input) or the region around the slice's most confident box enla
 classifier's tumour probability when flagged and 0 otherwise, so the classifier can only
 veto detections, never add findings the detector missed.
 
+A flagged slice stays positive when its classifier probability reaches the cascade's
+``threshold``: by default (``threshold: null``) the classifier's own slice threshold chosen on
+the validation split (``threshold.sample`` of the metrics.json beside its weights), since a
+classifier's probabilities are rarely calibrated around 0.5; a number in the config overrides it.
+
 Outputs in ``out_dir``: predictions.csv (Contract 3, with ``det_score`` and ``cls_prob``),
-model.json (the two models' parameters and training time), metrics.json
-(:func:`medvit.evaluation.evaluate.evaluate_stage`) and ptp.json (PTP with the cascade's
-``threshold`` as the flagging rule and ``detection.min_slices`` as k).
+model.json (the two models' parameters and training time, and the ``threshold`` used with
+where it came from), metrics.json (:func:`medvit.evaluation.evaluate.evaluate_stage`) and
+ptp.json (PTP with that threshold as the flagging rule and ``detection.min_slices`` as k).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +38,33 @@ from medvit.tasks.common import load_context, read_sidecar, write_predictions
 from medvit.tasks.detection import detection_config
 
 CASCADE_DEFAULTS: dict[str, Any] = {"enabled": False, "classifier": "student_distilled", "input": "slice",
-                                    "margin": 0.5, "threshold": 0.5}
+                                    "margin": 0.5, "threshold": None}
 
 
 def cascade_config(tcfg: dict[str, Any]) -> dict[str, Any]:
     """The task's ``cascade`` block over :data:`CASCADE_DEFAULTS`."""
     return {**CASCADE_DEFAULTS, **(tcfg.get("cascade") or {})}
+
+
+def cascade_threshold(ccfg: dict[str, Any], classifier_weights: str | Path, positive: str) -> tuple[float, str]:
+    """The classifier probability from which a flagged slice stays positive, and its source.
+
+    ``ccfg["threshold"]`` when it is a number; otherwise the classifier's slice threshold chosen on
+    validation (``threshold.sample[positive]`` of the metrics.json beside ``classifier_weights``).
+
+    Raises:
+        ConfigError: no number in the config and no validation-chosen threshold beside the weights.
+    """
+    if ccfg.get("threshold") is not None:
+        return float(ccfg["threshold"]), "config (cascade.threshold)"
+    metrics_path = Path(classifier_weights).parent / "metrics.json"
+    record = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    threshold = ((record.get("threshold") or {}).get("sample") or {}).get(positive)
+    if threshold is None:
+        raise ConfigError(f"cascade.threshold is null (use the classifier's validation threshold), but "
+                          f"{metrics_path} holds no threshold.sample.{positive}: evaluate the classifier first, "
+                          "or set tasks.<task>.cascade.threshold to a number")
+    return float(threshold), f"classifier validation ({record['threshold'].get('method', '?')}, {metrics_path})"
 
 
 def crop_region(image: torch.Tensor, box: np.ndarray, margin: float, size: int) -> torch.Tensor:
@@ -95,6 +122,7 @@ def cascade_stage(config_path: str | Path, task: str, split_path: str | Path, de
                           f"(e.g. {missing[:3]}): rerun the detector on this split")
     det_score = det_pred.loc[sids, f"score_{c}"].to_numpy(float)
     flagged = det_score >= float(det["conf"])
+    threshold, threshold_source = cascade_threshold(ccfg, classifier_weights, c)
 
     device = resolve_device(ctx.study["device"])
     model = load_classifier(classifier_weights, ctx.spec, device)
@@ -113,7 +141,8 @@ def cascade_stage(config_path: str | Path, task: str, split_path: str | Path, de
                                                               clip=True, channel_wise=True)])
         inputs = []
         for i in idx:
-            image = torch.as_tensor(np.asarray(load({"row": rows.iloc[int(i)].to_dict()})["image"]), dtype=torch.float32)
+            image = torch.as_tensor(np.asarray(load({"row": rows.iloc[int(i)].to_dict()})["image"]),
+                                    dtype=torch.float32)
             inputs.append(crop_region(image, best.loc[sids.iloc[int(i)], ["cx", "cy", "w", "h"]].to_numpy(float),
                                       float(ccfg["margin"]), size))
     batch = int(ctx.tcfg["train"]["batch_size"])
@@ -126,13 +155,14 @@ def cascade_stage(config_path: str | Path, task: str, split_path: str | Path, de
     det_meta = read_sidecar(detector_dir / "model.safetensors")
     write_json(out_dir / "model.json", {
         "task": task, "model": "cascade", "split_manifest": str(split_path), "cascade": ccfg,
+        "threshold": threshold, "threshold_source": threshold_source,
         "detector": det_meta.get("detector"), "classifier": meta.get("model"),
         "params": (det_meta.get("params") or 0) + (meta.get("params") or 0),
         "trainable_params": (det_meta.get("params") or 0) + (meta.get("params") or 0),
         "train_seconds": (det_meta.get("train_seconds") or 0.0) + (meta.get("train_seconds") or 0.0),
         "flagged_slices": int(flagged.sum()), "slices": len(rows)})
-    ptp_stage(config_path, task, out_dir / "predictions.csv", out_dir / "ptp.json", section="cascade")
+    ptp_stage(config_path, task, out_dir / "predictions.csv", out_dir / "ptp.json", section="cascade", conf=threshold)
     return evaluate_stage(config_path, task, "cascade", out_dir / "predictions.csv", out_dir / "metrics.json")
 
 
-__all__ = ["CASCADE_DEFAULTS", "cascade_config", "cascade_stage", "crop_region"]
+__all__ = ["CASCADE_DEFAULTS", "cascade_config", "cascade_stage", "cascade_threshold", "crop_region"]

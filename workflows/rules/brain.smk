@@ -198,6 +198,8 @@ if "brain" in TASKS:
                 detections=f"{_DET}/predictions.csv",
                 boxes=f"{_DET}/boxes.csv",
                 classifier=f"{_DIS}/{_brain['cascade']['classifier']}/model.safetensors",
+                # holds the classifier's validation-chosen threshold (cascade.threshold: null)
+                classifier_metrics=f"{_DIS}/{_brain['cascade']['classifier']}/metrics.json",
             output:
                 predictions=f"{_CAS}/predictions.csv",
                 card=f"{_CAS}/model.json",
