@@ -66,7 +66,9 @@ bench-quality: setup
 	done
 	$(BIN)/python benchmarks/quality.py --studies $(QUALITY_STUDIES)
 
+# Python (ruff, settings in pyproject.toml) and the workflow (Snakemake's own linter).
 lint: setup
+	$(BIN)/ruff check .
 	$(BIN)/snakemake --lint --cores 1
 
 clean:

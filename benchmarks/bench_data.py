@@ -31,7 +31,8 @@ def make_dataset(manifest: Path, size: int, cache: bool):
 
     df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     load = load_transforms(manifest.parent, (size, size))
-    recs = [{"row": row, "patient_id": row["patient_id"], "sample_id": str(i)} for i, row in enumerate(df.to_dict("records"))]
+    recs = [{"row": row, "patient_id": row["patient_id"], "sample_id": str(i)} for i,
+            row in enumerate(df.to_dict("records"))]
     return SampleDataset(recs, lambda r: {"image": load(r)["image"]}, augment=augment_transforms(2, flips=True),
                          seed=0, cache=cache)
 

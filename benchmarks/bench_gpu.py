@@ -67,8 +67,10 @@ def paper_rows(device: torch.device, quick: bool, rounds: int, mae_batches: list
     # (name, builder, input shape, also compiled): compiling CSwin-UNet takes minutes (344 s on the CPU)
     cases = [("cswin_unet", lambda: create_model("cswin_unet", in_chans=3, num_classes=1),
               (1, 3, 32, 64, 64) if quick else (2, 3, 32, 128, 128), False)]
-    cases += [("mae_vit_base 224px/16, mask 0.75", lambda: build_mae("vit_base", in_chans=1, img_size=224, patch_size=16,
-                                                                     mask_ratio=0.75), (2 if quick else b, 1, 224, 224), True)
+    cases += [("mae_vit_base 224px/16, mask 0.75", lambda: build_mae("vit_base", in_chans=1, img_size=224,
+                                                                     patch_size=16,
+                                                                     mask_ratio=0.75), (2 if quick else b, 1, 224, 224),
+               True)
               for b in mae_batches]
     pk = peaks(device, rounds)
     print("matmul peaks (TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in pk.items()))
@@ -202,7 +204,8 @@ def sync_rows(device: torch.device, quick: bool, rounds: int) -> list[dict]:
 
             med = U.interleaved({m: ten(make(m)) for m in ("none", "two", "one")}, device, rounds=rounds // 2 or 1)
             row = {"case": name, **{f"{k}_ms": round(v / 10 * 1e3, 2) for k, v in med.items()},
-                   "two_over_none": round(med["two"] / med["none"], 3), "one_over_none": round(med["one"] / med["none"], 3)}
+                   "two_over_none": round(med["two"] / med["none"], 3), "one_over_none": round(med["one"] / med["none"],
+                                                                                               3)}
             rows.append(row)
             print(f"{name:28s} ms/step: no sync {row['none_ms']}, two syncs {row['two_ms']}, one sync {row['one_ms']}")
             model = opt = None  # free this case's memory before the next

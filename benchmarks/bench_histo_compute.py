@@ -72,7 +72,8 @@ def main() -> None:
 def markdown(record: dict) -> str:
     lines = ["# Histopathology models: compute", "",
              f"CPU, {record['threads']} thread(s), median of {record['repeats']} forward passes; "
-             f"{record['hardware'].get('cpu_count')} CPUs ({record['hardware'].get('machine')}, shared with other jobs); "
+             f"{record['hardware'].get('cpu_count')} CPUs ({record['hardware'].get('machine')}, shared with other "
+             "jobs); "
              f"torch {record['torch']}; {record['created']}. FLOPs per image (1 multiply-add = 2 "
              "FLOPs) from torch.utils.flop_counter with attention counted; latency on a shared machine is "
              "indicative.", ""]

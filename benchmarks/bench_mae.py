@@ -36,7 +36,8 @@ def main() -> None:
     device = U.device_of(args.device)
     rounds = args.steps or (3 if args.quick else 10)
     start_peaks = matmul_peak(device)
-    print(f"device {device}: matmul peak fp32 {start_peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {start_peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"device {device}: matmul peak fp32 {start_peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
+          f"{start_peaks['bf16'] / 1e9:.0f} GFLOP/s")
     rows = []
     for name, encoder, size, patch, batch in CONFIGS[:1] if args.quick else CONFIGS:
         torch.manual_seed(0)

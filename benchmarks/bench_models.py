@@ -58,9 +58,11 @@ def bench_model(name: str, device: torch.device, quick: bool, rounds: int) -> di
     steps = {f"train_{p}": U.train_step_fn(model, x, device, p == "bf16") for p in ("fp32", "bf16")}
     steps.update({f"infer_{p}": U.infer_fn(model, x, device, p == "bf16") for p in ("fp32", "bf16")})
     med, peaks = U.interleaved_with_peak(steps, device, rounds)
-    row = {"model": name, "input": list(x.shape[1:]), "batch": batch, "params": sum(p.numel() for p in model.parameters()),
+    row = {"model": name, "input": list(x.shape[1:]), "batch": batch,
+           "params": sum(p.numel() for p in model.parameters()),
            "matmul_peak_gflops": {p: round(v / 1e9, 2) for p, v in peaks.items()},
-           "train_gflop_per_sample": round(flops / batch / 1e9, 4), "peak_train_memory_mib": mem["peak_mib"], "activations_mib": mem["activations_mib"],
+           "train_gflop_per_sample": round(flops / batch / 1e9, 4), "peak_train_memory_mib": mem["peak_mib"],
+           "activations_mib": mem["activations_mib"],
            "memory_method": mem["method"]}
     for p in ("fp32", "bf16"):
         tps = batch / med[f"train_{p}"]
@@ -134,8 +136,10 @@ def main() -> None:
                 skipped[name] = f"{type(exc).__name__}: {exc}"
                 continue
             runs.setdefault(name, []).append(row)
-            print(f"{name:16s} train {row['train_samples_per_s_fp32']:8.1f}/s fp32 {row['train_samples_per_s_bf16']:8.1f}/s bf16"
-                  f"  ({100 * row['train_fraction_of_peak_fp32']:.1f}% / {100 * row['train_fraction_of_peak_bf16']:.1f}% of peak)"
+            print(f"{name:16s} train {row['train_samples_per_s_fp32']:8.1f}/s fp32 "
+                  f"{row['train_samples_per_s_bf16']:8.1f}/s bf16"
+                  f"  ({100 * row['train_fraction_of_peak_fp32']:.1f}% / "
+                  f"{100 * row['train_fraction_of_peak_bf16']:.1f}% of peak)"
                   f"  infer {row['infer_samples_per_s_fp32']:8.1f}/s  mem {row['peak_train_memory_mib']} MiB"
                   + (f"  [pass {k + 1}/{passes}]" if passes > 1 else ""))
             rows[:] = [median_pass(r) for r in runs.values()]

@@ -121,7 +121,8 @@ def compare_loops(name: str, peer: str, checkpoint: str, build, data, loss_fn, d
     return {"comparison": name, "peer": peer, "peer_checkpoint": checkpoint, "samples": len(data), "batch": batch,
             "epochs": epochs, "rounds": rounds, "ours_s": round(o, 3), "peer_s": round(t, 3), "bare_s": round(b, 3),
             "overhead_ratio": round(o / t, 3), "overhead_vs_bare": round(o / b, 3),
-            "ours_samples_per_s": round(len(data) * epochs / o, 2), "peer_samples_per_s": round(len(data) * epochs / t, 2)}
+            "ours_samples_per_s": round(len(data) * epochs / o, 2), "peer_samples_per_s": round(len(data) * epochs / t,
+                                                                                                2)}
 
 
 def vit_comparison(device, quick, work) -> dict:
@@ -175,7 +176,8 @@ def tiny_yolo_dataset(folder: Path, n_train: int, n_val: int, size: int) -> Path
             w, h = rng.integers(size // 8, size // 3, 2)
             cx, cy = rng.integers(w, size - w), rng.integers(h, size - h)
             img[cy - h // 2: cy + h // 2, cx - w // 2: cx + w // 2] += 120
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).convert("RGB").save(folder / "images" / split / f"{i}.png")
+            Image.fromarray(img.clip(0,
+                                     255).astype(np.uint8)).convert("RGB").save(folder / "images" / split / f"{i}.png")
             (folder / "labels" / split / f"{i}.txt").write_text(
                 f"0 {cx / size:.4f} {cy / size:.4f} {(w // 2 * 2) / size:.4f} {(h // 2 * 2) / size:.4f}\n")
     data = folder / "data.yaml"
@@ -228,7 +230,8 @@ def yolo_comparison(device, quick, work) -> dict:
         ours.append(run(ours_cmd))
         theirs.append(run(cli_cmd))
     o, t = statistics.median(ours), statistics.median(theirs)
-    return {"comparison": "YOLOv8n training (whole process, incl. validation)", "peer": "ultralytics `yolo detect train` CLI",
+    return {"comparison": "YOLOv8n training (whole process, incl. validation)",
+            "peer": "ultralytics `yolo detect train` CLI",
             "samples": n_train, "batch": batch, "epochs": epochs, "image_size": size, "rounds": rounds,
             "ours_s": round(o, 2), "peer_s": round(t, 2), "overhead_ratio": round(o / t, 3)}
 

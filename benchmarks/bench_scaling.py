@@ -44,7 +44,8 @@ def dct(size: int, scale: int = 1) -> nn.Module:
 
 FAMILIES = {
     # family: builder, channels, spatial dims, batch, image sizes (quick, full), widths (quick, full)
-    "mae": (mae, 1, 2, 8, ([32, 64], [32, 64, 128, 224]), (["vit_tiny", "vit_small"], ["vit_tiny", "vit_small", "vit_base"])),
+    "mae": (mae, 1, 2, 8, ([32, 64], [32, 64, 128, 224]), (["vit_tiny", "vit_small"], ["vit_tiny", "vit_small",
+                                                                                       "vit_base"])),
     "cswin_unet": (cswin, 3, 3, 4, ([16, 32], [16, 32, 64]), ([12, 24], [12, 24, 48])),
     "dct_histo": (dct, 3, 2, 8, ([32, 64], [32, 64, 128, 224]), ([1, 2], [1, 2, 4])),
 }
@@ -149,7 +150,8 @@ def main() -> None:
     device = U.device_of(args.device)
     volume = [int(v) for v in args.cswin_volume.split(",")]
     rows, skipped = ([], {"scaling": "--memory-only"}) if args.memory_only else scaling_rows(device, args.quick)
-    mem, mem_skipped = ([], {"memory": "--skip-memory"}) if args.skip_memory else memory_rows(device, args.quick, volume)
+    mem, mem_skipped = ([], {"memory": "--skip-memory"}) if args.skip_memory else memory_rows(device, args.quick,
+                                                                                              volume)
     U.write_json(U.out_path(args, "scaling", device), {**U.header(device, args.quick), "scaling": rows,
                                                        "memory": mem, "skipped": {**skipped, **mem_skipped}})
 

@@ -308,7 +308,8 @@ def _targets(all_data: dict[str, Any]) -> list[str]:
         add("peak memory of the whole demo run <= 4 GiB", f"{demo['peak_memory_mib'] / 1024:.2f} GiB",
             demo["peak_memory_mib"] <= 4096)
     for r in (b.get("peers") or {}).get("results", []):
-        add(f"overhead vs {r['peer']} ({r['comparison']}) <= 1.10", f"x{r['overhead_ratio']}", r["overhead_ratio"] <= 1.10)
+        add(f"overhead vs {r['peer']} ({r['comparison']}) <= 1.10", f"x{r['overhead_ratio']}",
+            r["overhead_ratio"] <= 1.10)
     ingest = b.get("ingest") or {}
     largest = max(ingest.get("results", []), key=lambda r: (r["files"], r["files_per_s"]), default=None)
     if largest:
@@ -360,14 +361,18 @@ def render(all_data: dict[str, Any]) -> str:
                   "matmul rate timed in the same interleaved rounds as that model's fp32 and bf16 steps (the `peak` "
                   "columns, medians), so a slow spell of the machine moves both alike." + _passes_sentence(d), ""]
         rows = [{**r, "f32": _pct_passes(r, "fp32"), "fb16": _pct_passes(r, "bf16"),
-                 "pk32": (r.get("matmul_peak_gflops") or {}).get("fp32"), "pk16": (r.get("matmul_peak_gflops") or {}).get("bf16"),
+                 "pk32": (r.get("matmul_peak_gflops") or {}).get("fp32"),
+                 "pk16": (r.get("matmul_peak_gflops") or {}).get("bf16"),
                  "inp": "x".join(map(str, r["input"]))} for r in d["results"]]
         lines.append(_table(rows, [("model", "model"), ("inp", "input"), ("batch", "batch"),
-                                   ("train_samples_per_s_fp32", "train/s fp32"), ("train_samples_per_s_bf16", "train/s bf16"),
+                                   ("train_samples_per_s_fp32", "train/s fp32"), ("train_samples_per_s_bf16",
+                                                                                  "train/s bf16"),
                                    ("pk32", "peak fp32 GFLOP/s"), ("f32", "% peak fp32"),
                                    ("pk16", "peak bf16 GFLOP/s"), ("fb16", "% peak bf16"),
-                                   ("infer_samples_per_s_fp32", "infer/s fp32"), ("infer_samples_per_s_bf16", "infer/s bf16"),
-                                   ("bf16_train_speedup", "bf16 speed-up"), ("peak_train_memory_mib", "peak MiB (train)"),
+                                   ("infer_samples_per_s_fp32", "infer/s fp32"), ("infer_samples_per_s_bf16",
+                                                                                  "infer/s bf16"),
+                                   ("bf16_train_speedup", "bf16 speed-up"), ("peak_train_memory_mib",
+                                                                             "peak MiB (train)"),
                                    ("activations_mib", "activations MiB")]))
         lines.append(_skips(d))
         from _util import ZOO
@@ -381,8 +386,10 @@ def render(all_data: dict[str, Any]) -> str:
         lines += ["## Speed switches: the gain each brings", "",
                   f"bf16 probe (what `bf16: auto` measures): fp32 {pr.get('fp32_gflops')} GFLOP/s, bf16 "
                   f"{pr.get('bf16_gflops')} GFLOP/s (x{pr.get('speedup')}) -> auto chooses "
-                  f"**{'bf16' if pr.get('auto_chooses_bf16') else 'fp32'}** here. Per-model bf16 gains are in the table above.",
-                  "", "Speed-up = seconds per training step without / with the switch (> 1 helps), interleaved medians; "
+                  f"**{'bf16' if pr.get('auto_chooses_bf16') else 'fp32'}** here. Per-model bf16 gains are in the "
+                  "table above.",
+                  "",
+                  "Speed-up = seconds per training step without / with the switch (> 1 helps), interleaved medians; "
                   "`retain_freed_memory` is process-wide, so its settings run in child processes taken in turn "
                   "(medians over the processes) and its rows give the page faults per step.", ""]
         lines.append(_table(d["results"], [("switch", "switch"), ("model", "model"), ("batch", "batch"),
@@ -395,7 +402,8 @@ def render(all_data: dict[str, Any]) -> str:
         d = b["data"]
         ds = d.get("dataset", {})
         lines += ["## Data loading vs the model's consumption", "",
-                  f"{ds.get('samples')} {ds.get('modality')} images at {ds.get('image_size')} px, batch {ds.get('batch')}; "
+                  f"{ds.get('samples')} {ds.get('modality')} images at {ds.get('image_size')} px, batch "
+                  f"{ds.get('batch')}; "
                   f"decode + percentile scaling + resize (cached) + flips (per epoch). `auto` workers here: "
                   f"{d.get('auto_num_workers')}.", ""]
         lines.append(_table(d["loading"], [("workers", "workers"), ("cache", "cache"),
@@ -459,7 +467,8 @@ def render(all_data: dict[str, Any]) -> str:
                                            ("worker_peak_rss_mib", "worker peak MiB"),
                                            ("total_peak_mib", "total peak MiB")]))
         for w, g in (d.get("memory_growth") or {}).items():
-            lines.append(f"- {w} process(es): {g['files_ratio']}x the files -> {g['peak_memory_ratio']}x the total peak memory")
+            lines.append(f"- {w} process(es): {g['files_ratio']}x the files -> {g['peak_memory_ratio']}x the total "
+                         "peak memory")
         lines.append("")
     if "gpu" in b:
         lines += _gpu_section(b["gpu"])
@@ -476,7 +485,8 @@ def render(all_data: dict[str, Any]) -> str:
     for study, rows in (all_data.get("rules") or {}).items():
         lines += [f"`results/{study}/benchmarks/` ({sum(r['jobs'] for r in rows)} jobs, "
                   f"{round(sum(r['total_s'] for r in rows), 1)} s of job time):", ""]
-        lines.append(_table(rows, [("rule", "rule"), ("jobs", "jobs"), ("total_s", "total s"), ("max_s", "slowest job s"),
+        lines.append(_table(rows, [("rule", "rule"), ("jobs", "jobs"), ("total_s", "total s"), ("max_s",
+                                                                                                "slowest job s"),
                                    ("max_rss_mib", "max RSS MiB")]))
     if not all_data.get("rules"):
         lines.append("_No Snakemake benchmark files found: run `make demo` (or `--run-demo`) first._\n")
@@ -489,8 +499,10 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--only", default=None, help="comma-separated subset of " + ", ".join(SUITE) + " (default: all; "
                    + ", ".join(sorted(CUDA_ONLY)) + " only on CUDA)")
-    p.add_argument("--results", default=str(HERE / "results"), help="folder of the JSON files (default: benchmarks/results)")
-    p.add_argument("--report", default=str(HERE / "RESULTS.md"), help="the Markdown report (default: benchmarks/RESULTS.md)")
+    p.add_argument("--results", default=str(HERE / "results"),
+                   help="folder of the JSON files (default: benchmarks/results)")
+    p.add_argument("--report", default=str(HERE / "RESULTS.md"),
+                   help="the Markdown report (default: benchmarks/RESULTS.md)")
     p.add_argument("--study", action="append", default=None, help="study folder(s) under results/ (default: demo)")
     p.add_argument("--run-demo", action="store_true", help="run `make demo` first to refresh the per-rule times")
     p.add_argument("--note", default="", help="a line printed under the machine (e.g. 'taken under load')")

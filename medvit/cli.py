@@ -241,7 +241,9 @@ def _cmd_adapt_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     import medvit
 
-    parser = argparse.ArgumentParser(prog="medvit", description="medvit: medical image analysis with vision transformers, one stage per subcommand.")
+    parser = argparse.ArgumentParser(prog="medvit",
+                                     description="medvit: medical image analysis with vision transformers, one stage "
+                                                 "per subcommand.")
     # where the code runs from, as pip does: which checkout a venv's `medvit` command runs
     parser.add_argument("--version", action="version",
                         version=f"medvit {medvit.__version__} from {Path(medvit.__file__).resolve().parent}")
@@ -278,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_labels.set_defaults(func=_cmd_manifest_add_labels)
 
     ingest = sub.add_parser("ingest", help="build a pseudonymised manifest from a folder of DICOM/NIfTI files")
-    ingest.add_argument("dir", type=Path, help="folder of DICOM files/series, NIfTI and other images (walked recursively)")
+    ingest.add_argument("dir", type=Path,
+                        help="folder of DICOM files/series, NIfTI and other images (walked recursively)")
     ingest.add_argument("--out", type=Path, required=True, help="manifest CSV to write (quarantine.csv goes beside it)")
     ingest.add_argument("--key", default=None,
                         help="pseudonymisation key (default: $MEDVIT_PSEUDONYM_KEY); never written to outputs")
@@ -293,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--patients", type=int, required=True, help="number of synthetic patients")
     synth.add_argument("--out", type=Path, required=True, help="folder for the images and manifest.csv")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same files")
-    synth.add_argument("--image-size", type=int, default=None, help="side length in pixels (modality default if omitted)")
+    synth.add_argument("--image-size", type=int, default=None,
+                       help="side length in pixels (modality default if omitted)")
     synth.set_defaults(func=_cmd_synth)
 
     imp = sub.add_parser("import", help="turn a shipped real dataset into files and a manifest")
@@ -301,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the dataset to import (data_manifests/README.md)")
     imp.add_argument("source", type=Path, nargs="?", default=None,
                      help="the dataset file (default: the copy the repository ships, e.g. "
-                          "data_manifests/pneumoniamnist/pneumoniamnist.npz; lgg: ../shared/data/lgg_brain_mri_128.npz beside "
+                          "data_manifests/pneumoniamnist/pneumoniamnist.npz; lgg: ../shared/data/lgg_brain_mri_128.npz "
+                          "beside "
                           "the repository, which is never copied into it)")
     imp.add_argument("--from", dest="source_from", type=Path, default=None, metavar="PATH",
                      help="the dataset file (same as SOURCE)")
@@ -420,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     cascade = stage("cascade", "detection then classification of the flagged slices, evaluated per patient",
                     _cmd_cascade)
     cascade.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
-    cascade.add_argument("--detector", type=Path, required=True, help="the detector folder (predictions.csv, boxes.csv)")
+    cascade.add_argument("--detector", type=Path, required=True,
+                         help="the detector folder (predictions.csv, boxes.csv)")
     cascade.add_argument("--classifier", type=Path, required=True, help="the classifier's model.safetensors")
     cascade.add_argument("--out", type=Path, required=True, help="cascade folder")
 

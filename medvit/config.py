@@ -216,7 +216,8 @@ def _semantic_errors(study: Mapping, source: str | Path | None = None) -> list[s
                       f"{_PATTERN_WORDS['^[A-Za-z0-9_-]+$']} (pattern ^[A-Za-z0-9_-]+$)")
     results_dir = study.get("results_dir")
     if isinstance(results_dir, str) and results_dir and not _SAFE_PATH.fullmatch(results_dir):
-        errors.append(f"results_dir: got {_show(results_dir)}; allowed: a path of letters, digits and _ . / + @ : , = - "
+        errors.append(f"results_dir: got {_show(results_dir)}; allowed: a path of letters, digits and _ . / + @ : , = "
+                      "- "
                       "(not starting with '-'; no spaces or shell metacharacters: it is part of every output path "
                       "in the workflow's shell commands)")
     tasks = study.get("tasks")

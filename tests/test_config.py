@@ -163,7 +163,8 @@ def test_every_schema_key_has_default_and_description():
         ("study: s\ndevice: gpu\ntasks: {xray: {}}\n", ["device", "'gpu'", "one of auto, cpu, cuda"]),
         ("study: s\ntasks: {brain: {anomaly_ratio: 1.5}}\n", ["tasks.brain.anomaly_ratio", "1.5", "> 0 and < 1"]),
         ("study: s\ntasks: {xray: {train: {lr: 1e-3}}}\n", ["tasks.xray.train.lr", "'1e-3'", "write 1.0e-3"]),
-        ("study: s\ntasks: {xray: {train: {bf16: sometimes}}}\n", ["tasks.xray.train.bf16", "one of true, false, auto"]),
+        ("study: s\ntasks: {xray: {train: {bf16: sometimes}}}\n", ["tasks.xray.train.bf16",
+                                                                   "one of true, false, auto"]),
         ("study: s\ntasks: {prostate: {roi_size: [32, 32]}}\n", ["tasks.prostate.roi_size", "[32, 32]", "exactly 3"]),
         ("study: s\ntasks: {xray: {synthetic: {patients: 2}}}\n",
          ["tasks.xray.synthetic.patients", "got 2", "an integer >= 4"]),
@@ -285,7 +286,8 @@ def test_unknown_subgroup_columns_are_refused_at_config_time(tmp_path, monkeypat
                                       "tasks:\n  brain: {manifest: m.csv}\n"))
     assert good["evaluation"]["subgroups"] == ["sex", "site"]
     with pytest.raises(ConfigError) as err:
-        load_study(write(tmp_path, "study: s\nevaluation: {subgroups: [sex, age]}\ntasks:\n  brain: {manifest: m.csv}\n"))
+        load_study(write(tmp_path,
+                         "study: s\nevaluation: {subgroups: [sex, age]}\ntasks:\n  brain: {manifest: m.csv}\n"))
     assert 'evaluation.subgroups: got ["age"], not column(s) of the brain manifest m.csv' in str(err.value)
     assert "patient_id, image, label, sex, site" in str(err.value)
     with pytest.raises(ConfigError):

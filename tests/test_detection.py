@@ -19,8 +19,8 @@ os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="medvit-yolo-")
 
 from medvit.data.synth import synthesize
 from medvit.engine import save_weights
-from medvit.models import create_model
 from medvit.errors import ConfigError
+from medvit.models import create_model
 from medvit.tasks.cascade import cascade_stage, crop_region
 from medvit.tasks.common import split_stage
 

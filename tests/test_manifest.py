@@ -143,7 +143,8 @@ def test_missing_manifest(tmp_path: Path) -> None:
 
 
 def test_missing_image_is_quarantined_and_run_goes_on(study: Path) -> None:
-    m = write(study / "m.csv", "patient_id,image,label\np1,img/a.png,normal\np2,img/missing.png,tumor\np3,img/b.png,tumor\n")
+    m = write(study / "m.csv",
+              "patient_id,image,label\np1,img/a.png,normal\np2,img/missing.png,tumor\np3,img/b.png,tumor\n")
     man = load_manifest(m)
     assert list(man.df["patient_id"]) == ["p1", "p3"] and list(man.df["_row"]) == [1, 3]
     assert list(man.df["sample_id"]) == ["r1", "r3"]
@@ -239,7 +240,8 @@ def test_channels_on_different_grids_are_quarantined(study: Path) -> None:
     m = write(study / "m.csv", "patient_id,image_t2w,image_adc\np1,img/a.png,img/big.png\np2,img/b.png,img/c.png\n")
     man = load_manifest(m, check_files=True)
     assert list(man.df["patient_id"]) == ["p2"]
-    assert str(man.problems[0]).startswith("row 1, column image_adc: unreadable: `image_adc` has spatial shape (16, 16)")
+    assert str(man.problems[0]).startswith(
+        "row 1, column image_adc: unreadable: `image_adc` has spatial shape (16, 16)")
 
 
 # ------------------------------------------------------------------------- leakage

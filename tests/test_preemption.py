@@ -55,8 +55,9 @@ class Data(torch.utils.data.Dataset):
 seed_everything(0)
 model = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
 ce = nn.CrossEntropyLoss()
-trainer = Trainer(model, Data(40, 0, slow), Data(12, 40, slow_val), {"epochs": 3, "batch_size": 4, "lr": 0.01, "device": "cpu"},
-                  out, loss_fn=lambda o, b: ce(o, b["label"]),
+trainer = Trainer(model, Data(40, 0, slow), Data(12, 40, slow_val),
+                  {"epochs": 3, "batch_size": 4, "lr": 0.01, "device": "cpu"}, out,
+                  loss_fn=lambda o, b: ce(o, b["label"]),
                   val_metric_fn=lambda o, t: -float(ce(o, t.long())), progress=False)
 try:
     result = trainer.fit(resume=True)

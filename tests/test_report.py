@@ -127,7 +127,8 @@ def test_task_figures_are_inlined(tmp_path):
     from PIL import Image
 
     Image.new("L", (4, 4)).save(png)
-    study = {"study": "s", "results_dir": str(tmp_path / "results"), "tasks": {"xray": {"pretrain": {"mask_ratio": 0.9}}}}
+    study = {"study": "s", "results_dir": str(tmp_path / "results"),
+             "tasks": {"xray": {"pretrain": {"mask_ratio": 0.9}}}}
     figures = task_figures(study)
     assert [p for _, p in figures["xray"]] == [png]
     record = {"task": "xray", "model": "m", "metrics": {}, "sample_level": {"metrics": {}}}

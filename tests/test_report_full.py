@@ -64,8 +64,10 @@ def study(tmp_path_factory):
                    "n_quarantined": 1,
                    "quarantined": [{"row": 7, "column": "image",
                                     "reason": "cannot read images/DOE^JOHN/slice7.dcm: truncated file"}],
-                   "splits": {"val": {"patients": 20, "samples": 40, "classes": {"normal": {"patients": 12, "samples": 24},
-                                                                                  "tumor": {"patients": 8, "samples": 16}}},
+                   "splits": {"val": {"patients": 20, "samples": 40, "classes": {"normal": {"patients": 12,
+                                                                                            "samples": 24},
+                                                                                  "tumor": {"patients": 8,
+                                                                                            "samples": 16}}},
                               "test": {"patients": 20, "samples": 40}}}
         if task == "brain":
             summary["anomaly"] = {"test": {"by": "patient", "target_abnormal_fraction": 0.1,

@@ -229,7 +229,8 @@ def test_subgroup_columns_travel_into_predictions(tmp_path):
 
     from medvit.tasks.common import StageContext, TaskSpec, write_predictions
 
-    df = pd.DataFrame({"patient_id": ["a", "b", "c"], "sample_id": ["a1", "b1", "c1"], "split": ["val", "test", "train"],
+    df = pd.DataFrame({"patient_id": ["a", "b", "c"], "sample_id": ["a1", "b1", "c1"], "split": ["val", "test",
+                                                                                                 "train"],
                        "label": ["tumor", "normal", "tumor"], "sex": ["F", "M", "F"], "site": ["1", "2", ""]})
     spec = TaskSpec("binary", ["tumor"], "label", ["normal", "tumor"])
     ctx = StageContext({"evaluation": {"subgroups": ["sex", "site"]}}, tmp_path, "brain", {},
@@ -283,7 +284,8 @@ def test_multiclass_failures_and_subgroups():
                           "score_a": [.7, .8, .1, .2, .1, .3], "score_b": [.2, .1, .1, .7, .8, .3],
                           "score_c": [.1, .1, .8, .1, .1, .4], "site": ["x", "x", "x", "y", "y", "y"]})
     cases = C.failure_cases(table.drop(columns="site"), ["a", "b", "c"], "multiclass", None, n=5)
-    assert [(c["class"], c["error"], c["score"]) for c in cases] == [("b", "predicted a", 0.8), ("a", "predicted b", 0.7)]
+    assert [(c["class"], c["error"], c["score"]) for c in cases] == [("b", "predicted a", 0.8), ("a", "predicted b",
+                                                                                                 0.7)]
     res = C.subgroup_metrics(table, "site", ["a", "b", "c"], "multiclass", "balanced_accuracy", n_boot=50,
                              n_permutations=50)
     got = {g["value"]: g["metric"]["value"] for g in res["groups"]}

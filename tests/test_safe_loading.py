@@ -209,7 +209,8 @@ def test_source_has_no_unsafe_loader():
                 v = kw.get("allow_pickle")
                 if not (isinstance(v, ast.Constant) and v.value is False):
                     offences.append(f"{where} np.load without allow_pickle=False")
-            if owner in ("pickle", "cPickle", "dill", "joblib", "marshal", "shelve") and name in ("load", "loads", "open"):
+            if owner in ("pickle", "cPickle", "dill", "joblib", "marshal", "shelve") and name in ("load", "loads",
+                                                                                                  "open"):
                 offences.append(f"{where} {owner}.{name}")
             if owner == "yaml" and name in ("load", "unsafe_load", "full_load", "load_all", "unsafe_load_all"):
                 offences.append(f"{where} yaml.{name}")

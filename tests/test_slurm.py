@@ -233,7 +233,8 @@ def test_preempted_training_job_checkpoints_and_resumes_after_requeue(slurm, tmp
         if not released and scontrol_state(job_id, env) == "PENDING":
             released = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
                                       capture_output=True, text=True, env=env).returncode == 0
-        assert time.monotonic() < deadline, (scontrol_state(job_id, env), (tmp_path / f"slurm-{job_id}.log").read_text(),
+        assert time.monotonic() < deadline, (scontrol_state(job_id, env),
+                                             (tmp_path / f"slurm-{job_id}.log").read_text(),
                                              cluster_report(state, env))
         time.sleep(1)
     log = (out / "train.log").read_text()

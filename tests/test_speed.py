@@ -86,7 +86,8 @@ def _tiny_training(tmp_path, bf16):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(24, 2, 8, 8, generator=g)
     data = [{"image": x[i], "label": torch.tensor(i % 3)} for i in range(24)]
-    model = nn.Sequential(conv_net(), nn.Dropout(0.3))  # BatchNorm statistics and dropout: state the probe must not touch
+    model = nn.Sequential(conv_net(),
+                          nn.Dropout(0.3))  # BatchNorm statistics and dropout: state the probe must not touch
     model(x[:2])
     ce = nn.CrossEntropyLoss()
     trainer = Trainer(model, data[:16], data[16:], {"epochs": 2, "batch_size": 8, "lr": 0.01, "warmup_epochs": 0,
@@ -306,8 +307,9 @@ def test_trainer_applies_tf32_to_its_device(tmp_path, monkeypatch, tf32):
 _MALLINFO_SCRIPT = """
 import ctypes, sys, torch
 class Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [(name, ctypes.c_size_t)
+                for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                             "fordblks", "keepcost")]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Mallinfo2
 if sys.argv[1] == "retain":
@@ -443,7 +445,8 @@ def test_gpu_benchmark_section_and_targets_are_rendered():
                       "pad16_speedup": 0.99}],
            "syncs": [{"case": "vit_tiny 64px b32", "none_ms": 20.1, "two_ms": 19.5, "one_ms": 20.1,
                       "two_over_none": 0.97, "one_over_none": 1.0}]}
-    page = run_all.render({"created": "now", "quick": False, "device_type": "cuda", "results_dir": "benchmarks/results/cuda",
+    page = run_all.render({"created": "now", "quick": False, "device_type": "cuda",
+                           "results_dir": "benchmarks/results/cuda",
                            "machine": {"gpu": "G"}, "rules": {}, "status": {}, "benchmarks": {"gpu": gpu}})
     assert "## GPU at paper sizes" in page and "| bf16_compiled | 6400 |" in page and "| 55 |" in page
     assert "padded for the CUDA flash kernel" in page and "benchmarks/results/cuda/all_cuda.json" in page

@@ -65,7 +65,8 @@ def test_mae_encoder_statistics_carry_into_finetuning_with_fresh_final_norm(tmp_
     vit = create_model("vit_tiny_mae", in_chans=1, num_classes=2, img_size=16, patch_size=8)
     info = load_pretrained(vit, path, fresh_final_norm=True)
     assert info["input_norm"] is True
-    assert input_statistics(vit)["mean"] == pytest.approx([0.3]) and input_statistics(vit)["std"] == pytest.approx([0.2])
+    stats = input_statistics(vit)
+    assert stats["mean"] == pytest.approx([0.3]) and stats["std"] == pytest.approx([0.2])
     assert torch.all(vit.fc_norm.weight == 1.0)  # MAE fine-tuning starts the pooled norm fresh
     load_pretrained(vit, path)
     assert torch.all(vit.fc_norm.weight == 3.0)

@@ -520,7 +520,8 @@ def _scan_one(task: tuple[Path, Path]) -> tuple[str, Any, set[tuple[str, bool]]]
         return "quarantine", (rel, "no pixel data" + (f" ({what})" if what else "")), found
     modality = _modality(ds)
     if modality in NON_IMAGE_MODALITIES:
-        return "quarantine", (rel, f"non-image DICOM object (Modality {modality}: {NON_IMAGE_MODALITIES[modality]})"), found
+        return "quarantine", (rel,
+                              f"non-image DICOM object (Modality {modality}: {NON_IMAGE_MODALITIES[modality]})"), found
     patient_id, name = _text(ds.get("PatientID")), _text(ds.get("PatientName"))
     patient = f"id:{patient_id}" if patient_id else (f"name:{name}" if name.strip("^= ") else f"folder:{parent}")
     study_uid = _text(ds.get("StudyInstanceUID"))
@@ -728,7 +729,8 @@ class _Redactor:
                       for w in _words(v) if len(w) >= 3}
         self.long_values = [v for v in self.values if len(v) >= 6]
         alternatives = "|".join(re.escape(v) for v in sorted(self.values, key=len, reverse=True))
-        self._pattern = re.compile(rf"(?<![0-9A-Za-z])(?:{alternatives})(?![0-9A-Za-z])", re.IGNORECASE) if alternatives else None
+        self._pattern = re.compile(rf"(?<![0-9A-Za-z])(?:{alternatives})(?![0-9A-Za-z])",
+                                   re.IGNORECASE) if alternatives else None
 
     def _identifying(self, part: str) -> bool:
         lower = part.lower()

@@ -291,7 +291,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if content == "dicom":  # the DICM marker is unambiguous whatever the suffix says
             return "dicom"
         hint = _EXT_HINT.get(suffix)
-        raise ImageReadError(p, f"unsupported file type {suffix!r}" + (f": {hint}" if hint else f"; supported: {SUPPORTED_FORMATS}"))
+        raise ImageReadError(p,
+                             f"unsupported file type {suffix!r}" + (f": {hint}" if hint else "; supported: "
+                                                                                             f"{SUPPORTED_FORMATS}"))
     if claimed == "nifti":
         want = "gzip" if suffix == ".nii.gz" else "nifti"
         if content == want:

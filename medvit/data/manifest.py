@@ -208,7 +208,8 @@ def _check_columns(df: pd.DataFrame, path: Path, header_line: str = "") -> None:
         missing.append("image (or image_<channel> columns)")
     reserved = [c for c in RESERVED_COLUMNS if c in df.columns]
     if reserved:
-        raise ManifestError(f"manifest {path}: column name(s) {', '.join(reserved)} are reserved for medvit; rename them")
+        raise ManifestError(f"manifest {path}: column name(s) {', '.join(reserved)} are reserved for medvit; rename "
+                            "them")
     if missing:
         hint = ""
         for sep, name in (("\t", "tab"), (";", "semicolon")):
@@ -286,7 +287,8 @@ def _duplicate_problems(df: pd.DataFrame) -> list[Problem]:
         if sid == "":
             continue  # already a schema problem
         if sid in first:
-            problems.append(Problem(int(row), "sample_id", f"duplicate sample_id {sid!r} (first used in row {first[sid]})"))
+            problems.append(Problem(int(row), "sample_id",
+                                    f"duplicate sample_id {sid!r} (first used in row {first[sid]})"))
         else:
             first[sid] = int(row)
     return problems
@@ -389,7 +391,8 @@ def _file_problems(df: pd.DataFrame, root: Path, check_files: bool,
                 elif sample is not None and (mask.shape[1:] != sample.shape[1:]
                                            or not np.allclose(mask.spacing, sample.spacing, rtol=1e-3, atol=1e-4)):
                     problems.append(Problem(row, "mask", f"mask grid {mask.shape[1:]} (spacing {mask.spacing}) differs "
-                                                         f"from image grid {sample.shape[1:]} (spacing {sample.spacing})"))
+                                                         f"from image grid {sample.shape[1:]} (spacing "
+                                                         f"{sample.spacing})"))
         if "boxes" in extra and "boxes" not in absent:
             reason = check_boxes_file(root / rec["boxes"])
             if reason:
@@ -591,7 +594,8 @@ def identifying_id_warnings(df: pd.DataFrame, hint: bool = True) -> list[str]:
         if ids:
             first = sorted(r for rs in ids.values() for r in rs)
             lines.append(f"patient_id: {len(ids)} of {n_patients} patients have ids with {_ID_KINDS[kind]}, e.g. "
-                         f"row{'s' * (len(first) > 1)} {', '.join(map(str, first[:5]))}{' ...' if len(first) > 5 else ''}")
+                         f"row{'s' * (len(first) > 1)} "
+                         f"{', '.join(map(str, first[:5]))}{' ...' if len(first) > 5 else ''}")
     if lines and hint:
         lines.append(f"patient_id: ids should be codes, not names, MRNs or dates: {PSEUDONYMIZE_HINT}")
     return lines
@@ -713,7 +717,8 @@ def load_manifest(path: str | Path, check_files: bool = False, min_rows: int = 1
     problems = _collect_problems(df, root, check_files, read_problems)
     leaking = leaking_patients(df)
     if leaking:
-        raise LeakageError(leaking, detail=f"manifest {path}, column split; all samples of a patient must be in one split")
+        raise LeakageError(leaking,
+                           detail=f"manifest {path}, column split; all samples of a patient must be in one split")
     bad_rows = {p.row for p in problems if p.row is not None}
     n_rows = len(df) + len({p.row for p in read_problems})
     keep = df[~df["_row"].isin(bad_rows)].reset_index(drop=True)
@@ -883,9 +888,11 @@ def finding_names(df: pd.DataFrame) -> list[str]:
 
 
 __all__ = [
-    "Manifest", "Problem", "ValidationReport", "SPLITS", "SUPERVISED_SPLITS", "SCHEMA_PATH", "load_manifest", "validate_manifest",
+    "Manifest", "Problem", "ValidationReport", "SPLITS", "SUPERVISED_SPLITS", "SCHEMA_PATH", "load_manifest",
+    "validate_manifest",
     "format_report", "manifest_summary", "class_names", "finding_names", "finding_sets", "image_columns",
     "channel_columns", "check_boxes_file", "leakage_problems", "leaking_patients", "manifest_schema",
     "ROOTS_ENV", "allowed_roots", "outside_root_problems", "LINK_TREE_MARKER", "real_location", "manifest_roots",
-    "manifest_outside_roots", "identifying_id_kinds", "identifying_id_warnings", "PSEUDONYMIZE_HINT", "path_columns", "duplicate_image_problems",
+    "manifest_outside_roots", "identifying_id_kinds", "identifying_id_warnings", "PSEUDONYMIZE_HINT", "path_columns",
+    "duplicate_image_problems",
 ]

@@ -116,7 +116,8 @@ def import_pneumoniamnist(source: str | Path, out_dir: str | Path, limit: int | 
                 rows.append({"patient_id": sid, "sample_id": sid, "image": rel,
                              "label": PNEUMONIAMNIST_CLASSES[int(labels[i])], "split": split, "source_index": i})
             counts = pd.Series(labels).map(lambda v: PNEUMONIAMNIST_CLASSES[int(v)]).value_counts()
-            print(f"  {split}: {len(images)} images ({', '.join(f'{c} {counts.get(c, 0)}' for c in PNEUMONIAMNIST_CLASSES)})",
+            print(f"  {split}: {len(images)} images "
+                  f"({', '.join(f'{c} {counts.get(c, 0)}' for c in PNEUMONIAMNIST_CLASSES)})",
                   flush=True)
     manifest = out_dir / "manifest.csv"
     _write_atomic_csv(pd.DataFrame(rows), manifest)
@@ -298,7 +299,8 @@ def import_lgg(source: str | Path, out_dir: str | Path, limit: int | None = None
             row[f"image_{name}"] = rel
         mask = (masks[i] > 0).astype(np.uint8)
         if bool(mask.any()) != bool(has_tumor[i]):
-            raise MedvitError(f"{source}: slice {i} has_tumor={int(has_tumor[i])} but its mask has {int(mask.sum())} pixels")
+            raise MedvitError(f"{source}: slice {i} has_tumor={int(has_tumor[i])} but its mask has {int(mask.sum())} "
+                              "pixels")
         row["mask"] = f"masks/{pid}/{sid}.png"
         (out_dir / "masks" / pid).mkdir(parents=True, exist_ok=True)
         Image.fromarray(mask).save(out_dir / row["mask"])
@@ -379,7 +381,8 @@ def import_kather2016(source: str | Path, out_dir: str | Path, limit: int | None
     df = pd.DataFrame(rows)
     known = (df["slide_id"] != "").sum()
     print(f"  {len(df)} tiles, {df['patient_id'].nunique()} patients ({known} tiles of "
-          f"{df.loc[df['slide_id'] != '', 'slide_id'].nunique()} known slides; {len(df) - known} tiles without a slide, "
+          f"{df.loc[df['slide_id'] != '', 'slide_id'].nunique()} known slides; {len(df) - known} tiles without a "
+          "slide, "
           "each its own patient)", flush=True)
     print("  " + ", ".join(f"{c} {int((df['label'] == c).sum())}" for c in names), flush=True)
     manifest = out_dir / "manifest.csv"

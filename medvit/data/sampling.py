@@ -97,7 +97,8 @@ def resample_to_anomaly_ratio(df: pd.DataFrame, abnormal_fraction: float, by: st
         ManifestError: no normal or no abnormal cases to resample.
     """
     if not 0.0 < abnormal_fraction < 1.0:
-        raise ConfigError(f"abnormal fraction (anomaly_ratio) must be between 0 and 1, exclusive; got {abnormal_fraction}")
+        raise ConfigError("abnormal fraction (anomaly_ratio) must be between 0 and 1, exclusive; got "
+                          f"{abnormal_fraction}")
     if by not in ("patient", "image"):
         raise ConfigError(f"resample_by must be 'patient' or 'image'; got {by!r}")
     if is_abnormal is None:

@@ -274,7 +274,8 @@ def split_summary(df: pd.DataFrame, column: str = "split", label_column: str | N
         sub = df[values == name]
         pats = sorted(sub["patient_id"].astype(str).unique())
         entry: dict[str, Any] = {"patients": len(pats), "samples": int(len(sub)),
-                                 "strata": {str(k): int(v) for k, v in strata.reindex(pats).value_counts().sort_index().items()}}
+                                 "strata": {str(k): int(v) for k,
+                                            v in strata.reindex(pats).value_counts().sort_index().items()}}
         if col == "labels":
             sets = finding_sets(sub)
             entry["findings"] = {f: {"patients": int(sub.loc[sets.map(lambda s, f=f: f in s), "patient_id"].nunique()),

@@ -254,6 +254,7 @@ def subgroup_metrics(table: pd.DataFrame, column: str, classes: Sequence[str], k
     perms = np.array([spread(rng.permutation(labels)) for _ in range(n_permutations)])
     perms = perms[np.isfinite(perms)]
     if math.isfinite(observed) and len(perms):
-        result.update(difference=float(observed), p_value=float((1 + np.sum(perms >= observed - 1e-12)) / (1 + len(perms))),
+        result.update(difference=float(observed),
+                      p_value=float((1 + np.sum(perms >= observed - 1e-12)) / (1 + len(perms))),
                       n_permutations=int(len(perms)))
     return result

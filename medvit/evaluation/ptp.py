@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medvit.errors import ConfigError
 from medvit.evaluation.aggregate import PredictionsError, check_predictions
 from medvit.evaluation.bootstrap import cluster_bootstrap
-from medvit.errors import ConfigError
 
 PTP_METRICS = ("sensitivity", "specificity", "precision", "f1", "accuracy", "fp_slices_per_normal_patient")
 

@@ -172,7 +172,8 @@ def decision_html(tr: TaskResults, figures_dir: Path, prevalence: float | None) 
             curves[model] = C.decision_curve(y, s, prevalence=prevalence)
     if pv_rows:
         parts.append(html_table(["model", "threshold", "sensitivity", "specificity", "PPV [95% CI]", "NPV [95% CI]"],
-                                pv_rows, caption=f"Predictive values of {c} at the operating threshold for a prevalence "
+                                pv_rows,
+                                caption=f"Predictive values of {c} at the operating threshold for a prevalence "
                                                  f"of {prev_text} (Bayes' rule from sensitivity and specificity)"))
     if curves:
         png = decision_curve_figure(curves, c, figures_dir / f"{tr.task}_decision_curve.png")

@@ -158,8 +158,10 @@ def degenerate_points(tr: TaskResults) -> list[dict[str, Any]]:
             y = table[f"true_{c}"].to_numpy().astype(int)
             pred = table[f"score_{c}"].to_numpy(float) >= thr
             if pred.all() or not pred.any():
-                out.append({"model": model, "class": c, "threshold": thr, "all": "positive" if pred.all() else "negative",
-                            "n": int(len(pred)), "tn": int(np.sum(~pred & (y == 0))), "tp": int(np.sum(pred & (y == 1)))})
+                out.append({"model": model, "class": c, "threshold": thr,
+                            "all": "positive" if pred.all() else "negative",
+                            "n": int(len(pred)), "tn": int(np.sum(~pred & (y == 0))),
+                            "tp": int(np.sum(pred & (y == 1)))})
     return out
 
 
@@ -219,7 +221,8 @@ def summary_section(study: dict[str, Any], results: dict[str, TaskResults],
         if chance is not None:
             above = [r["model"] for r in tr.records if (h := headline(r)) and h[0] == name
                      and chance_level(name, r) is not None and includes_chance(name, h[1], r) is None]
-            verdict = (f"none: the highest, {record['model']}, is no better than chance (its 95% CI includes {chance:g})"
+            verdict = (f"none: the highest, {record['model']}, is no better than chance (its 95% CI includes "
+                       f"{chance:g})"
                        + (f"; CI above chance: {', '.join(above)}" if above else ""))
             rows.append([task, format_count(patients), format_count(samples), verdict,
                          f"{metric_label(name)} {format_metric(entry)}", format_count(record.get("n_patients")),
@@ -293,7 +296,8 @@ def task_figures_html(tr: TaskResults, figures_dir: Path) -> tuple[str, dict[str
     thresholds = tr.thresholds() if tr.kind != "multiclass" else {}
     roc = roc_pr_figure(tr.tables, tr.classes, thresholds, figures_dir / f"{tr.task}_roc_pr.png")
     if roc:
-        parts.append(figure_html(f"ROC and precision-recall curves of the test patients; dots mark the operating point at "
+        parts.append(figure_html("ROC and precision-recall curves of the test patients; dots mark the operating point "
+                                 "at "
                                  f"{threshold_phrase(tr)}",
                                  roc))
     rel, eces = reliability_figure(tr.tables, tr.classes, figures_dir / f"{tr.task}_calibration.png")
@@ -316,7 +320,8 @@ def task_figures_html(tr: TaskResults, figures_dir: Path) -> tuple[str, dict[str
                            "flops": r.get("flops"), "latency_ms": r.get("latency_ms"),
                            "train_seconds": r.get("train_seconds")})
     if points:
-        chart = comparison_figure(points, f"{metric_label(headline(tr.records[0])[0]) if headline(tr.records[0]) else 'metric'}"
+        chart = comparison_figure(points,
+                                  f"{metric_label(headline(tr.records[0])[0]) if headline(tr.records[0]) else 'metric'}"
                                   " (patient level)", figures_dir / f"{tr.task}_comparison.png")
         if chart:
             parts.append(figure_html("Headline patient-level metric (95% CI) against what each model costs", chart))
@@ -443,7 +448,8 @@ def provenance_section(study: dict[str, Any], records: Sequence[dict[str, Any]],
     from medvit.provenance import git_version, hardware, package_versions
 
     code = git_version()
-    facts = [["code", f"git {code.get('commit') or 'unknown'}" + (" (uncommitted changes)" if code.get("dirty") else "")]]
+    facts = [["code",
+              f"git {code.get('commit') or 'unknown'}" + (" (uncommitted changes)" if code.get("dirty") else "")]]
     prov = next((r.get("provenance") for r in records if r.get("provenance")), {}) or {}
     if prov.get("config_sha256"):
         facts.append(["study config", f"{prov.get('config_path', '')} sha256 {prov['config_sha256']}"])
@@ -531,7 +537,8 @@ def model_cards_section(study: dict[str, Any], results: dict[str, TaskResults],
             metric = f"{metric_label(h[0])} {format_metric(h[1])}" if h else "n/a"
             limits = []
             if _origin(study, task) == "synthetic":
-                limits.append("trained and tested on synthetic images: the numbers test the pipeline, not a clinical claim")
+                limits.append("trained and tested on synthetic images: the numbers test the pipeline, not a clinical "
+                              "claim")
             n_test = r.get("n_patients") or 0
             if n_test and n_test < 100:
                 limits.append(f"only {n_test} test patients: wide confidence intervals")
@@ -545,7 +552,8 @@ def model_cards_section(study: dict[str, Any], results: dict[str, TaskResults],
             rows = [["intended use", f"{INTENDED_USE} Task: {task} ({r.get('kind', '')}: {', '.join(tr.classes)})."],
                     ["data", data or "n/a"],
                     ["evaluated on", evaluated_on(tr, r)],
-                    ["training", f"{format_count(r.get('params'))} parameters ({format_count(r.get('trainable_params'))} "
+                    ["training",
+                     f"{format_count(r.get('params'))} parameters ({format_count(r.get('trainable_params'))} "
                                  f"trainable), trained {format_seconds(r.get('train_seconds'))}"],
                     ["test metric (patient level)", metric],
                     ["limits", limits_text[:1].upper() + limits_text[1:]]]

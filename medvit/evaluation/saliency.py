@@ -116,7 +116,8 @@ def _last_spatial_layer(model: Any, example: Any) -> str:
     return seen[-1]
 
 
-def gradcam_maps(model: Any, images: Any, class_index: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+def gradcam_maps(model: Any, images: Any, class_index: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray,
+                                                                                             str]:
     """Grad-CAM of each image (C, H, W) for the class ``class_index[i]`` (None: the class the
     model scores highest).
 

@@ -198,7 +198,8 @@ class StageContext:
         columns that :func:`write_predictions` copies into predictions.csv."""
         splits = [split] if isinstance(split, str) else split
         out = self.df[self.df["split"].isin(splits)].reset_index(drop=True)
-        out.attrs["carry"] = [c for c in (self.study.get("evaluation") or {}).get("subgroups") or [] if c in out.columns]
+        subgroups = (self.study.get("evaluation") or {}).get("subgroups") or []
+        out.attrs["carry"] = [c for c in subgroups if c in out.columns]
         return out
 
 

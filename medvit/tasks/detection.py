@@ -168,7 +168,8 @@ def _example_figure(path: Path, rows: pd.DataFrame, images: dict[str, Path], tru
         h, w = img.shape[:2]
         ax.imshow(img, cmap="gray", vmin=0, vmax=255)
         for _, cx, cy, bw, bh in truth.get(sid, np.empty((0, 5))):
-            ax.add_patch(Rectangle(((cx - bw / 2) * w, (cy - bh / 2) * h), bw * w, bh * h, fill=False, ec="lime", lw=1.2))
+            ax.add_patch(Rectangle(((cx - bw / 2) * w, (cy - bh / 2) * h), bw * w, bh * h, fill=False, ec="lime",
+                                   lw=1.2))
         for c, cx, cy, bw, bh in boxes.get(sid, np.empty((0, 5))):
             if c >= conf:
                 ax.add_patch(Rectangle(((cx - bw / 2) * w, (cy - bh / 2) * h), bw * w, bh * h, fill=False, ec="red",

@@ -188,7 +188,8 @@ def train_student(ctx: StageContext, split_path: str | Path, out_dir: str | Path
     distilled = teacher is not None
     card = {"distillation": "hard" if distilled else "none (distillation head learns the true labels)",
             "teacher": teacher_meta.get("model"), "teacher_weights": str(teacher_weights) if distilled else None,
-            "in_chans": in_chans, "image_size": size, "patch_size": dcfg["patch_size"], "drop_path": dcfg["drop_path"], **norm}
+            "in_chans": in_chans, "image_size": size, "patch_size": dcfg["patch_size"], "drop_path": dcfg["drop_path"],
+            **norm}
     return fit_and_save(ctx, dcfg["student"], split_path, out_dir, cfg, model, train_ds, val_ds, loss_fn,
                         validation_metric(ctx.spec), trainer_cls=DistillTrainer,
                         trainer_kwargs={"teacher": teacher, "teacher_size": teacher_meta.get("image_size")}, **card)

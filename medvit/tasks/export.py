@@ -28,6 +28,7 @@ from medvit.tasks.package import build_classifier, read_package
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 ONNX_OPSET = 17
+_ONNX_MISSING = "ONNX export needs the `onnx` and `onnxruntime` packages: pip install 'medvit[export]'"
 
 
 class ExportError(MedvitError):
@@ -54,7 +55,7 @@ def _export_onnx(model, example, path: Path) -> None:
     try:
         import onnx  # noqa: F401  the exporter's model format
     except ImportError:
-        raise ExportError("ONNX export needs the `onnx` and `onnxruntime` packages: pip install 'medvit[export]'") from None
+        raise ExportError(_ONNX_MISSING) from None
     import contextlib
     import io
 
@@ -189,7 +190,7 @@ def export_detector(folder: Path, block: dict[str, Any], meta: dict[str, Any], f
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise ExportError("ONNX export needs the `onnx` and `onnxruntime` packages: pip install 'medvit[export]'") from None
+        raise ExportError(_ONNX_MISSING) from None
     path = Path(out) if out is not None else folder / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     setup_ultralytics(folder / "ultralytics_config")

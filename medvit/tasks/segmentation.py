@@ -175,7 +175,8 @@ def volume_dataset(ctx: StageContext, rows: pd.DataFrame, augment: bool = False,
             ops.append(mt.RandSpatialCropd(keys, roi_size=roi, random_size=False))
         ops.append(augment_transforms(3, flips=True, load_mask=with_mask))
     recs = records(ctx, rows) if with_mask else [
-        {"row": r, "patient_id": str(r["patient_id"]), "sample_id": str(r["sample_id"])} for r in rows.to_dict("records")]
+        {"row": r, "patient_id": str(r["patient_id"]),
+         "sample_id": str(r["sample_id"])} for r in rows.to_dict("records")]
 
     def to_sample(rec: dict[str, Any]) -> dict[str, Any]:
         sample = load(rec)
@@ -242,7 +243,8 @@ def fit_fold(ctx: StageContext, model_name: str, split_path: str | Path, out_dir
                         lambda out, batch: loss(out, batch["label"]), validation_metric,
                         trainer_cls=SegmentationTrainer, trainer_kwargs={"roi_size": roi}, in_chans=in_chans,
                         roi_size=roi, image_size=size[0], model_kwargs=model_kwargs(ctx.tcfg, model_name),
-                        fold=fold, folds=ctx.tcfg["folds"], train_patients=int(ctx.rows("train")["patient_id"].nunique()),
+                        fold=fold, folds=ctx.tcfg["folds"],
+                        train_patients=int(ctx.rows("train")["patient_id"].nunique()),
                         **card)
 
 
