@@ -13,9 +13,11 @@ what a valid study is. Validation reports every problem at once, each naming the
 from __future__ import annotations
 
 import copy
+import csv
 import difflib
 import functools
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -590,6 +592,54 @@ def task_manifest_path(study: Mapping[str, Any], task: str) -> Path:
     if manifest is not None:
         return Path(manifest)
     return study_dir(study) / "data" / task / "manifest.csv"
+
+
+MEMORY_CACHE_BYTES = 2 << 30
+"""``cache: auto`` keeps a task's images in memory up to this decoded (float32) size."""
+
+
+def cache_spatial_size(study: Mapping[str, Any], task: str) -> tuple[list[int], bool]:
+    """The grid every stage of ``task`` loads its samples at, and whether it loads masks:
+    the preprocessing setting of the task's disk cache."""
+    size = int(task_config(study, task)["image_size"])
+    return ([size] * 3, True) if task == "prostate" else ([size] * 2, False)
+
+
+def cache_dir(study: Mapping[str, Any], task: str) -> Path:
+    """``<results_dir>/<study>/<task>/cache/<grid>``: the task's preprocessed cache, named by its
+    grid (e.g. ``224x224``, ``64x64x64-mask``)."""
+    size, masks = cache_spatial_size(study, task)
+    return study_dir(study) / task / "cache" / ("x".join(map(str, size)) + ("-mask" if masks else ""))
+
+
+def estimated_image_bytes(study: Mapping[str, Any], task: str) -> int | None:
+    """Decoded float32 size of a task's images: rows x channels x grid x 4 bytes; channels are
+    the manifest's image columns (3 per image for histology's colour). None for a manifest the
+    workflow generates or imports (not there yet when the workflow is planned; all small)."""
+    if manifest_origin(study, task) != "manifest":
+        return None
+    path = task_manifest_path(study, task)
+    try:
+        with open(path, newline="") as fh:
+            header = next(csv.reader(fh), [])
+            rows = sum(1 for line in fh if line.strip())
+    except OSError:
+        return None
+    channels = sum(1 for c in header if c == "image" or c.startswith("image_")) or 1
+    if task == "histo":
+        channels *= 3
+    size, _ = cache_spatial_size(study, task)
+    return rows * channels * math.prod(size) * 4
+
+
+def cache_mode(study: Mapping[str, Any], task: str) -> str:
+    """``memory``, ``disk`` or ``none``: the study's ``cache``, with ``auto`` resolved per task
+    (``disk`` when its decoded images would exceed :data:`MEMORY_CACHE_BYTES`, else ``memory``)."""
+    mode = study.get("cache", "auto")
+    if mode != "auto":
+        return mode
+    size = estimated_image_bytes(study, task)
+    return "disk" if size is not None and size > MEMORY_CACHE_BYTES else "memory"
 
 
 def schema_markdown() -> str:

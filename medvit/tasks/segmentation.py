@@ -46,7 +46,7 @@ from medvit.config import study_dir, task_config
 from medvit.data.datasets import SampleDataset
 from medvit.data.io import read_image, read_sample
 from medvit.data.splits import assign_splits, check_no_leakage, patient_kfold
-from medvit.data.transforms import augment_transforms, load_transforms
+from medvit.data.transforms import augment_transforms
 from medvit.engine import Trainer, load_weights, resolve_device, save_weights
 from medvit.engine.seed import derive_seed
 from medvit.errors import CheckpointError, ConfigError, ManifestError
@@ -61,6 +61,7 @@ from medvit.tasks.common import (
     records,
     write_predictions,
 )
+from medvit.tasks.preprocess import sample_loading
 from medvit.tasks.training import fit_and_save, seeded_train_config
 
 CSWIN_MODELS = ("cswin_unet", "cswin_unet_ssl")
@@ -167,7 +168,7 @@ def volume_dataset(ctx: StageContext, rows: pd.DataFrame, augment: bool = False,
     """Volumes of ``rows`` resized to ``image_size`` (and their masks); with ``augment``, a
     random ``roi_size`` patch (when smaller than the volume), flips and intensity jitter."""
     size, roi = _check_sizes(ctx.tcfg)
-    load = load_transforms(ctx.manifest.root, size, load_mask=with_mask)
+    load, in_memory = sample_loading(ctx, size, with_mask, cache)
     keys = ["image", "label"] if with_mask else ["image"]
     ops: list[Any] = []
     if augment:
@@ -185,7 +186,7 @@ def volume_dataset(ctx: StageContext, rows: pd.DataFrame, augment: bool = False,
         return sample
 
     return SampleDataset(recs, to_sample, augment=mt.Compose(ops) if ops else None, seed=ctx.study["seed"],
-                         cache=cache)
+                         cache=in_memory)
 
 
 class SegmentationTrainer(Trainer):

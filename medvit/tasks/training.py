@@ -11,11 +11,11 @@ from monai.transforms import Compose
 from torch import nn
 
 from medvit.data.datasets import SampleDataset
-from medvit.data.transforms import load_transforms
 from medvit.engine import TrainConfig, Trainer, load_weights, resolve_device, save_weights, seed_everything
 from medvit.engine.distributed import is_main_process
 from medvit.models import count_parameters
 from medvit.tasks.common import StageContext, model_sidecar, read_sidecar, records
+from medvit.tasks.preprocess import sample_loading
 
 
 def seeded_train_config(ctx: StageContext) -> TrainConfig:
@@ -29,7 +29,7 @@ def split_dataset(ctx: StageContext, splits: str | list[str], spatial_size: Sequ
                   augment: Compose | None = None, segmentation: bool = False, cache: bool = True) -> SampleDataset:
     """Samples of the given split(s). ``label`` is the class target, or with ``segmentation``
     the lesion mask (and ``target`` the patient-level class)."""
-    load = load_transforms(ctx.manifest.root, spatial_size, load_mask=segmentation)
+    load, in_memory = sample_loading(ctx, spatial_size, segmentation, cache)
 
     def to_sample(rec: dict[str, Any]) -> dict[str, Any]:
         sample = load(rec)
@@ -37,7 +37,7 @@ def split_dataset(ctx: StageContext, splits: str | list[str], spatial_size: Sequ
         return sample
 
     return SampleDataset(records(ctx, ctx.rows(splits)), to_sample, augment=augment, seed=ctx.study["seed"],
-                         cache=cache)
+                         cache=in_memory)
 
 
 def fit_and_save(ctx: StageContext, model_name: str, split_path: str | Path, out_dir: str | Path,
