@@ -29,6 +29,7 @@ validate(config, "workflows/schemas/study.schema.yaml", set_default=True)
 
 include: "workflows/rules/stages.smk"
 include: "workflows/rules/data.smk"
+include: "workflows/rules/cache.smk"
 include: "workflows/rules/train.smk"
 include: "workflows/rules/xray.smk"
 include: "workflows/rules/dvpt.smk"

@@ -103,6 +103,13 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from medvit.tasks.preprocess import preprocess_stage
+
+    print(f"wrote {preprocess_stage(args.config, args.task, args.split, args.out, workers=args.workers)}")
+    return 0
+
+
 def _cmd_fold_split(args: argparse.Namespace) -> int:
     from medvit.tasks.common import fold_split_stage
 
@@ -362,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     split = stage("split", "patient-level split of a task's manifest", _cmd_split)
     split.add_argument("--out", type=Path, required=True, help="split manifest CSV to write")
+
+    preprocess = stage("preprocess", "build a task's disk cache of preprocessed samples (study key `cache`)",
+                       _cmd_preprocess)
+    preprocess.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
+    preprocess.add_argument("--out", type=Path, default=None,
+                            help="cache folder (default <results_dir>/<study>/<task>/cache/<grid>)")
+    preprocess.add_argument("--workers", type=int, default=None, help="decoding threads (default: cores, up to 8)")
 
     fsplit = sub.add_parser("fold-split", help="the train/val/test split of one cross-validation fold")
     fsplit.add_argument("--split", type=Path, required=True, help="split manifest with a `fold` column")

@@ -16,6 +16,8 @@ from snakemake.exceptions import WorkflowError
 
 from medvit.config import (
     SOURCES,
+    cache_dir,
+    cache_mode,
     load_study,
     mae_encoder_path,
     manifest_origin,
@@ -163,6 +165,16 @@ def evaluation_settings():
     return {k: v for k, v in config["evaluation"].items() if k not in REPORT_ONLY_EVALUATION}
 
 
+# Tasks whose study key `cache` resolves to `disk`: their samples are preprocessed once by
+# rules/cache.smk, and the jobs that load them wait for it; other tasks' jobs get no such input.
+CACHE_TASKS = [t for t in TASKS if cache_mode(config, t) == "disk"]
+
+
+def cache_input(task):
+    """The task's preprocessed cache (its cache.json) when its jobs read one, else nothing."""
+    return [str(cache_dir(config, task) / "cache.json")] if task in CACHE_TASKS else []
+
+
 def train_mem_mb(wildcards):
     # 3D volumes need more host memory than 2D images.
     return 8000 if wildcards.task == "prostate" else 4000
@@ -194,6 +206,8 @@ def train_inputs(wildcards):
     """The split, plus the MAE encoder or the local checkpoint a ViT starts from, so that
     Snakemake runs the pretraining first and retrains when the weights change."""
     inputs = {"split": f"{study_dir(config)}/{wildcards.task}/split.csv"}
+    if cache_input(wildcards.task):
+        inputs["cache"] = cache_input(wildcards.task)
     if needs_mae(config, wildcards.task, wildcards.model):
         inputs["init"] = str(mae_encoder_path(config, wildcards.task))
     elif wildcards.model.startswith("vit_"):

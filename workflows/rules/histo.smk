@@ -31,6 +31,7 @@ SEED_TASKS = [t for t in COMPARE_TASKS if extra_seeds(t)]
 rule train_seed:
     input:
         split=f"{OUT}/{{task}}/split.csv",
+        cache=lambda w: cache_input(w.task),
     output:
         weights=f"{OUT}/{{task}}/{{model}}/seed{{seed}}/model.safetensors",
         card=f"{OUT}/{{task}}/{{model}}/seed{{seed}}/model.json",
@@ -60,6 +61,7 @@ rule train_seed:
 rule predict_seed:
     input:
         split=f"{OUT}/{{task}}/split.csv",
+        cache=lambda w: cache_input(w.task),
         weights=f"{OUT}/{{task}}/{{model}}/seed{{seed}}/model.safetensors",
     output:
         predictions=f"{OUT}/{{task}}/{{model}}/seed{{seed}}/predictions.csv",
@@ -195,6 +197,7 @@ rule fold_split:
 rule train_fold:
     input:
         split=f"{OUT}/{{task}}/folds/fold{{fold}}/split.csv",
+        cache=lambda w: cache_input(w.task),
     output:
         weights=f"{OUT}/{{task}}/{{model}}/fold{{fold}}/model.safetensors",
         card=f"{OUT}/{{task}}/{{model}}/fold{{fold}}/model.json",
@@ -224,6 +227,7 @@ rule train_fold:
 rule predict_fold:
     input:
         split=f"{OUT}/{{task}}/folds/fold{{fold}}/split.csv",
+        cache=lambda w: cache_input(w.task),
         weights=f"{OUT}/{{task}}/{{model}}/fold{{fold}}/model.safetensors",
     output:
         predictions=f"{OUT}/{{task}}/{{model}}/fold{{fold}}/predictions.csv",

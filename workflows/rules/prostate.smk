@@ -29,6 +29,7 @@ if "prostate" in TASKS:
     rule prostate_ssl:
         input:
             split=f"{OUT}/prostate/split.csv",
+            cache=cache_input("prostate"),
         output:
             encoder=f"{OUT}/prostate/ssl/fold{{fold}}/encoder.safetensors",
             card=f"{OUT}/prostate/ssl/fold{{fold}}/encoder.json",

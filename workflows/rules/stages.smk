@@ -96,6 +96,8 @@ def prostate_fold_settings(wildcards):
 
 def prostate_fold_inputs(wildcards):
     inputs = {"split": f"{_PDIR}/split.csv"}
+    if cache_input("prostate"):
+        inputs["cache"] = cache_input("prostate")
     if wildcards.model in SSL_MODELS:
         inputs["init"] = f"{_PDIR}/ssl/fold{wildcards.fold}/encoder.safetensors"
     return inputs

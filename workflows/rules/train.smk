@@ -34,6 +34,7 @@ rule predict:
     input:
         split=f"{OUT}/{{task}}/split.csv",
         weights=f"{OUT}/{{task}}/{{model}}/model.safetensors",
+        cache=lambda w: cache_input(w.task),
     output:
         predictions=f"{OUT}/{{task}}/{{model}}/predictions.csv",
     params:

@@ -7,6 +7,7 @@
 rule pretrain:
     input:
         split=f"{OUT}/xray/split.csv",
+        cache=cache_input("xray"),
         # more images for pretraining only (pretrain.extra_manifests), imported below when
         # an entry names a shipped dataset
         extras=lambda w: [str(p) for p in pretrain_extra_manifests(config, "xray")],
