@@ -22,6 +22,7 @@ from medvit.evaluation.evaluate import (
     to_jsonable,
     write_json,
 )
+from medvit.evaluation.report_sections import under_count_baseline
 
 
 def make_predictions(kind: str = "binary", n_patients: int = 80, per_patient: int = 3, signal: float = 2.0,
@@ -333,3 +334,42 @@ def test_read_predictions_keeps_ids_as_text(tmp_path):
     assert math.isnan(df["hd95"].iloc[0]) and df["hd95"].iloc[1] == 3.5
     write_json(tmp_path / "x.json", {"a": np.float32(np.nan), "b": np.int64(3), "c": (1.5, np.inf)})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": 3, "c": [1.5, None]}
+
+
+def _longitudinal_predictions(seed: int = 0) -> pd.DataFrame:
+    """Binary predictions where each image is positive with probability 0.15 and its score is
+    noise: a patient's union label and max score both rise with their number of images."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(120):
+        split = "val" if p < 40 else "test"
+        for s in range(int(rng.integers(1, 12))):
+            rows.append({"patient_id": f"P{p:03d}", "sample_id": f"P{p:03d}-{s}", "split": split,
+                         "true_tumor": int(rng.random() < 0.15), "score_tumor": float(rng.random())})
+    return pd.DataFrame(rows)
+
+
+def test_sample_count_baseline_scores_patients_by_their_number_of_images():
+    df = _longitudinal_predictions()
+    result = evaluate_predictions(df, aggregate="max", n_bootstrap=200)
+    baseline = result["sample_count_baseline"]["metrics"]["auroc"]
+    test = df[df["split"] == "test"].groupby("patient_id").agg(y=("true_tumor", "max"), n=("sample_id", "size"))
+    assert baseline["value"] == pytest.approx(skm.roc_auc_score(test["y"], test["n"]))
+    assert baseline["value"] > 0.7  # the confound this baseline exists to expose
+    # noise scores max-aggregated ride on the same confound: patient AUROC far above chance,
+    # sample AUROC at chance, and the patient figure does not clear the count baseline
+    assert result["metrics"]["auroc"]["value"] > 0.6
+    assert abs(result["sample_level"]["metrics"]["auroc"]["value"] - 0.5) < 0.1
+    lo, hi = baseline[ci_key(0.95)]
+    assert lo < baseline["value"] < hi
+    record = {"model": "noise", "kind": "binary", **to_jsonable(result)}
+    assert under_count_baseline(record) is not None
+    # a model that truly reads the images clears it
+    strong = df.assign(score_tumor=df["true_tumor"] * 0.9 + 0.05)
+    record = {"model": "oracle", "kind": "binary", **to_jsonable(evaluate_predictions(strong, n_bootstrap=200))}
+    assert under_count_baseline(record) is None
+
+
+def test_sample_count_baseline_absent_when_every_patient_has_as_many_images():
+    result = evaluate_predictions(make_predictions("multilabel", per_patient=3), n_bootstrap=20)
+    assert result["sample_count_baseline"] is None

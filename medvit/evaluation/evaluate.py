@@ -136,6 +136,9 @@ def _suite(kind: Kind, classes: Sequence[str], table: pd.DataFrame,
     return out, notes
 
 
+RANKING_METRICS = ("auroc", "ap", "auroc_macro", "ap_macro")  # threshold-free: defined for any score
+
+
 def _ranking_macros(classes: Sequence[str], truth: np.ndarray, scores: np.ndarray, notes: list[str],
                     cache: _ChunkCache) -> dict[str, _Metric]:
     """Macro AUROC and AP over the classes where they are defined (one-vs-rest)."""
@@ -200,8 +203,10 @@ def evaluate_predictions(df: pd.DataFrame, kind: Kind | None = None, aggregate: 
 
     Returns:
         The evaluation part of metrics.json: ``level``, ``n_patients``, ``n_samples``, ``kind``,
-        ``classes``, ``threshold``, ``aggregate``, ``metrics``, ``sample_level``, ``support``,
-        ``bootstrap`` and ``notes``. Undefined values are NaN (written as null).
+        ``classes``, ``threshold``, ``aggregate``, ``metrics``, ``sample_level``,
+        ``sample_count_baseline`` (the ranking metrics of scoring each test patient by their
+        number of samples, with CIs from the same resamples; None where every patient has as
+        many samples, or for multiclass), ``support``, ``bootstrap`` and ``notes``. Undefined values are NaN (written as null).
 
     Raises:
         PredictionsError: the table breaks Contract 3 or has no test rows.
@@ -257,6 +262,20 @@ def evaluate_predictions(df: pd.DataFrame, kind: Kind | None = None, aggregate: 
         return {n: {"value": m.value, key: [boot[n].lo, boot[n].hi], "n_boot": boot[n].n_used}
                 for n, m in suite.items()}
 
+    count_baseline = None
+    if kind != "multiclass" and test_p["n_samples"].nunique() > 1:
+        # A patient's label is the union over their images, so patients with more images are
+        # positive more often, and a max/top-k score rises with the number of images drawn:
+        # ranking patients by their image count alone is the floor a model must clear.
+        counted = test_p.copy()
+        for c in classes:
+            counted[f"score_{c}"] = counted["n_samples"].astype(float)
+        suite_c, _ = _suite(kind, classes, counted, np.full(len(classes), np.inf))
+        suite_c = {n: m for n, m in suite_c.items() if n in RANKING_METRICS}
+        boot_c = cluster_bootstrap({n: m.stat for n, m in suite_c.items()}, np.arange(len(test_p)), n_bootstrap,
+                                   ci, seed)
+        count_baseline = {"score": "number of test images of the patient", "metrics": block(suite_c, boot_c)}
+
     def support(table: pd.DataFrame) -> dict[str, int]:
         return {c: int(table[f"true_{c}"].sum()) for c in classes}
 
@@ -271,6 +290,7 @@ def evaluate_predictions(df: pd.DataFrame, kind: Kind | None = None, aggregate: 
         "metrics": block(suite_p, boot_p),
         "sample_level": {"n_samples": int(len(test_s)), "n_patients": int(len(test_p)),
                          "metrics": block(suite_s, boot_s)},
+        "sample_count_baseline": count_baseline,
         "support": {"split": "test", "patient": support(test_p), "sample": support(test_s),
                     "val_patients": int(len(val_p)), "val_samples": int(len(val_s))},
         "bootstrap": {"n": int(n_bootstrap), "ci": float(ci), "seed": int(seed),

@@ -21,7 +21,7 @@ import numpy as np
 
 from medvit.evaluation import clinical as C
 from medvit.evaluation.figures import _COLORS, learning_curves_figure, plt, read_history, save_figure
-from medvit.evaluation.report import (
+from medvit.evaluation.html import (
     esc,
     figure_html,
     format_count,
@@ -30,7 +30,14 @@ from medvit.evaluation.report import (
     html_table,
     metric_label,
 )
-from medvit.evaluation.report_sections import TaskResults, chance_level, degenerate_points, headline, includes_chance
+from medvit.evaluation.report_sections import (
+    TaskResults,
+    chance_level,
+    degenerate_points,
+    headline,
+    includes_chance,
+    under_count_baseline,
+)
 from medvit.fileio import atomic_write_text
 
 FAILURES_PER_KIND = 5  # false positives and false negatives shown per model and class
@@ -279,7 +286,17 @@ def chance_html(tr: TaskResults) -> str:
         if h and (chance := includes_chance(h[0], h[1], r)) is not None:
             items.append(f"<li>{esc(r['model'])}: {esc(metric_label(h[0]))} {esc(format_metric(h[1]))} includes "
                          f"chance ({chance:g}): not shown to be better than chance.</li>")
-    return ('<div class="warn"><b>No better than chance.</b><ul>' + "".join(items) + "</ul></div>") if items else ""
+    html = ('<div class="warn"><b>No better than chance.</b><ul>' + "".join(items) + "</ul></div>") if items else ""
+    counted = [(r["model"], found) for r in tr.records if (found := under_count_baseline(r))]
+    if counted:
+        html += ('<div class="warn"><b>Not shown better than counting images.</b> A patient\'s label is the union '
+                 "over their images, so ranking test patients by their number of images alone scores "
+                 + esc(f"{metric_label(counted[0][1][0])} {counted[0][1][2]:.3f}")
+                 + "; these models' intervals do not clear it, and their patient-level figure may measure how "
+                 "many images a patient has rather than what is in them (see the sample-level table):<ul>"
+                 + "".join(f"<li>{esc(m)}: {esc(format_metric(found[1]))}</li>" for m, found in counted)
+                 + "</ul></div>")
+    return html
 
 
 # ------------------------------------------------------------------------ reporting checklist
@@ -480,6 +497,10 @@ def chance_limits(tr: TaskResults, record: dict[str, Any]) -> list[str]:
     if h and (chance := includes_chance(h[0], h[1], record)) is not None:
         limits.append(f"its {metric_label(h[0])} interval includes chance ({chance:g}): the test data do not show "
                       "it to be better than guessing")
+    if found := under_count_baseline(record):
+        limits.append(f"its patient-level {metric_label(found[0])} interval does not clear {found[2]:.3f}, the score "
+                      "of ranking patients by their number of images alone: it is not shown to read more than how "
+                      "many images a patient has")
     for d in degenerate_points(tr):
         if d["model"] == record["model"]:
             limits.append(f"at the threshold chosen on validation it calls every test patient {d['all']}"

@@ -24,8 +24,7 @@ import yaml
 from medvit.evaluation.aggregate import aggregate_patients
 from medvit.evaluation.evaluate import read_predictions
 from medvit.evaluation.figures import comparison_figure, confusion_figure, reliability_figure, roc_pr_figure
-from medvit.evaluation.paired import paired_auroc_comparisons
-from medvit.evaluation.report import (
+from medvit.evaluation.html import (
     Section,
     esc,
     figure_html,
@@ -36,6 +35,7 @@ from medvit.evaluation.report import (
     html_table,
     metric_label,
 )
+from medvit.evaluation.paired import paired_auroc_comparisons
 
 # Headline metric of a task, first present wins (patient level).
 HEADLINE = ("auroc_macro", "auroc", "balanced_accuracy", "accuracy", "dice")
@@ -142,6 +142,22 @@ def includes_chance(name: str, entry: dict[str, Any] | None, record: dict[str, A
     return chance if ci is None or ci[0] <= chance else None
 
 
+def under_count_baseline(record: dict[str, Any]) -> tuple[str, dict[str, Any], float] | None:
+    """(metric, model entry, baseline value) when the headline metric's CI does not clear the
+    score of ranking patients by their number of samples alone (metrics.json's
+    ``sample_count_baseline``), else None: the patient-level figure may then measure how many
+    images a patient has, not what is in them."""
+    h = headline(record)
+    baseline = ((record.get("sample_count_baseline") or {}).get("metrics") or {}).get(h[0]) if h else None
+    if not h or not baseline or not isinstance(baseline.get("value"), (int, float)):
+        return None
+    value = float(baseline["value"])
+    if not math.isfinite(value):
+        return None
+    ci = interval(h[1])
+    return (h[0], h[1], value) if ci is None or ci[0] <= value else None
+
+
 def degenerate_points(tr: TaskResults) -> list[dict[str, Any]]:
     """Operating points (threshold chosen on validation, applied to the test patients) that
     call every test patient positive, or every one negative: their sensitivity, specificity
@@ -229,6 +245,9 @@ def summary_section(study: dict[str, Any], results: dict[str, TaskResults],
                          "no model is crowned" if not above else "see the task's paired comparison"])
             continue
         backed = _backing(record["model"], tr, comparisons.get(task, []))
+        if counted := under_count_baseline(record):
+            backed += (f"; its interval does not clear {counted[2]:.3f}, the score of ranking patients by their "
+                       "number of images alone (see the task)")
         rows.append([task, format_count(patients), format_count(samples), record["model"],
                      f"{metric_label(name)} {format_metric(entry)}", format_count(record.get("n_patients")), backed])
     table = html_table(["task", "patients", "samples", "best model", "patient-level test metric [95% CI]",
