@@ -26,17 +26,21 @@ STUDY = {
 }
 
 
-def _run(tmp_path: Path, name: str) -> Path:
+def _run(tmp_path: Path, name: str, cache: str = "auto") -> Path:
     work = tmp_path / name
     work.mkdir()
     study = work / "study.yaml"
-    study.write_text(yaml.safe_dump(STUDY, sort_keys=False))
+    study.write_text(yaml.safe_dump({**STUDY, "cache": cache}, sort_keys=False))
     snakemake(work, study)
     return work / "results" / "det"
 
 
-def test_same_seed_same_results(tmp_path):
-    a, b = _run(tmp_path, "a"), _run(tmp_path, "b")
+# `disk`: samples read from the task's preprocessed cache (a job of its own) instead of decoded in memory
+@pytest.mark.parametrize("cache", ["auto", "disk"])
+def test_same_seed_same_results(tmp_path, cache):
+    a, b = _run(tmp_path, "a", cache), _run(tmp_path, "b", cache)
+    if cache == "disk":
+        assert (a / "histo" / "cache" / "32x32" / "image.npy").is_file()
     for task, tcfg in STUDY["tasks"].items():
         assert (a / task / "split.csv").read_text() == (b / task / "split.csv").read_text()
         for model in tcfg["models"]:
