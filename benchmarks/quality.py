@@ -205,6 +205,8 @@ def lgg_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, Any
                        if int(e) % max(1, len(rc) // 8) == 0 or int(e) == int(rc["epoch"].max())]
                 lines += [f"Learning curve (validation mAP50 by epoch): {', '.join(pts)}.", ""]
     roles = {"detector (box confidence)": (brain / "detector" / "predictions.csv", tcfg["detection"]["conf"]),
+             # the same scores flagged from the slice threshold `medvit evaluate` chose on validation
+             "detector, validation-chosen threshold": (brain / "detector" / "predictions.csv", None),
              "teacher ResNet-18": (brain / "distill" / "teacher" / "predictions.csv", None),
              "DeiT-Tiny (plain)": (brain / "distill" / "student" / "predictions.csv", None),
              "DeiT-Tiny (distilled)": (brain / "distill" / "student_distilled" / "predictions.csv", None),
@@ -267,7 +269,7 @@ def lgg_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, Any
         lines += ["Learning curves, validation AUROC per epoch (train logs; weights of the best epoch kept): "
                   + "; ".join(curves) + ".", ""]
     # targets
-    best = max(((s["metrics"]["slice_auroc"]["value"], k) for k, s in summaries.items() if k != "detector (box confidence)"
+    best = max(((s["metrics"]["slice_auroc"]["value"], k) for k, s in summaries.items() if not k.startswith("detector")
                 and not k.startswith("cascade")), default=(float("nan"), "n/a"))
     lines += ["Targets:", ""]
     if det:
@@ -279,10 +281,14 @@ def lgg_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, Any
         d = summaries["DeiT-Tiny (distilled)"]["metrics"]["slice_auroc"]["value"] - \
             summaries["DeiT-Tiny (plain)"]["metrics"]["slice_auroc"]["value"]
         lines.append(f"- distilled DeiT at least matches the plain DeiT: difference {d:+.3f} (paired test above).")
-    if "detector (box confidence)" in summaries:
-        m = summaries["detector (box confidence)"]["metrics"]
+    for label in ("detector (box confidence)", "detector, validation-chosen threshold",
+                  "cascade (detector -> distilled DeiT)"):
+        if label not in summaries:
+            continue
+        m = summaries[label]["metrics"]
         v = m["detection_rate_k1"]["value"]
-        lines.append(f"- per-patient detection rate at k = 1 >= 0.9: {fmt_ci(m['detection_rate_k1'])} "
+        lines.append(f"- per-patient detection rate at k = 1 >= 0.9, {label} (flag threshold "
+                     f"{summaries[label]['threshold']:.3f}): {fmt_ci(m['detection_rate_k1'])} "
                      f"({'met' if v >= 0.9 else f'missed by {0.9 - v:.3f}'}), with "
                      f"{fmt_ci(m['fp_per_tumour_free_slice'])} false-positive slices per tumour-free slice.")
     lines.append("")

@@ -108,6 +108,11 @@ def test_lgg_import_shapes_masks_boxes(lgg: Path) -> None:
 def test_lgg_patient_grouping_and_detector_dataset(lgg: Path, tmp_path: Path) -> None:
     df = load_manifest(lgg).df
     assert (df.groupby("patient_id")["study_id"].nunique() == 1).all()  # one scan per patient
+    # ids and file names come from the patient id, never the source case's acquisition date
+    assert (df["study_id"] == df["patient_id"] + "_mri").all()
+    assert df["sample_id"].str.fullmatch(r"TCGA_[A-Z0-9]{2}_[A-Z0-9]{4}_s\d{3}").all()
+    paths = pd.concat([df[c] for c in ("image_pre", "image_flair", "image_post", "mask", "boxes")])
+    assert not paths.str.contains(r"\d{8}").any()
     assert (df.groupby("patient_id")["label"].apply(lambda s: (s == "tumor").any())).all()  # all have a tumour
     split = assign_splits(df, seed=0, val_fraction=0.15, test_fraction=0.3)
     check_no_leakage(split)

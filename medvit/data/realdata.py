@@ -252,8 +252,9 @@ def import_lgg(source: str | Path, out_dir: str | Path, limit: int | None = None
     (uint8, 1 = FLAIR abnormality); and for a tumour slice ``labels/<patient>/<sample>.txt``, the
     YOLO box around all mask pixels (``0 cx cy w h``), as the brain detector reads it
     (``boxes`` is empty for a tumour-free slice: a background image). Manifest columns:
-    ``patient_id`` (the TCGA patient, e.g. ``TCGA_CS_4941``), ``study_id`` (the case folder: one
-    per patient, the detector's window volume), ``sample_id`` (``<case>_s<slice>``), the three
+    ``patient_id`` (the TCGA patient, e.g. ``TCGA_CS_4941``), ``study_id`` (``<patient>_mri``: the
+    source has one scan per patient, the detector's window volume), ``sample_id``
+    (``<patient>_s<slice>``), the three
     image columns, ``mask``, ``label`` (``tumor``/``normal``), ``boxes``, ``slice_index``,
     ``n_slices``, ``source_index``. No ``split`` column: the study splits by patient.
 
@@ -290,8 +291,13 @@ def import_lgg(source: str | Path, out_dir: str | Path, limit: int | None = None
         pid, case = str(patients[i]), str(cases[i])
         if keep is not None and pid not in keep:
             continue
-        sid = f"{case}_s{int(slices[i]):03d}"
-        row = {"patient_id": pid, "study_id": case, "sample_id": sid}
+        # ids and file names from the patient id: the source's case ids end in the scan's
+        # acquisition date, which a pseudonymous id should not carry
+        if not case.startswith(f"{pid}_"):
+            raise MedvitError(f"{source}: slice {i} of patient {pid} belongs to case {case}, not one of that patient")
+        study = f"{pid}_mri"
+        sid = f"{pid}_s{int(slices[i]):03d}"
+        row = {"patient_id": pid, "study_id": study, "sample_id": sid}
         (out_dir / "images" / pid).mkdir(parents=True, exist_ok=True)
         for c, name in enumerate(LGG_CHANNELS):
             rel = f"images/{pid}/{sid}_{name}.png"
