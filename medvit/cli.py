@@ -140,7 +140,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from medvit.evaluation.evaluate import evaluate_stage
+    from medvit.tasks.evaluate import evaluate_stage
 
     evaluate_stage(args.config, args.task, args.model, args.predictions, args.out)
     return 0
@@ -154,7 +154,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from medvit.evaluation.report import report_stage
+    from medvit.tasks.report import report_stage
 
     report_stage(args.config, args.metrics, args.out)
     return 0

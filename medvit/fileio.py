@@ -141,6 +141,15 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2, nan_as
                                               allow_nan=not nan_as_null) + "\n")
 
 
+def read_json(path: str | Path, default: Any = None) -> Any:
+    """The JSON in ``path``, or ``default`` when the file is absent or unreadable (a stage's
+    optional output, read by the report)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+
+
 LOCK_FILE = ".medvit.lock"
 """Name of the lock file :func:`folder_lock` keeps in an output folder (it holds the owner's pid)."""
 _HELD: dict[str, list[int]] = {}  # real folder -> [fd, depth]

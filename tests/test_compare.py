@@ -16,12 +16,11 @@ from sklearn.metrics import f1_score
 
 from medvit.engine.compute import count_flops as model_flops
 from medvit.errors import ConfigError
+from medvit.evaluation.compare_report import compare_parts, format_mean_sd
 from medvit.evaluation.evaluate import evaluate_predictions, write_json
 from medvit.tasks.compare import (
     compare_stage,
-    format_mean_sd,
     measure_compute,
-    report_parts,
     run_dir,
     run_metrics,
     summarize,
@@ -143,7 +142,7 @@ def test_compare_stage_reports_mean_sd_and_compute(tmp_path):
     assert by_model["vit_tiny"]["patch_size"] == 8
     assert any("DVPT" in n for n in comp["notes"])
     assert (out / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
-    html = "".join(report_parts(study)["histo"])
+    html = "".join(compare_parts(study)["histo"])
     assert "±" in html and "dct_histo_tiny" in html and "MFLOPs (32x32)" in html and "data:image/png;base64" in html
 
 

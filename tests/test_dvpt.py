@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from medvit.engine import Trainer
+from medvit.evaluation.adapt_report import percent_label
 from medvit.models.dvpt import DVPT, PromptedViT, build_prompted_vit, trainable_summary
 from medvit.models.vit import build_vit, load_pretrained
-from medvit.tasks.adapt import AdapterError, load_adapter, percent_label, run_name, save_adapter
+from medvit.tasks.adapt import AdapterError, load_adapter, run_name, save_adapter
 
 TINY = {"img_size": 32, "patch_size": 8, "in_chans": 1, "num_classes": 3}
 

@@ -17,12 +17,12 @@ from medvit.evaluation.aggregate import PredictionsError, aggregate_patients, ch
 from medvit.evaluation.evaluate import (
     ci_key,
     evaluate_predictions,
-    evaluate_stage,
     read_predictions,
     to_jsonable,
     write_json,
 )
 from medvit.evaluation.report_sections import under_count_baseline
+from medvit.tasks.evaluate import evaluate_stage
 
 
 def make_predictions(kind: str = "binary", n_patients: int = 80, per_patient: int = 3, signal: float = 2.0,

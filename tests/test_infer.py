@@ -26,9 +26,9 @@ def trained(tmp_path_factory):
     """A resnet18 trained for one epoch on a synthetic chest X-ray study (grayscale, multi-label
     findings), predicted and evaluated by the pipeline's own stage functions."""
     from medvit.data.synth import synthesize
-    from medvit.evaluation.evaluate import evaluate_stage
     from medvit.tasks.classification import predict, train
     from medvit.tasks.common import split_stage
+    from medvit.tasks.evaluate import evaluate_stage
 
     work = tmp_path_factory.mktemp("infer")
     manifest = synthesize("xray", n_patients=12, out_dir=work / "data", seed=0, image_size=32)

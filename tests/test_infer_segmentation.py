@@ -26,8 +26,8 @@ def ensemble(tmp_path_factory):
     """unet3d in 2-fold cross-validation on a tiny synthetic prostate study (16^3, 1 epoch),
     pooled, evaluated and tested on an external synthetic cohort by the pipeline's own stages."""
     from medvit.data.synth import synthesize
-    from medvit.evaluation.evaluate import evaluate_stage
     from medvit.tasks.common import split_stage
+    from medvit.tasks.evaluate import evaluate_stage
     from medvit.tasks.segmentation import cv_fold_stage, cv_pool_stage, external_stage
 
     work = tmp_path_factory.mktemp("seg")

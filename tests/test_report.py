@@ -7,14 +7,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from medvit.evaluation.report import (
-    ReportError,
-    format_metric,
-    format_seconds,
-    load_metrics,
-    metric_label,
-    report_stage,
-)
+from medvit.evaluation.html import format_metric, format_seconds, metric_label
+from medvit.evaluation.report import ReportError, load_metrics
+from medvit.tasks.report import report_stage
 
 
 def _metrics(task: str, model: str, auroc: float, extra: dict | None = None) -> dict:

@@ -19,7 +19,7 @@ import yaml
 from medvit.evaluation.aggregate import aggregate_patients
 from medvit.evaluation.evaluate import evaluate_predictions
 from medvit.evaluation.paired import delong_test
-from medvit.evaluation.report import report_stage
+from medvit.tasks.report import report_stage
 
 PATIENTS = 40
 

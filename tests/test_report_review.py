@@ -19,8 +19,8 @@ from medvit.engine.trainer import write_history
 from medvit.evaluation import clinical as C
 from medvit.evaluation.aggregate import aggregate_patients
 from medvit.evaluation.evaluate import evaluate_predictions
-from medvit.evaluation.report import report_stage
 from medvit.evaluation.report_sections import includes_chance, plain_note
+from medvit.tasks.report import report_stage
 
 PATIENTS = 60
 

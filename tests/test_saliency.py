@@ -11,9 +11,10 @@ from PIL import Image
 
 from medvit.engine import save_weights
 from medvit.evaluation.report_sections import TaskResults
-from medvit.evaluation.saliency import choose_patients, gradcam_maps, saliency_figure, task_saliency
+from medvit.evaluation.saliency import choose_patients, gradcam_maps, saliency_figure
 from medvit.models import create_model
 from medvit.tasks.package import classifier_package
+from medvit.tasks.saliency import task_saliency
 
 SIZE = 32
 

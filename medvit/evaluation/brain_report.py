@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medvit.evaluation.report import (
+from medvit.evaluation.html import (
     esc,
     figure_html,
     format_count,

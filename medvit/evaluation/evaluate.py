@@ -206,7 +206,8 @@ def evaluate_predictions(df: pd.DataFrame, kind: Kind | None = None, aggregate: 
         ``classes``, ``threshold``, ``aggregate``, ``metrics``, ``sample_level``,
         ``sample_count_baseline`` (the ranking metrics of scoring each test patient by their
         number of samples, with CIs from the same resamples; None where every patient has as
-        many samples, or for multiclass), ``support``, ``bootstrap`` and ``notes``. Undefined values are NaN (written as null).
+        many samples, or for multiclass), ``support``, ``bootstrap`` and ``notes``. Undefined
+        values are NaN (written as null).
 
     Raises:
         PredictionsError: the table breaks Contract 3 or has no test rows.
@@ -361,9 +362,10 @@ def _read_model_json(folder: Path, notes: list[str]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-def evaluate_stage(config_path: str | Path, task: str, model: str, predictions_path: str | Path,
-                   out_path: str | Path) -> Path:
-    """Evaluate one model's predictions.csv with the study's settings -> metrics.json.
+def write_metrics(config_path: str | Path, task: str, model: str, predictions_path: str | Path,
+                  out_path: str | Path) -> Path:
+    """Evaluate one model's predictions.csv with the study's settings -> metrics.json (the
+    evaluate stage, :func:`medvit.tasks.evaluate.evaluate_stage`, then packages the model).
 
     Reads ``evaluation`` (bootstrap, ci, aggregate, top_k, threshold) and ``seed`` from the
     study, and ``params``, ``trainable_params``, ``train_seconds``, ``flops`` (per sample),
@@ -397,10 +399,4 @@ def evaluate_stage(config_path: str | Path, task: str, model: str, predictions_p
               "train_seconds": meta.get("train_seconds"), "flops": meta.get("flops"),
               "latency_ms": meta.get("latency_ms"), "latency_device": meta.get("latency_device"),
               "notes": notes, "provenance": prov}
-    out = write_json(out_path, record)
-    # a classifier's folder becomes a self-describing package once its threshold is chosen
-    from medvit.tasks.package import is_classifier_folder, is_segmentation_folder, write_package
-
-    if is_classifier_folder(predictions_path.parent, task) or is_segmentation_folder(predictions_path.parent, task):
-        write_package(predictions_path.parent, to_jsonable(record))
-    return out
+    return write_json(out_path, record)

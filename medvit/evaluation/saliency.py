@@ -11,10 +11,9 @@ overlaid on the input.
   ViTs. The model is called as a whole, so its own input standardisation (``input_norm``)
   applies to the raw [0, 1] image.
 
-Models are rebuilt from their package (``model.json``'s ``inference`` block, written by
-evaluation: :mod:`medvit.tasks.package`), images loaded with the training pipeline's
-deterministic transforms. Each map is min-max scaled to [0, 1] per image (MONAI's default),
-so maps show where, not how much.
+Each map is min-max scaled to [0, 1] per image (MONAI's default), so maps show where, not
+how much. :mod:`medvit.tasks.saliency` rebuilds each packaged classifier of a task and draws
+its maps for the report.
 """
 
 from __future__ import annotations
@@ -154,57 +153,6 @@ def gradcam_maps(model: Any, images: Any, class_index: Sequence[int] | None = No
     return np.nan_to_num(np.stack(maps)).astype(np.float32), np.stack(logits), ("last block" if is_vit else layer)
 
 
-def task_saliency(tr: Any, seed: int, n: int = N_PATIENTS) -> dict[str, Any] | None:
-    """Grad-CAM maps of every packaged classifier of a task on the same test samples.
-
-    Returns:
-        ``images`` (N, C, H, W) of the first model's input size, ``samples`` (the chosen
-        rows), ``models`` (model -> {``maps``, ``scores``, ``layer``}); None when the task has
-        no split.csv or no packaged classifier.
-    """
-    import torch
-
-    from medvit.data.transforms import load_transforms
-    from medvit.tasks.classification import probabilities
-    from medvit.tasks.common import TaskSpec
-    from medvit.tasks.package import PackageError, build_classifier, read_package
-
-    if tr.split_csv is None or not Path(tr.split_csv).is_file():
-        return None
-    split = pd.read_csv(tr.split_csv, dtype=str, keep_default_na=False)
-    truth = None
-    if tr.tables and tr.kind != "multiclass" and tr.classes:
-        first = next(iter(tr.tables.values()))
-        truth = dict(zip(first["patient_id"].astype(str), first[f"true_{tr.classes[0]}"].astype(int)))
-    samples = choose_patients(split, truth, n, seed)
-    if samples.empty:
-        return None
-    torch.manual_seed(seed)
-    out: dict[str, Any] = {"samples": samples, "models": {}, "images": None}
-    for model_name, folder in tr.dirs.items():
-        try:
-            block, _ = read_package(folder)
-        except PackageError:
-            continue  # not a packaged model (adapters, older folders)
-        if block.get("kind") != "classification":
-            continue  # segmentation shows its contours, detection its boxes
-        size = [int(s) for s in block["image_size"]]
-        load = load_transforms(Path(tr.split_csv).parent, size)
-        channels = list(block["channels"])
-        images = np.stack([np.asarray(load({"row": {c: r[c] for c in channels}})["image"])
-                           for r in samples.to_dict("records")])
-        model = build_classifier(block, folder / "model.safetensors")
-        maps, logits, layer = gradcam_maps(model, images)
-        spec = TaskSpec(block["task"]["kind"], list(block["task"]["classes"]), "label",
-                        list(block["task"].get("all_classes") or block["task"]["classes"]))
-        probs = probabilities(spec, torch.as_tensor(logits)).numpy()
-        out["models"][model_name] = {"maps": maps, "scores": probs, "layer": layer, "images": images,
-                                     "classes": list(block["task"]["classes"])}
-        if out["images"] is None:
-            out["images"] = images
-    return out if out["models"] else None
-
-
 def saliency_figure(result: dict[str, Any], path: Path) -> Path:
     """Rows = the chosen test samples; columns = the input, then each model's Grad-CAM
     overlaid on it (jet, alpha 0.45), titled with the model's score for the mapped class."""
@@ -229,23 +177,3 @@ def saliency_figure(result: dict[str, Any], path: Path) -> Path:
         ax.axis("off")
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def saliency_html(tr: Any, figures_dir: Path, seed: int) -> str:
-    """The task's Grad-CAM figure with its caption ("" when there is nothing to show)."""
-    from medvit.evaluation.report import esc, figure_html
-
-    try:
-        result = task_saliency(tr, seed)
-    except Exception as exc:  # noqa: BLE001 - a figure must not stop the report; the reason is shown
-        return f'<p class="notes">Saliency maps not drawn: {esc(type(exc).__name__)}: {esc(exc)}</p>'
-    if result is None:
-        return ""
-    png = saliency_figure(result, figures_dir / f"{tr.task}_saliency.png")
-    layers = ", ".join(f"{m}: {v['layer']}" for m, v in result["models"].items())
-    target = (f"for the positive class ({tr.classes[0]}; titles give its probability)" if tr.kind == "binary" else
-              "for the class or finding the model scores highest (named in each title with its probability)")
-    return figure_html(f"Where each model looks (Grad-CAM, MONAI): the same {len(result['samples'])} test patients "
-                       "(first image of each; chosen by a seeded hash of the patient id, positives and negatives "
-                       f"alternating) for every model, {target}. Target layers: {layers}. "
-                       "Maps are scaled to [0, 1] per image: they show where, not how strongly.", png)

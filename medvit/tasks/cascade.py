@@ -15,7 +15,7 @@ classifier's probabilities are rarely calibrated around 0.5; a number in the con
 
 Outputs in ``out_dir``: predictions.csv (Contract 3, with ``det_score`` and ``cls_prob``),
 model.json (the two models' parameters and training time, and the ``threshold`` used with
-where it came from), metrics.json (:func:`medvit.evaluation.evaluate.evaluate_stage`) and
+where it came from), metrics.json (:func:`medvit.tasks.evaluate.evaluate_stage`) and
 ptp.json (PTP with that threshold as the flagging rule and ``detection.min_slices`` as k).
 """
 
@@ -101,10 +101,11 @@ def cascade_stage(config_path: str | Path, task: str, split_path: str | Path, de
     Raises:
         ConfigError: not a binary task.
     """
-    from medvit.evaluation.evaluate import evaluate_stage, read_predictions, write_json
+    from medvit.evaluation.evaluate import read_predictions, write_json
     from medvit.evaluation.ptp import ptp_stage
     from medvit.tasks.classification import probabilities
     from medvit.tasks.distill import load_classifier
+    from medvit.tasks.evaluate import evaluate_stage
     from medvit.tasks.training import split_dataset
 
     ctx = load_context(config_path, task, split_path)

@@ -19,7 +19,7 @@ the teacher adds.
 Roles and their folders under ``<task>/distill/``: ``teacher`` (trained by
 :func:`medvit.tasks.classification.train`, the task's ``train`` recipe), ``student`` and
 ``student_distilled`` (``distill.train`` recipe), each with model.safetensors, model.json,
-predictions.csv and metrics.json (:func:`medvit.evaluation.evaluate.evaluate_stage`);
+predictions.csv and metrics.json (:func:`medvit.tasks.evaluate.evaluate_stage`);
 :func:`compare_stage` writes ``comparison.json``.
 """
 
@@ -219,8 +219,8 @@ def distill_stage(config_path: str | Path, task: str, role: str, split_path: str
             the task's train stage (same split, same ``train`` recipe, same code): it is
             copied with its model card instead of being trained a second time.
     """
-    from medvit.evaluation.evaluate import evaluate_stage
     from medvit.tasks.classification import train as train_cnn
+    from medvit.tasks.evaluate import evaluate_stage
 
     if role not in ROLES:
         raise ConfigError(f"distillation role {role!r} is not allowed; allowed: {', '.join(ROLES)}")

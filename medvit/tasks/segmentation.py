@@ -28,7 +28,6 @@ DICOM SEG when the input was a DICOM series (:mod:`medvit.data.export`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,7 +50,7 @@ from medvit.engine import Trainer, load_weights, resolve_device, save_weights
 from medvit.engine.seed import derive_seed
 from medvit.errors import CheckpointError, ConfigError, ManifestError
 from medvit.evaluation.metrics import auroc, average_precision, dice_score, hd95
-from medvit.fileio import atomic_write_text
+from medvit.fileio import atomic_write_text, read_json
 from medvit.models import count_parameters, create_model
 from medvit.tasks.common import (
     StageContext,
@@ -516,13 +515,6 @@ def fold_metrics(preds: pd.DataFrame, positive: str) -> dict[str, float]:
             "n_patients": len(per_patient), "n_positive": int(per_patient["y"].sum())}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def cv_summary_stage(config_path: str | Path, task: str, split_path: str | Path, out_path: str | Path) -> Path:
     """The cross-validation comparison of every model of the task -> ``cv_summary.json`` and
     ``overlays.png`` beside it.
@@ -557,20 +549,20 @@ def cv_summary_stage(config_path: str | Path, task: str, split_path: str | Path,
         card = read_sidecar(mdir / "model.safetensors")
         model = create_model(name, in_chans=int(card["in_chans"]), num_classes=1, **card.get("model_kwargs", {}))
         flops = count_flops(model, torch.zeros(1, int(card["in_chans"]), *tcfg["roi_size"]))
-        pooled = _read_json(mdir / "metrics.json").get("metrics", {})
+        pooled = read_json(mdir / "metrics.json", {}).get("metrics", {})
         entry: dict[str, Any] = {
             "per_fold": per_fold,
             **{k: _mean_sd([f[k] for f in per_fold]) for k in ("auroc", "ap", "dice", "hd95", "seconds")},
             "pooled": {k: pooled[k] for k in ("auroc", "ap", "dice", "hd95") if k in pooled},
             "params": card.get("params"), "flops": int(flops), "train_seconds": card.get("train_seconds"),
             "init": card.get("init", "scratch")}
-        external = _read_json(mdir / "external" / "metrics.json")
+        external = read_json(mdir / "external" / "metrics.json", {})
         if external:
             entry["external"] = {"n_patients": external.get("n_patients"), "manifest": external.get("manifest"),
                                  "metrics": {k: external["metrics"][k] for k in ("auroc", "ap", "dice", "hd95")
                                              if k in external.get("metrics", {})}}
         if name in SSL_MODELS:
-            encs = [_read_json(ssl_encoder_path(split_path, i).with_suffix(".json")) for i in range(folds)]
+            encs = [read_json(ssl_encoder_path(split_path, i).with_suffix(".json"), {}) for i in range(folds)]
             entry["ssl"] = {"tasks": encs[0].get("ssl_tasks"), "final_loss": [e.get("final_loss") for e in encs],
                             "train_patients": [e.get("train_patients") for e in encs],
                             "splits_seen": sorted({s for e in encs for s in e.get("splits_seen", [])})}
@@ -636,64 +628,3 @@ def save_overlays(ctx: StageContext, task_dir: Path, models: Sequence[str], path
     plt.close(fig)
     return path
 
-
-# ------------------------------------------------------------------------------ report
-def _fmt(entry: dict[str, Any] | None, digits: int = 3) -> str:
-    if not entry or entry.get("mean") is None:
-        return "–"
-    return f"{entry['mean']:.{digits}f} ± {entry['sd']:.{digits}f}"
-
-
-def report_parts(study: dict[str, Any]) -> dict[str, list[str]]:
-    """Report fragments of the prostate comparison (PART_BUILDERS entry): the fold table,
-    the external test, the SSL note and the slice overlays."""
-    from medvit.evaluation.report import (
-        figure_html,
-        format_count,
-        format_metric,
-        html_table,
-    )
-
-    if "prostate" not in study.get("tasks", {}):
-        return {}
-    task_dir = study_dir(study) / "prostate"
-    summary = _read_json(task_dir / "cv_summary.json")
-    if not summary:
-        return {}
-    k = summary["folds"]
-    rows, ext_rows = [], []
-    for name, m in summary["models"].items():
-        pooled = m.get("pooled", {})
-        rows.append([name, _fmt(m["auroc"]), _fmt(m["ap"]), format_metric(pooled.get("auroc")),
-                     format_metric(pooled.get("ap")), _fmt(m["dice"]), _fmt(m["hd95"], 1),
-                     format_count(m["params"]), f"{m['flops'] / 1e9:.2f}",
-                     "–" if m["seconds"]["mean"] is None else f"{m['seconds']['mean']:.3f}"])
-        if "external" in m:
-            e = m["external"]["metrics"]
-            ext_rows.append([name, str(m["external"]["n_patients"]), format_metric(e.get("auroc")),
-                             format_metric(e.get("ap")), format_metric(e.get("dice")), format_metric(e.get("hd95"))])
-    what = (f"{k}-fold patient-level cross-validation" if k > 1 else "single train/val/test split")
-    parts = [html_table(["model", "AUROC (mean ± sd over folds)", "AP (mean ± sd)", "pooled AUROC [CI]",
-                         "pooled AP [CI]", "lesion Dice", "HD95 (mm)", "params", "GFLOPs / patch",
-                         "s / volume"], rows,
-                        caption=f"Prostate csPCa: {what}, patient score = maximum of the lesion map; FLOPs of one "
-                                f"{summary['roi_size']} patch; inference time is CPU wall time per volume "
-                                "(noisy on a shared machine)")]
-    if ext_rows:
-        parts.append(html_table(["model", "patients", "AUROC [CI]", "AP [CI]", "Dice", "HD95"], ext_rows,
-                                caption="External test: the ensemble of each model's fold models on the external "
-                                        "cohort (thresholds at 0.5: the cohort has no validation rows)"))
-    ssl = summary["models"].get("cswin_unet_ssl", {}).get("ssl")
-    if ssl:
-        from medvit.evaluation.report import esc
-
-        parts.append(f"<p>cswin_unet_ssl: encoder pretrained per fold with {esc(', '.join(ssl['tasks'] or []))} on "
-                     f"{esc(', '.join(ssl['splits_seen']))} rows only ({esc(ssl['train_patients'])} patients per "
-                     "fold); validation and test patients never reach pretraining.</p>")
-        png = task_dir / "ssl" / "fold0" / "inpainting.png"
-        if png.is_file():
-            parts.append(figure_html("SSL (fold 0): patch, rotated + masked view, inpainting reconstruction", png))
-    if summary.get("overlays") and (task_dir / summary["overlays"]).is_file():
-        parts.append(figure_html("Out-of-fold predictions: T2w slice with the true lesion (cyan) and each model's "
-                                 "lesion probability map", task_dir / summary["overlays"]))
-    return {"prostate": parts}
