@@ -277,6 +277,13 @@ def test_counts_and_captions_come_from_the_metrics_records():
     both = TaskResults("prostate", [record, other])
     assert threshold_phrase(both) == ("the threshold chosen on the validation patients (unet3d), or 0.5 where "
                                       "validation could not choose one (cswin_unet)")
+    # multilabel: a fallback for one finding leaves the others' validation-chosen thresholds
+    finding = dict(record, model="densenet121", classes=["Effusion", "Hernia"],
+                   notes=["patient-level threshold for 'Hernia': youden threshold undefined (validation holds a "
+                          "single class); used 0.5"])
+    assert threshold_phrase(TaskResults("xray", [finding])) == (
+        "the threshold chosen on the validation patients, or 0.5 for Hernia where validation could not choose one "
+        "(see the notes)")
 
 
 def test_multiclass_failures_and_subgroups():

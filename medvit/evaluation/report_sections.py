@@ -197,11 +197,20 @@ def degenerate_html(points: list[dict[str, Any]], kind: str) -> str:
 def threshold_phrase(tr: TaskResults) -> str:
     """How a task's operating points were set, read from its records (the same objects the
     numbers come from): chosen on validation, or 0.5 where validation could not choose."""
-    fallback = [r["model"] for r in tr.records
-                if any(str(n).startswith("patient-level threshold") for n in r.get("notes") or [])]
+    fallback, classes = [], set()
+    for r in tr.records:
+        notes = [str(n) for n in r.get("notes") or [] if str(n).startswith("patient-level threshold")]
+        if notes:
+            fallback.append(r["model"])
+            classes |= {m.group(1) for n in notes if (m := re.search(r"threshold for '([^']+)'", n))}
     chosen = [r["model"] for r in tr.records if r["model"] not in fallback]
     if not fallback:
         return "the threshold chosen on the validation patients"
+    n_classes = len(tr.records[0].get("classes") or [])
+    if classes and len(classes) < n_classes:
+        # multilabel: validation chose every other finding's threshold
+        return (f"the threshold chosen on the validation patients, or 0.5 for {', '.join(sorted(classes))} where "
+                "validation could not choose one (see the notes)")
     if not chosen:
         return "a threshold of 0.5 (validation could not choose one: see the notes)"
     return (f"the threshold chosen on the validation patients ({', '.join(chosen)}), or 0.5 where validation "
@@ -541,11 +550,28 @@ def evaluated_on(tr: TaskResults, record: dict[str, Any]) -> str:
     return f"{n_p} test patients ({n_s} samples)"
 
 
+def chance_limits(tr: TaskResults, record: dict[str, Any]) -> list[str]:
+    """Model-card limits from the chance and degenerate-threshold checks."""
+    limits = []
+    h = headline(record)
+    if h and (chance := includes_chance(h[0], h[1], record)) is not None:
+        limits.append(f"its {metric_label(h[0])} interval includes chance ({chance:g}): the test data do not show "
+                      "it to be better than guessing")
+    if found := under_count_baseline(record):
+        limits.append(f"its patient-level {metric_label(found[0])} interval does not clear {found[2]:.3f}, the score "
+                      "of ranking patients by their number of images alone: it is not shown to read more than how "
+                      "many images a patient has")
+    for d in degenerate_points(tr):
+        if d["model"] == record["model"]:
+            limits.append(f"at the threshold chosen on validation it calls every test patient {d['all']}"
+                          + (f" for {d['class']}" if tr.kind != "binary" else "")
+                          + ": its sensitivity and specificity describe the threshold, not the model")
+    return limits
+
+
 def model_cards_section(study: dict[str, Any], results: dict[str, TaskResults],
                         eces: dict[str, dict[str, float]]) -> Section | None:
     """One card per trained model: intended use, data, training, metrics, limits."""
-    from medvit.evaluation.report_review import chance_limits
-
     cards = []
     for task, tr in results.items():
         splits = tr.split.get("splits") or {}
