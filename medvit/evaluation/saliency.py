@@ -3,8 +3,9 @@ et al. 2017) for a fixed set of test patients, the same patients for every model
 overlaid on the input.
 
 * CNNs (ResNet, DenseNet, MobileViT, ...): Grad-CAM on the last layer whose output is still a
-  spatial feature map (found by one forward pass: e.g. ResNet ``layer4``, MONAI DenseNet
-  ``class_layers.relu``).
+  spatial feature map of at least 4x4 (found by one forward pass: e.g. ResNet ``layer4`` at
+  224 px, ``layer2`` at 28-32 px, where the later maps are 2x2 or 1x1 and a Grad-CAM on them
+  is one blob or blank).
 * ViTs and DeiTs (timm ``VisionTransformer``): Grad-CAM on the output of the last
   transformer block, its patch tokens laid back on the patch grid (the class and
   distillation tokens are left out), as pytorch-grad-cam's ``reshape_transform`` does for
@@ -89,19 +90,23 @@ def _token_grid_wrapper(model: Any):
     return Wrapped(model)
 
 
+MIN_CAM_SIDE = 4  # a 2x2 Grad-CAM is one blob or, after its ReLU, nothing: no "where" left to show
+
+
 def _last_spatial_layer(model: Any, example: Any) -> str:
-    """Name of the last module (in execution order) whose output is a 4-D map larger than 1x1."""
+    """Name of the last module (in execution order) whose output is a 4-D map at least
+    MIN_CAM_SIDE on each side; on an input too small for any, the last of the largest maps."""
     import torch
 
-    seen: list[str] = []
+    seen: list[tuple[str, int]] = []
     handles = []
     for name, module in model.named_modules():
         if not name:
             continue
 
         def hook(mod: Any, inp: Any, out: Any, name: str = name) -> None:
-            if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[-1] > 1 and out.shape[-2] > 1:
-                seen.append(name)
+            if isinstance(out, torch.Tensor) and out.ndim == 4 and min(out.shape[-2:]) > 1:
+                seen.append((name, min(out.shape[-2:])))
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -112,7 +117,11 @@ def _last_spatial_layer(model: Any, example: Any) -> str:
             h.remove()
     if not seen:
         raise ValueError("no spatial feature map found for Grad-CAM")
-    return seen[-1]
+    large = [name for name, side in seen if side >= MIN_CAM_SIDE]
+    if large:
+        return large[-1]
+    biggest = max(side for _, side in seen)
+    return [name for name, side in seen if side == biggest][-1]
 
 
 def gradcam_maps(model: Any, images: Any, class_index: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray,
