@@ -215,3 +215,44 @@ def test_cache_info_is_json(tmp_path):
     meta = json.loads((tmp_path / "cache" / "cache.json").read_text())
     assert meta["count"] == 2 and meta["arrays"]["image"]["encoding"] == "unit16"
     assert meta["bytes"] == os.path.getsize(tmp_path / "cache" / "image.npy")
+
+
+# ------------------------------------------------------------------ the stages' datasets
+
+
+def _histo_study(tmp_path: Path, cache: str) -> tuple[Path, Path]:
+    rng = np.random.default_rng(1)
+    rows = ["patient_id,image,label,split"]
+    for i in range(8):
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(tmp_path / f"tile{i}.png")
+        rows.append(f"p{i},tile{i}.png,{'malignant' if i % 2 else 'benign'},{['train', 'val', 'test', 'train'][i % 4]}")
+    split = tmp_path / "split.csv"
+    split.write_text("\n".join(rows) + "\n")
+    study = _write(tmp_path / f"{cache}.yaml", {"study": "c", "cache": cache, "results_dir": str(tmp_path / "results"),
+                                                 "tasks": {"histo": {"manifest": str(split), "image_size": 16}}})
+    return study, split
+
+
+def test_stages_read_the_disk_cache_built_once(tmp_path):
+    from medvit.tasks.common import load_context
+    from medvit.tasks.preprocess import sample_loading
+    from medvit.tasks.training import split_dataset
+
+    study, split = _histo_study(tmp_path, "disk")
+    ctx = load_context(study, "histo", split)
+    load, in_memory = sample_loading(ctx, [16, 16], False, cache=True)
+    assert isinstance(load, CachedLoadd) and not in_memory  # built here: no workflow rule ran
+    built = cache_dir(ctx.study, "histo") / "cache.json"
+    stamp = built.stat().st_mtime_ns
+    again, _ = sample_loading(ctx, [16, 16], False, cache=True)
+    assert again.cache is load.cache and built.stat().st_mtime_ns == stamp  # opened, not rebuilt
+    train = split_dataset(ctx, "train", [16, 16])
+    decoded = load_transforms(ctx.manifest.root, [16, 16])(dict(train.records[0]))["image"]
+    assert float((train[0]["image"] - decoded).abs().max()) <= HALF_STEP
+    assert train.cache is False and train._cached == [None] * len(train)  # nothing held in memory
+    plain, _ = sample_loading(ctx, [12, 12], False, cache=True)  # another grid: decoded as read
+    assert not isinstance(plain, CachedLoadd)
+
+    memory_study, _ = _histo_study(tmp_path, "memory")
+    load, in_memory = sample_loading(load_context(memory_study, "histo", split), [16, 16], False, cache=True)
+    assert in_memory and not isinstance(load, CachedLoadd)

@@ -161,9 +161,10 @@ class PreprocessedCache:
         self.settings = self.meta["settings"]
         self.arrays: dict[str, dict[str, Any]] = self.meta["arrays"]
         self._rows = {sid: i for i, sid in enumerate(index["sample_id"])}
-        self._sources = [json.loads(s) for s in index["sources"]]
-        self._stamps = [json.loads(s) for s in index["stamps"]]
-        self.keys = list(index["key"])
+        # kept as the index's JSON text: a few strings per sample, not lists of objects
+        self._sources: list[str] = list(index["sources"])
+        self._stamps: list[str] = list(index["stamps"])
+        self.keys: list[str] = list(index["key"])
         # opened now, before DataLoader workers fork: every process reads this build's files,
         # even after a rebuild has replaced them by name (positioned reads share no offset)
         self._fds = {name: os.open(self.folder / spec["file"], os.O_RDONLY) for name, spec in self.arrays.items()}
@@ -187,10 +188,10 @@ class PreprocessedCache:
         """The row of a sample, when it was built from these files and they have not changed
         since (same paths, sizes and modification times)."""
         row = self._rows.get(str(sample_id))
-        if row is None or self._sources[row] != list(sources):
+        if row is None or self._sources[row] != json.dumps(list(sources)):
             return None
         try:
-            if [file_stamp(p) for p in sources] != self._stamps[row]:
+            if [file_stamp(p) for p in sources] != json.loads(self._stamps[row]):
                 return None
         except OSError:
             return None
@@ -428,19 +429,5 @@ def _publish(tmp: Path, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def open_or_build(folder: str | os.PathLike[str], records: Sequence[Mapping[str, Any]],
-                  load: Callable[[dict], dict], settings: Mapping[str, Any], root: str | os.PathLike[str],
-                  workers: int = 0) -> PreprocessedCache:
-    """The cache in ``folder`` when it serves ``settings``, else built from ``records``.
-
-    An existing cache is not rebuilt for records it lacks (other jobs may be reading it;
-    :class:`CachedLoadd` decodes those): the workflow's cache rule rebuilds it when the
-    split changes."""
-    cache = PreprocessedCache.open(folder)
-    if cache is not None and cache.serves(settings):
-        return cache
-    return build_cache(folder, records, load, settings, root, workers=workers)
-
-
 __all__ = ["CACHE_FORMAT", "CacheError", "CachedLoadd", "PreprocessedCache", "build_cache", "content_digest",
-           "decode", "encode", "file_stamp", "load_settings", "open_or_build", "source_files"]
+           "decode", "encode", "file_stamp", "load_settings", "source_files"]

@@ -13,9 +13,27 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from medvit.config import cache_dir, cache_mode, cache_spatial_size
-from medvit.data.cache import CachedLoadd, PreprocessedCache, build_cache, load_settings, open_or_build
+from medvit.data.cache import CachedLoadd, PreprocessedCache, build_cache, load_settings
 from medvit.data.transforms import load_transforms
 from medvit.tasks.common import StageContext, load_context
+
+_OPENED: dict[tuple[str, int], PreprocessedCache] = {}
+
+
+def _opened(folder: Path) -> PreprocessedCache | None:
+    """The cache in ``folder``, opened once per process and build (a stage's training and
+    validation datasets share one index)."""
+    try:
+        stamp = (str(folder), (folder / "cache.json").stat().st_mtime_ns)
+    except OSError:
+        return None
+    if stamp not in _OPENED:
+        _OPENED.clear()
+        cache = PreprocessedCache.open(folder)
+        if cache is None:
+            return None
+        _OPENED[stamp] = cache
+    return _OPENED[stamp]
 
 
 def _cache_records(ctx: StageContext) -> list[dict[str, Any]]:
@@ -68,13 +86,14 @@ def sample_loading(ctx: StageContext, spatial_size: Sequence[int], load_mask: bo
         return load, cache and mode == "memory"
     settings = load_settings(spatial_size, load_mask)
     task_size, task_masks = cache_spatial_size(ctx.study, ctx.task)
-    if list(spatial_size) == task_size:
-        settings_built = load_settings(task_size, task_masks)
-        built = open_or_build(cache_dir(ctx.study, ctx.task), _cache_records(ctx),
-                              load_transforms(ctx.manifest.root, task_size, load_mask=task_masks), settings_built,
-                              ctx.manifest.root, workers=min(8, os.cpu_count() or 1))
-    else:
-        built = PreprocessedCache.open(cache_dir(ctx.study, ctx.task))
+    built = _opened(cache_dir(ctx.study, ctx.task))
+    task_settings = load_settings(task_size, task_masks)
+    if list(spatial_size) == task_size and (built is None or not built.serves(task_settings)):
+        # a stage run outside the workflow (whose preprocess rule runs first): build it here
+        build_cache(cache_dir(ctx.study, ctx.task), _cache_records(ctx),
+                    load_transforms(ctx.manifest.root, task_size, load_mask=task_masks), task_settings,
+                    ctx.manifest.root, workers=min(8, os.cpu_count() or 1))
+        built = _opened(cache_dir(ctx.study, ctx.task))
     if built is None or not built.serves(settings):
         # another grid than the task's (a stage with its own image size): decoded on access
         print(f"note: no disk cache at grid {list(spatial_size)}; samples are decoded as they are read", flush=True)
