@@ -57,6 +57,9 @@ ENCODINGS = {"unit16": np.dtype(np.uint16), "uint8": np.dtype(np.uint8), "float3
 """Array encodings: ``unit16`` (values in [0, 1], see :data:`UNIT16_LEVELS`), ``uint8``
 (integers 0..255, exact, for masks), ``float32`` (exact; for anything else)."""
 
+BUILD_CHUNK_BYTES = 256 << 20
+"""At most this many bytes of decoded samples wait to be written while a cache is built."""
+
 SOURCE_COLUMNS = ("image", "mask")
 """Manifest columns (with ``image_<channel>``) whose files a sample is loaded from."""
 
@@ -375,8 +378,12 @@ def build_cache(folder: str | os.PathLike[str], records: Sequence[Mapping[str, A
                         write(i, {n: _read_old(old_arrays[n], j) for n in encodings})
                 todo = [i for i in range(1, len(records)) if i not in reuse]
                 bar = tqdm(total=len(todo), desc=desc, unit="sample", leave=False, disable=len(todo) < 200)
-                for start in range(0, len(todo), 256):  # bounded: at most 256 decoded samples wait to be written
-                    chunk = todo[start:start + 256]
+                # bounded memory: a chunk of decoded samples (float32) waits to be written, at most
+                # 256 samples or 256 MiB (a few 3D volumes), never fewer than the threads
+                per_sample = 4 * sum(int(np.prod(a.shape)) for a in first.values())
+                step = max(1, workers, min(256, BUILD_CHUNK_BYTES // max(1, per_sample)))
+                for start in range(0, len(todo), step):
+                    chunk = todo[start:start + step]
                     for i, arrays in zip(chunk, pool.map(prepare, chunk)):
                         write(i, arrays)
                         bar.update()
