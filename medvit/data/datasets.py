@@ -28,7 +28,9 @@ class SampleDataset(Dataset):
         augment: random transform applied after the cache, re-seeded per (seed, epoch, index).
         seed: base seed of the augmentation.
         cache: keep loaded samples in memory (decoding happens once, on first access or in
-            :meth:`warm_cache`).
+            :meth:`warm_cache`). Off where ``load`` reads the task's disk cache
+            (:class:`medvit.data.cache.CachedLoadd`, study key ``cache: disk``): every worker and
+            job then reads the same files, and the dataset holds nothing.
     """
 
     def __init__(self, records: Sequence[dict[str, Any]], load: Callable[[dict], dict],
