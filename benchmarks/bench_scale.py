@@ -3,6 +3,7 @@ and the disk cache's loader throughput per worker at 224 px.
 
     python benchmarks/bench_scale.py [--sizes 5000 50000] [--image-size 64] [--model resnet18]
                                      [--work DIR] [--loader-images 2000] [--quick]
+    python benchmarks/bench_scale.py --merge a.json b.json     # runs made separately, one table
 
 For each size it writes a synthetic X-ray study (8-bit PNGs of ``--source-size`` px, two per
 patient, normal/pneumonia) and runs the stages a study runs, each as its own ``medvit``
@@ -230,7 +231,9 @@ def markdown(d: dict[str, Any]) -> str:
              f"two per patient), `{a['model']}` at {a['image_size']} px, batch {a['batch']}, one epoch, "
              f"`num_workers: {a['workers']}`; each stage a `medvit` process of its own. Peak RSS: the process's "
              "`ru_maxrss`. `train (memory)` is the same training with `cache: memory` (every sample decoded "
-             "into the job first).", "",
+             "into the job first)."
+             + (" The sizes ran side by side, each in its own benchmark process (`--merge`)."
+                if d.get("merged_from") else ""), "",
              "| images | stage | wall s | peak RSS MiB | disk MiB |", "|---|---|---|---|---|"]
     for run in d["runs"]:
         lines.append(f"| {run['images']} | generate (PNG sources) | {run['generate_s']} |  | {run['source_mib']} |")
@@ -257,6 +260,30 @@ def markdown(d: dict[str, Any]) -> str:
                       "340-820 samples/s from each of them."]
     lines += ["", SECTION_END]
     return "\n".join(lines) + "\n"
+
+
+def rss_ratios(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Peak RSS of each stage in the largest study over the smallest."""
+    if len(runs) < 2:
+        return {}
+    small, large = min(runs, key=lambda r: r["images"]), max(runs, key=lambda r: r["images"])
+    return {stage: {"small_n": small["images"], "large_n": large["images"], "small": s["peak_rss_mib"],
+                    "large": large["stages"][stage]["peak_rss_mib"],
+                    "ratio": round(large["stages"][stage]["peak_rss_mib"] / s["peak_rss_mib"], 2)}
+            for stage, s in small["stages"].items() if stage in large["stages"]}
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """One payload from runs made separately (e.g. one size each, side by side)."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    payload = {**parts[0], "runs": sorted((r for p in parts for r in p["runs"]), key=lambda r: r["images"]),
+               "merged_from": [str(p) for p in paths]}
+    payload.pop("loader", None)
+    for part in parts:
+        if part.get("loader"):
+            payload["loader"] = part["loader"]
+    payload["rss_ratios"] = rss_ratios(payload["runs"])
+    return payload
 
 
 def write_section(report: Path, text: str) -> None:
@@ -293,7 +320,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="200 and 2000 images, a 200-image loader run")
     p.add_argument("--out", type=Path, default=U.RESULTS / "scale_cpu.json")
     p.add_argument("--report", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="only combine the JSON files of separate runs (e.g. one size each) into --out and --report")
     args = p.parse_args()
+    if args.merge:
+        payload = merge(args.merge)
+        U.write_json(args.out, payload)
+        write_section(args.report, markdown(payload))
+        print(f"wrote the scale section of {args.report}")
+        return
     if args.quick:
         args.sizes, args.loader_images, args.loader_epochs = [200, 2000], 200, 1
     args.workers = args.workers if args.workers == "auto" else int(args.workers)
@@ -308,12 +343,7 @@ def main() -> None:
         print(f"== {n} images", flush=True)
         payload["runs"].append(scale_run(n, args, args.work))
         U.write_json(args.out, payload)
-    small, large = payload["runs"][0], payload["runs"][-1]
-    payload["rss_ratios"] = {
-        stage: {"small_n": small["images"], "large_n": large["images"], "small": s["peak_rss_mib"],
-                "large": large["stages"][stage]["peak_rss_mib"],
-                "ratio": round(large["stages"][stage]["peak_rss_mib"] / s["peak_rss_mib"], 2)}
-        for stage, s in small["stages"].items()} if len(payload["runs"]) > 1 else {}
+    payload["rss_ratios"] = rss_ratios(payload["runs"])
     if args.loader_images:
         payload["loader"] = loader_run(args, args.work)
     U.write_json(args.out, payload)
