@@ -169,6 +169,33 @@ def scale_run(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "generate_s": round(generate_s, 1), "source_mib": du_mib(data), "stages": stages}
 
 
+STAGE_LOGS = {"split": "split", "preprocess": "preprocess", "train (disk)": "train_disk",
+              "predict (disk)": "predict_disk", "train (memory)": "train_memory"}
+
+
+def collect(n: int, work: Path) -> dict[str, Any]:
+    """A run stopped part-way, from its files: each finished stage's usage file, its wall time
+    from file times (from the end of the stage before, or of the manifest, to its own end)."""
+    import pandas as pd
+
+    logs, data = work / "logs", work / f"xray{n}"
+    previous = (data / "manifest.csv").stat().st_mtime
+    stages: dict[str, Any] = {}
+    for stage, name in STAGE_LOGS.items():
+        usage = logs / f"{n}_{name}.usage.json"
+        if not usage.is_file():
+            break
+        end = usage.stat().st_mtime
+        stages[stage] = {"wall_s": round(end - previous, 1), **json.loads(usage.read_text())}
+        previous = end
+    caches = list((work / "results" / f"scale{n}_disk" / "xray" / "cache").glob("*/cache.json"))
+    if "preprocess" in stages and caches:
+        stages["preprocess"]["disk_mib"] = du_mib(caches[0].parent)
+    df = pd.read_csv(work / "results" / f"scale{n}_disk" / "xray" / "split.csv")
+    return {"images": n, "patients": int(df["patient_id"].nunique()), "splits": df["split"].value_counts().to_dict(),
+            "generate_s": None, "source_mib": du_mib(data), "stages": stages, "collected_from_logs": True}
+
+
 # ------------------------------------------------------------------------------- loader
 
 
@@ -236,7 +263,8 @@ def markdown(d: dict[str, Any]) -> str:
                 if d.get("merged_from") else ""), "",
              "| images | stage | wall s | peak RSS MiB | disk MiB |", "|---|---|---|---|---|"]
     for run in d["runs"]:
-        lines.append(f"| {run['images']} | generate (PNG sources) | {run['generate_s']} |  | {run['source_mib']} |")
+        lines.append(f"| {run['images']} | generate (PNG sources) | {run['generate_s'] or ''} |  | "
+                     f"{run['source_mib']} |")
         for stage, s in run["stages"].items():
             lines.append(f"| {run['images']} | {stage} | {s['wall_s']} | {s['peak_rss_mib']} | "
                          f"{s.get('disk_mib', '')} |")
@@ -320,9 +348,21 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="200 and 2000 images, a 200-image loader run")
     p.add_argument("--out", type=Path, default=U.RESULTS / "scale_cpu.json")
     p.add_argument("--report", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--collect", action="store_true",
+                   help="only gather a run stopped part-way from the logs under --work (for --merge)")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="only combine the JSON files of separate runs (e.g. one size each) into --out and --report")
     args = p.parse_args()
+    if args.collect:
+        import torch
+
+        payload = {**U.header(torch.device("cpu"), False), "settings": vars(args) | {"work": str(args.work)},
+                   "runs": [collect(n, args.work) for n in sorted(args.sizes)]}
+        payload["settings"] = {k: payload["settings"][k.replace("-", "_")] for k in
+                               ("image_size", "source_size", "model", "batch", "workers")}
+        payload["rss_ratios"] = rss_ratios(payload["runs"])
+        U.write_json(args.out, payload)
+        return
     if args.merge:
         payload = merge(args.merge)
         U.write_json(args.out, payload)
