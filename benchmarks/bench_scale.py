@@ -169,6 +169,50 @@ def scale_run(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "generate_s": round(generate_s, 1), "source_mib": du_mib(data), "stages": stages}
 
 
+def volume_run(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """``n`` synthetic bpMRI patients (3 sequences + lesion mask, NIfTI) through split and the
+    disk cache, then one epoch of the training loader (patches, flips, intensity) over it."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from medvit.data.synth import synthesize
+    from medvit.tasks.segmentation import fold_context, volume_dataset
+
+    data = work / f"prostate{n}"
+    t0 = time.perf_counter()
+    manifest = data / "manifest.csv"
+    if not manifest.is_file():
+        synthesize("prostate", n, data, seed=0, image_size=args.volume_source_size)
+    generate_s = time.perf_counter() - t0
+    results = work / "results"
+    study = work / f"volumes{n}.yaml"
+    study.write_text(yaml.safe_dump({
+        "study": f"volumes{n}", "seed": 0, "device": "cpu", "cache": "disk", "results_dir": str(results),
+        "tasks": {"prostate": {"manifest": str(manifest), "image_size": args.volume_size, "folds": 5,
+                               "roi_size": [args.volume_size // 2] * 3, "models": ["unet3d"]}}}, sort_keys=False))
+    out = results / f"volumes{n}" / "prostate"
+    shutil.rmtree(results / f"volumes{n}", ignore_errors=True)
+    out.mkdir(parents=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    split = out / "split.csv"
+    common = ["--config", str(study), "--task", "prostate"]
+    stages = {"split": run_stage(["split", *common, "--out", str(split)], logs / f"vol{n}_split.log"),
+              "preprocess": run_stage(["preprocess", *common, "--split", str(split), "--workers",
+                                       str(args.cache_workers)], logs / f"vol{n}_preprocess.log")}
+    cache = next((out / "cache").glob("*/cache.json")).parent
+    stages["preprocess"]["disk_mib"] = du_mib(cache)
+    ctx = fold_context(study, "prostate", split, 0)
+    train = volume_dataset(ctx, ctx.rows("train"), augment=True)
+    loader = DataLoader(train, batch_size=2, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    seen = sum(len(b["image"]) for b in loader)
+    rate = seen / (time.perf_counter() - t0)
+    return {"volumes": n, "source_size": args.volume_source_size, "image_size": args.volume_size,
+            "generate_s": round(generate_s, 1), "source_mib": du_mib(data), "stages": stages,
+            "loader_samples_per_s": round(rate, 1), "loader_samples": seen}
+
+
 STAGE_LOGS = {"split": "split", "preprocess": "preprocess", "train (disk)": "train_disk",
               "predict (disk)": "predict_disk", "train (memory)": "train_memory"}
 
@@ -274,6 +318,19 @@ def markdown(d: dict[str, Any]) -> str:
         for stage, r in ratios.items():
             lines.append(f"- {stage}: {r['ratio']} ({r['small']} MiB at {r['small_n']} images, "
                          f"{r['large']} MiB at {r['large_n']})")
+    if d.get("volumes"):
+        v0 = d["volumes"][0]
+        lines += ["", f"Volumes: synthetic bpMRI patients (T2w, ADC, HBV and a lesion mask as NIfTI, "
+                      f"{v0['source_size']}^3 voxels) cached at {v0['image_size']}^3 with masks; the loader column is "
+                      "one epoch of fold 0's training patches (flips, intensity) read from the cache in one process.",
+                  "", "| volumes | stage | wall s | peak RSS MiB | disk MiB |", "|---|---|---|---|---|"]
+        for v in d["volumes"]:
+            lines.append(f"| {v['volumes']} | generate (NIfTI sources) | {v['generate_s']} |  | {v['source_mib']} |")
+            for stage, s in v["stages"].items():
+                lines.append(f"| {v['volumes']} | {stage} | {s['wall_s']} | {s['peak_rss_mib']} | "
+                             f"{s.get('disk_mib', '')} |")
+            lines.append(f"| {v['volumes']} | loader epoch ({v['loader_samples']} patches) | | | "
+                         f"{v['loader_samples_per_s']} samples/s |")
     ld = d.get("loader")
     if ld:
         lines += ["", f"Loader from the disk cache at {ld['image_size']} px ({ld['images']} images, batch "
@@ -310,6 +367,8 @@ def merge(paths: list[Path]) -> dict[str, Any]:
     for part in parts:
         if part.get("loader"):
             payload["loader"] = part["loader"]
+
+    payload["volumes"] = sorted((v for part in parts for v in part.get("volumes", [])), key=lambda v: v["volumes"])
     payload["rss_ratios"] = rss_ratios(payload["runs"])
     return payload
 
@@ -330,7 +389,7 @@ def main() -> None:
         _stage_usage_main(sys.argv[i + 1], sys.argv[sys.argv.index("--") + 1:])
         return
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000], help="images per study")
+    p.add_argument("--sizes", type=int, nargs="*", default=[5000, 50000], help="images per study (none: skip)")
     p.add_argument("--image-size", type=int, default=64, help="the model's input size (px)")
     p.add_argument("--source-size", type=int, default=128, help="side of the generated PNGs (px)")
     p.add_argument("--model", default="resnet18")
@@ -343,6 +402,9 @@ def main() -> None:
     p.add_argument("--loader-source-size", type=int, default=256)
     p.add_argument("--loader-workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--loader-epochs", type=int, default=2)
+    p.add_argument("--volumes", type=int, nargs="*", default=[], help="bpMRI patients per volume study (e.g. 100 1000)")
+    p.add_argument("--volume-size", type=int, default=32, help="grid of the cached volumes (voxels per side)")
+    p.add_argument("--volume-source-size", type=int, default=64, help="side of the generated volumes (voxels)")
     p.add_argument("--work", type=Path, default=Path("/tmp/medvit-scale"), help="folder for the studies")
     p.add_argument("--keep", action="store_true", help="keep the generated studies")
     p.add_argument("--quick", action="store_true", help="200 and 2000 images, a 200-image loader run")
@@ -386,6 +448,10 @@ def main() -> None:
     payload["rss_ratios"] = rss_ratios(payload["runs"])
     if args.loader_images:
         payload["loader"] = loader_run(args, args.work)
+    for n in sorted(args.volumes):
+        print(f"== {n} volumes", flush=True)
+        payload.setdefault("volumes", []).append(volume_run(n, args, args.work))
+        U.write_json(args.out, payload)
     U.write_json(args.out, payload)
     write_section(args.report, markdown(payload))
     print(f"wrote the scale section of {args.report}")
