@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -323,6 +324,15 @@ def _targets(all_data: dict[str, Any]) -> list[str]:
     return ["## Targets", "", _table(rows, [("target", "target"), ("measured", "measured"), ("met", "met")])]
 
 
+def kept_sections(report: Path) -> str:
+    """Sections that scripts outside the suite write into the report between their own
+    ``<!-- NAME: start -->`` and ``<!-- NAME: end -->`` markers (bench_scale.py's study-scale
+    table: an hour's run of its own), carried over when the report is rebuilt."""
+    text = report.read_text() if report.is_file() else ""
+    spans = re.finditer(r"^<!-- ([\w-]+): start -->\n.*?^<!-- \1: end -->\n", text, re.S | re.M)
+    return "".join("\n" + m.group(0) for m in spans)
+
+
 def render(all_data: dict[str, Any]) -> str:
     m = all_data.get("machine") or {}
     lines = ["# Benchmark results", "",
@@ -561,7 +571,7 @@ def main() -> None:
     write_json(results / f"all_{device.type}.json", all_data)
     from medvit.fileio import atomic_write_text
 
-    atomic_write_text(Path(args.report), render(all_data))
+    atomic_write_text(Path(args.report), render(all_data) + kept_sections(Path(args.report)))
     print(f"wrote {args.report}")
 
 
