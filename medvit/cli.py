@@ -1,6 +1,9 @@
 """The ``medvit`` command: one subcommand per pipeline stage.
 
 No logic lives here beyond argument handling: each subcommand calls one stage function.
+medvit's modules are imported inside the handlers, not at the top: every job of a study
+starts this command, and each imports only the stage it runs (torch, MONAI, timm and
+ultralytics take seconds; `medvit --help` and `medvit config` import none of them).
 User errors (:class:`medvit.errors.MedvitError`) are printed as ``error: ...`` with exit
 code 2, never as a traceback.
 """
@@ -8,8 +11,11 @@ code 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 
 def _cmd_manifest_validate(args: argparse.Namespace) -> int:
@@ -89,159 +95,65 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_package(args: argparse.Namespace) -> int:
-    from medvit.tasks.package import package_stage
-
-    print(f"wrote {package_stage(args.config, args.task, args.model_dir)}")
-    return 0
-
-
-def _cmd_split(args: argparse.Namespace) -> int:
-    from medvit.tasks.common import split_stage
-
-    split_stage(args.config, args.task, args.out)
-    return 0
-
-
-def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from medvit.tasks.preprocess import preprocess_stage
-
-    print(f"wrote {preprocess_stage(args.config, args.task, args.split, args.out, workers=args.workers)}")
-    return 0
-
-
-def _cmd_fold_split(args: argparse.Namespace) -> int:
-    from medvit.tasks.common import fold_split_stage
-
-    print(f"wrote {fold_split_stage(args.split, args.fold, args.out)}")
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from medvit.tasks import train_stage
-
-    train_stage(args.config, args.task, args.model, args.split, args.out, seed=args.seed)
-    return 0
-
-
-def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from medvit.tasks import pretrain_stage
-
-    encoder = pretrain_stage(args.config, args.task, args.split, args.out)
-    print(f"wrote {encoder}")
-    return 0
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from medvit.tasks import predict_stage
-
-    predict_stage(args.config, args.task, args.model, args.split, args.weights, args.out)
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from medvit.tasks.evaluate import evaluate_stage
-
-    evaluate_stage(args.config, args.task, args.model, args.predictions, args.out)
-    return 0
-
-
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from medvit.tasks.compare import compare_stage
-
-    print(f"wrote {compare_stage(args.config, args.task, args.out)}")
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from medvit.tasks.report import report_stage
-
-    report_stage(args.config, args.metrics, args.out)
-    return 0
-
-
-def _cmd_detect(args: argparse.Namespace) -> int:
-    from medvit.tasks.detection import detect_stage
-
-    print(f"wrote {detect_stage(args.config, args.task, args.split, args.out)}")
-    return 0
-
-
-def _cmd_ptp(args: argparse.Namespace) -> int:
-    from medvit.evaluation.ptp import ptp_stage
-
-    print(f"wrote {ptp_stage(args.config, args.task, args.predictions, args.out, section=args.section)}")
-    return 0
-
-
-def _cmd_distill(args: argparse.Namespace) -> int:
-    from medvit.tasks.distill import distill_stage
-
-    print(f"wrote {distill_stage(args.config, args.task, args.role, args.split, args.out, args.teacher, args.reuse)}")
-    return 0
-
-
-def _cmd_distill_compare(args: argparse.Namespace) -> int:
-    from medvit.tasks.distill import compare_stage
-
-    print(f"wrote {compare_stage(args.config, args.task, args.distill_dir, args.out)}")
-    return 0
-
-
-def _cmd_cascade(args: argparse.Namespace) -> int:
-    from medvit.tasks.cascade import cascade_stage
-
-    print(f"wrote {cascade_stage(args.config, args.task, args.split, args.detector, args.classifier, args.out)}")
-    return 0
-
-
-def _cmd_ssl_pretrain(args: argparse.Namespace) -> int:
-    from medvit.tasks.ssl import ssl_stage
-
-    print(f"wrote {ssl_stage(args.config, args.task, args.split, args.fold, args.out)}")
-    return 0
-
-
-def _cmd_cv_fold(args: argparse.Namespace) -> int:
-    from medvit.tasks.segmentation import cv_fold_stage
-
-    print(f"wrote {cv_fold_stage(args.config, args.task, args.model, args.split, args.fold, args.out, args.init)}")
-    return 0
-
-
-def _cmd_cv_pool(args: argparse.Namespace) -> int:
-    from medvit.tasks.segmentation import cv_pool_stage
-
-    print(f"wrote {cv_pool_stage(args.config, args.task, args.model, args.split, args.folds, args.out)}")
-    return 0
-
-
-def _cmd_external_test(args: argparse.Namespace) -> int:
-    from medvit.tasks.segmentation import external_stage
-
-    print(f"wrote {external_stage(args.config, args.task, args.model, args.split, args.weights, args.out)}")
-    return 0
-
-
-def _cmd_cv_summary(args: argparse.Namespace) -> int:
-    from medvit.tasks.segmentation import cv_summary_stage
-
-    print(f"wrote {cv_summary_stage(args.config, args.task, args.split, args.out)}")
-    return 0
-
-
-def _cmd_adapt(args: argparse.Namespace) -> int:
-    from medvit.tasks.adapt import adapt_stage
-
-    for path in adapt_stage(args.config, args.task, args.method, args.split, args.out, args.fraction):
-        print(f"wrote {path}")
-    return 0
-
-
-def _cmd_adapt_compare(args: argparse.Namespace) -> int:
-    from medvit.tasks.adapt import compare_stage
-
-    print(f"wrote {compare_stage(args.config, args.task, args.adapt_dir, args.out)}")
+class Stage(NamedTuple):
+    """A stage command: the stage function it calls and the parsed arguments it passes."""
+
+    function: str
+    """``module:function``, imported when the command runs (see :func:`run_stage`)."""
+    args: tuple[str, ...]
+    """Argument names (``argparse`` destinations), passed positionally in this order."""
+    prints: bool = True
+    """Print ``wrote <path>`` for each path the function returns."""
+
+
+# Every stage command -> its stage function (workflows/README.md lists the rules that run them).
+STAGES: dict[str, Stage] = {
+    "split": Stage("medvit.tasks.common:split_stage", ("config", "task", "out"), prints=False),
+    "fold-split": Stage("medvit.tasks.common:fold_split_stage", ("split", "fold", "out")),
+    "preprocess": Stage("medvit.tasks.preprocess:preprocess_stage", ("config", "task", "split", "out", "workers")),
+    "pretrain": Stage("medvit.tasks.pretrain:pretrain_stage", ("config", "task", "split", "out")),
+    "train": Stage("medvit.tasks.stages:train_stage", ("config", "task", "model", "split", "out", "seed"),
+                   prints=False),
+    "predict": Stage("medvit.tasks.stages:predict_stage", ("config", "task", "model", "split", "weights", "out"),
+                     prints=False),
+    "evaluate": Stage("medvit.tasks.evaluate:evaluate_stage", ("config", "task", "model", "predictions", "out"),
+                      prints=False),
+    "compare": Stage("medvit.tasks.compare:compare_stage", ("config", "task", "out")),
+    "detect": Stage("medvit.tasks.detection:detect_stage", ("config", "task", "split", "out")),
+    "ptp": Stage("medvit.evaluation.ptp:ptp_stage", ("config", "task", "predictions", "out", "section")),
+    "distill": Stage("medvit.tasks.distill:distill_stage",
+                     ("config", "task", "role", "split", "out", "teacher", "reuse")),
+    "distill-compare": Stage("medvit.tasks.distill:distill_compare_stage", ("config", "task", "distill_dir", "out")),
+    "cascade": Stage("medvit.tasks.cascade:cascade_stage",
+                     ("config", "task", "split", "detector", "classifier", "out")),
+    "ssl-pretrain": Stage("medvit.tasks.ssl:ssl_pretrain_stage", ("config", "task", "split", "fold", "out")),
+    "cv-fold": Stage("medvit.tasks.segmentation:cv_fold_stage",
+                     ("config", "task", "model", "split", "fold", "out", "init")),
+    "cv-pool": Stage("medvit.tasks.segmentation:cv_pool_stage", ("config", "task", "model", "split", "folds", "out")),
+    "external-test": Stage("medvit.tasks.segmentation:external_test_stage",
+                           ("config", "task", "model", "split", "weights", "out")),
+    "cv-summary": Stage("medvit.tasks.segmentation:cv_summary_stage", ("config", "task", "split", "out")),
+    "adapt": Stage("medvit.tasks.adapt:adapt_stage", ("config", "task", "method", "split", "out", "fraction")),
+    "adapt-compare": Stage("medvit.tasks.adapt:adapt_compare_stage", ("config", "task", "adapt_dir", "out")),
+    "package": Stage("medvit.tasks.package:package_stage", ("config", "task", "model_dir")),
+    "report": Stage("medvit.tasks.report:report_stage", ("config", "metrics", "out"), prints=False),
+}
+
+
+def stage_function(command: str) -> Callable[..., Any]:
+    """The stage function of a stage command, imported now: a command imports only the stage
+    it runs (each job of a study starts a process; `medvit --help` imports no stage)."""
+    module, _, name = STAGES[command].function.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_stage(args: argparse.Namespace) -> int:
+    """Run the stage of ``args.command`` with its arguments from :data:`STAGES`."""
+    spec = STAGES[args.command]
+    result = stage_function(args.command)(*(getattr(args, a) for a in spec.args))
+    if spec.prints:
+        for path in result if isinstance(result, list) else [result]:
+            print(f"wrote {path}")
     return 0
 
 
@@ -357,21 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the model's task")
     package.add_argument("--model-dir", type=Path, required=True,
                          help="the model folder (model.safetensors, model.json, metrics.json)")
-    package.set_defaults(func=_cmd_package)
+    package.set_defaults(func=run_stage)
 
-    def stage(name: str, help_: str, func) -> argparse.ArgumentParser:
+    def stage(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", type=Path, required=True, help="study config YAML")
         p.add_argument("--task", required=True, choices=["xray", "brain", "prostate", "histo"],
                        help="the study task to run it for")
-        p.set_defaults(func=func)
+        p.set_defaults(func=run_stage)
         return p
 
-    split = stage("split", "patient-level split of a task's manifest", _cmd_split)
+    split = stage("split", "patient-level split of a task's manifest")
     split.add_argument("--out", type=Path, required=True, help="split manifest CSV to write")
 
-    preprocess = stage("preprocess", "build a task's disk cache of preprocessed samples (study key `cache`)",
-                       _cmd_preprocess)
+    preprocess = stage("preprocess", "build a task's disk cache of preprocessed samples (study key `cache`)")
     preprocess.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     preprocess.add_argument("--out", type=Path, default=None,
                             help="cache folder (default <results_dir>/<study>/<task>/cache/<grid>)")
@@ -381,47 +292,47 @@ def build_parser() -> argparse.ArgumentParser:
     fsplit.add_argument("--split", type=Path, required=True, help="split manifest with a `fold` column")
     fsplit.add_argument("--fold", type=int, required=True, help="0-based fold: its patients form the test split")
     fsplit.add_argument("--out", type=Path, required=True, help="split manifest CSV of the fold to write")
-    fsplit.set_defaults(func=_cmd_fold_split)
+    fsplit.set_defaults(func=run_stage)
 
-    train = stage("train", "train one model of a task", _cmd_train)
+    train = stage("train", "train one model of a task")
     train.add_argument("--model", required=True, help="registered model name from the task's `models`")
     train.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     train.add_argument("--out", type=Path, required=True, help="model folder (checkpoints, weights, log)")
     train.add_argument("--seed", type=int, default=None,
                        help="training seed replacing the study's (repeated runs for mean ± sd; classification tasks)")
 
-    pretrain = stage("pretrain", "MAE pretraining of a task's ViT encoder on its training split", _cmd_pretrain)
+    pretrain = stage("pretrain", "MAE pretraining of a task's ViT encoder on its training split")
     pretrain.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     pretrain.add_argument("--out", type=Path, required=True,
                           help="folder for encoder.safetensors, reconstructions.png, train.log, checkpoints/")
 
-    predict = stage("predict", "predict the validation and test splits", _cmd_predict)
+    predict = stage("predict", "predict the validation and test splits")
     predict.add_argument("--model", required=True, help="the model name it was trained as")
     predict.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     predict.add_argument("--weights", type=Path, required=True, help="model.safetensors from `medvit train`")
     predict.add_argument("--out", type=Path, required=True, help="predictions.csv to write")
 
     compare = stage("compare", "compare a task's models: accuracy (mean ± sd over seeds) against params, FLOPs "
-                               "and CPU latency", _cmd_compare)
+                               "and CPU latency")
     compare.add_argument("--out", type=Path, required=True,
                          help="folder for comparison.json and accuracy_vs_flops.png")
 
-    evaluate = stage("evaluate", "patient- and sample-level metrics with bootstrap CIs", _cmd_evaluate)
+    evaluate = stage("evaluate", "patient- and sample-level metrics with bootstrap CIs")
     evaluate.add_argument("--model", required=True, help="the model name recorded in metrics.json")
     evaluate.add_argument("--predictions", type=Path, required=True, help="predictions.csv from `medvit predict`")
     evaluate.add_argument("--out", type=Path, required=True, help="metrics.json to write")
 
-    detect = stage("detect", "train, validate and run the YOLOv8 detector (offline) on a task's split", _cmd_detect)
+    detect = stage("detect", "train, validate and run the YOLOv8 detector (offline) on a task's split")
     detect.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     detect.add_argument("--out", type=Path, required=True, help="detector folder (weights, predictions.csv, mAP)")
 
-    ptp = stage("ptp", "patient-to-patient evaluation of slice detections (docs/brain.md)", _cmd_ptp)
+    ptp = stage("ptp", "patient-to-patient evaluation of slice detections (docs/brain.md)")
     ptp.add_argument("--predictions", type=Path, required=True, help="slice predictions.csv of the detector or cascade")
     ptp.add_argument("--section", choices=["detection", "cascade"], default="detection",
                      help="config block whose threshold flags a slice (detection.conf or cascade.threshold)")
     ptp.add_argument("--out", type=Path, required=True, help="ptp.json to write")
 
-    distill = stage("distill", "train, predict and evaluate the CNN teacher or a DeiT student", _cmd_distill)
+    distill = stage("distill", "train, predict and evaluate the CNN teacher or a DeiT student")
     distill.add_argument("role", choices=["teacher", "student", "student_distilled"],
                          help="the CNN teacher, the plain DeiT student, or the student distilled from the teacher")
     distill.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
@@ -431,13 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="teacher only: model.safetensors of the same model already trained by `medvit train`")
     distill.add_argument("--out", type=Path, required=True, help="the role's folder")
 
-    dcompare = stage("distill-compare", "teacher vs distilled vs plain student: metrics, params, CPU latency",
-                     _cmd_distill_compare)
+    dcompare = stage("distill-compare", "teacher vs distilled vs plain student: metrics, params, CPU latency")
     dcompare.add_argument("--distill-dir", type=Path, required=True, help="folder holding the three role folders")
     dcompare.add_argument("--out", type=Path, required=True, help="comparison.json to write")
 
-    cascade = stage("cascade", "detection then classification of the flagged slices, evaluated per patient",
-                    _cmd_cascade)
+    cascade = stage("cascade", "detection then classification of the flagged slices, evaluated per patient")
     cascade.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     cascade.add_argument("--detector", type=Path, required=True,
                          help="the detector folder (predictions.csv, boxes.csv)")
@@ -445,45 +354,40 @@ def build_parser() -> argparse.ArgumentParser:
     cascade.add_argument("--out", type=Path, required=True, help="cascade folder")
 
     # prostate: self-supervised pretraining and patient-level cross-validation (docs/prostate.md)
-    ssl = stage("ssl-pretrain", "multi-task self-supervised pretraining of the CSwin encoder on one fold",
-                _cmd_ssl_pretrain)
+    ssl = stage("ssl-pretrain", "multi-task self-supervised pretraining of the CSwin encoder on one fold")
     ssl.add_argument("--split", type=Path, required=True, help="split manifest with a `fold` column")
     ssl.add_argument("--fold", type=int, required=True, help="0-based cross-validation fold")
     ssl.add_argument("--out", type=Path, required=True, help="folder for encoder.safetensors, inpainting.png")
-    cv_fold = stage("cv-fold", "train one segmentation model on one fold and predict its held-out volumes",
-                    _cmd_cv_fold)
+    cv_fold = stage("cv-fold", "train one segmentation model on one fold and predict its held-out volumes")
     cv_fold.add_argument("--model", required=True, help="segmentation model name from the task's `models`")
     cv_fold.add_argument("--split", type=Path, required=True, help="split manifest with a `fold` column")
     cv_fold.add_argument("--fold", type=int, required=True, help="0-based cross-validation fold")
     cv_fold.add_argument("--init", type=Path, default=None, help="SSL encoder.safetensors (cswin_unet_ssl)")
     cv_fold.add_argument("--out", type=Path, required=True, help="the fold folder")
-    cv_pool = stage("cv-pool", "pool a model's folds: out-of-fold predictions.csv and the fold ensemble",
-                    _cmd_cv_pool)
+    cv_pool = stage("cv-pool", "pool a model's folds: out-of-fold predictions.csv and the fold ensemble")
     cv_pool.add_argument("--model", required=True, help="segmentation model name")
     cv_pool.add_argument("--split", type=Path, required=True, help="split manifest with a `fold` column")
     cv_pool.add_argument("--folds", type=Path, nargs="+", required=True, help="the fold folders, in fold order")
     cv_pool.add_argument("--out", type=Path, required=True, help="the model folder")
-    external = stage("external-test", "evaluate a trained model on the external cohort", _cmd_external_test)
+    external = stage("external-test", "evaluate a trained model on the external cohort")
     external.add_argument("--model", required=True, help="segmentation model name")
     external.add_argument("--split", type=Path, required=True, help="the task's split manifest")
     external.add_argument("--weights", type=Path, required=True, help="the model's model.safetensors")
     external.add_argument("--out", type=Path, required=True, help="folder for predictions.csv, metrics.json, maps/")
-    cv_summary = stage("cv-summary", "fold table, FLOPs, inference time and overlays of every model",
-                       _cmd_cv_summary)
+    cv_summary = stage("cv-summary", "fold table, FLOPs, inference time and overlays of every model")
     cv_summary.add_argument("--split", type=Path, required=True, help="split manifest with a `fold` column")
     cv_summary.add_argument("--out", type=Path, required=True, help="cv_summary.json (overlays.png beside it)")
 
     # DVPT and the other ways to adapt a frozen ViT (docs/dvpt.md)
     adapt = stage("adapt", "adapt the frozen backbone with one method (linear, vpt, dvpt, full) at each "
-                           "fraction of the training patients: adapter, predictions, metrics", _cmd_adapt)
+                           "fraction of the training patients: adapter, predictions, metrics")
     adapt.add_argument("--method", required=True, choices=["linear", "vpt", "dvpt", "full"],
                        help="how the frozen backbone is adapted (docs/dvpt.md)")
     adapt.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     adapt.add_argument("--fraction", type=float, nargs="+", default=None,
                        help="fractions of the training patients (default: the study's adapt.fractions)")
     adapt.add_argument("--out", type=Path, required=True, help="the task's adapt folder (<method>_p<percent>/ inside)")
-    acompare = stage("adapt-compare", "every adaptation run side by side: comparison.json, label_efficiency.png",
-                     _cmd_adapt_compare)
+    acompare = stage("adapt-compare", "every adaptation run side by side: comparison.json, label_efficiency.png")
     acompare.add_argument("--adapt-dir", type=Path, required=True, help="the task's adapt folder")
     acompare.add_argument("--out", type=Path, required=True, help="comparison.json to write")
 
@@ -491,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--config", type=Path, required=True, help="the study config YAML")
     report.add_argument("--out", type=Path, required=True, help="index.html to write (figures beside it)")
     report.add_argument("metrics", type=Path, nargs="+", help="metrics.json files")
-    report.set_defaults(func=_cmd_report)
+    report.set_defaults(func=run_stage)
     _group_commands(parser, sub)
     return parser
 

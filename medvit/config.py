@@ -28,7 +28,16 @@ from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
 import medvit
-from medvit.errors import ConfigError
+from medvit.data.manifest import (
+    ROOTS_ENV,
+    _read,
+    allowed_roots,
+    identifying_id_warnings,
+    manifest_outside_roots,
+    manifest_roots,
+    outside_root_problems,
+)
+from medvit.errors import ConfigError, ManifestError
 
 SCHEMA_PATH = Path(medvit.__file__).resolve().parents[1] / "workflows" / "schemas" / "study.schema.yaml"
 """The study-config schema (shared with the Snakefile)."""
@@ -75,6 +84,17 @@ def _schema_cached() -> dict:
 def load_schema() -> dict:
     """The study-config JSON Schema as a dict (a fresh copy; callers may modify it)."""
     return copy.deepcopy(_schema_cached())
+
+
+def block_defaults(block: str) -> dict[str, Any]:
+    """The schema's defaults of a task block (e.g. ``finetune``, ``detection``), from the first
+    task that declares it: what a stage uses for a task whose schema has no such block (a ViT
+    of histo takes the fine-tuning recipe of xray's ``finetune``)."""
+    for task in load_schema()["properties"]["tasks"]["properties"].values():
+        props = task.get("properties", {}).get(block, {}).get("properties")
+        if props:
+            return {k: v["default"] for k, v in props.items() if "default" in v}
+    raise KeyError(f"no task block {block!r} in the study schema")
 
 
 def _extend_with_default(validator_class):
@@ -271,8 +291,6 @@ def _label_column_errors(name: str, task: Mapping) -> list[str]:
     if name not in ("xray", "brain", "histo") or not isinstance(manifest, str) or not manifest \
             or not Path(manifest).is_file() or not isinstance(column, str):
         return []
-    import csv
-
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -315,8 +333,6 @@ def _subgroup_errors(study: Mapping, name: str, task: Mapping) -> list[str]:
         path = Path(study["results_dir"]) / study["study"] / "data" / name / "manifest.csv"
     if path is None or not path.is_file():
         return []
-    import csv
-
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             header = [h.strip() for h in next(csv.reader(fh), [])]
@@ -332,8 +348,6 @@ def _subgroup_errors(study: Mapping, name: str, task: Mapping) -> list[str]:
 def _manifest_location_error(key: str, manifest: str, source: str | Path | None) -> str | None:
     """A manifest file outside the working directory, the study file's folder and
     ``$MEDVIT_DATA_ROOTS`` (symbolic links followed); it is not opened."""
-    from medvit.data.manifest import ROOTS_ENV, manifest_outside_roots, manifest_roots
-
     roots = manifest_roots(source)
     real = manifest_outside_roots(manifest, roots)
     if real is None:
@@ -347,9 +361,6 @@ def _manifest_root_errors(task: str, manifest: str, identifying_ids: Any = None)
     """Paths of a given manifest that leave its allowed roots, and (``identifying_ids`` is
     ``error``) patient ids that look like names, MRNs or dates; checked before any job runs. An
     unreadable manifest is left to the split stage, which says why in detail."""
-    from medvit.data.manifest import _read, allowed_roots, identifying_id_warnings, outside_root_problems
-    from medvit.errors import ManifestError
-
     try:
         df, _ = _read(manifest)
     except ManifestError:
@@ -370,7 +381,7 @@ def _vit_errors(name: str, task: Mapping) -> list[str]:
     models = task.get("models") if isinstance(task.get("models"), list) else []
     pretrain = task.get("pretrain") if isinstance(task.get("pretrain"), dict) else {}
     finetune = task.get("finetune") if isinstance(task.get("finetune"), dict) else {}
-    vits = [m for m in models if isinstance(m, str) and m.startswith("vit_")]
+    vits = [m for m in models if isinstance(m, str) and is_vit(m)]
     encoder = pretrain.get("model")
     init = finetune.get("init")
     for m in vits:
@@ -393,9 +404,15 @@ def _vit_errors(name: str, task: Mapping) -> list[str]:
     return errors
 
 
+def is_vit(model: str) -> bool:
+    """Whether a registered model name is one of the ViTs (:mod:`medvit.models.vit`): the
+    models with the MAE fine-tuning recipe, a patch size and an MAE or checkpoint start."""
+    return model.startswith("vit_")
+
+
 def needs_mae(study: Mapping[str, Any], task: str, model: str) -> bool:
     """Whether ``model`` of ``task`` starts from the task's MAE pretraining stage."""
-    if not model.startswith("vit_"):
+    if not is_vit(model):
         return False
     return model.endswith("_mae") or task_config(study, task).get("finetune", {}).get("init") == "mae"
 
@@ -403,6 +420,16 @@ def needs_mae(study: Mapping[str, Any], task: str, model: str) -> bool:
 def mae_encoder_path(study: Mapping[str, Any], task: str) -> Path:
     """``<results_dir>/<study>/<task>/mae/encoder.safetensors``: the MAE stage's encoder."""
     return study_dir(study) / task / "mae" / "encoder.safetensors"
+
+
+def percent_label(fraction: float) -> str:
+    """Folder label of a patient fraction: 0.1 -> ``10``, 1.0 -> ``100``, 0.125 -> ``12.5``."""
+    return f"{round(100 * float(fraction), 6):g}"
+
+
+def run_name(method: str, fraction: float) -> str:
+    """``dvpt_p25``: the folder of one (method, fraction) run under ``<task>/adapt/``."""
+    return f"{method}_p{percent_label(fraction)}"
 
 
 # ---------------------------------------------------------------------------------- public API

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from medvit.errors import DiskFullError
+from medvit.errors import DiskFullError, MedvitError
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -167,8 +167,6 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
         MedvitError: another process holds the lock (its pid is named).
     """
     import fcntl
-
-    from medvit.errors import MedvitError
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from medvit.config import percent_label, run_name
 from medvit.engine import Trainer
-from medvit.evaluation.adapt_report import percent_label
+from medvit.engine.pretrained import load_pretrained
 from medvit.models.dvpt import DVPT, PromptedViT, build_prompted_vit, trainable_summary
-from medvit.models.vit import build_vit, load_pretrained
-from medvit.tasks.adapt import AdapterError, load_adapter, run_name, save_adapter
+from medvit.models.vit import build_vit
+from medvit.tasks.adapt import AdapterError, load_adapter, save_adapter
 
 TINY = {"img_size": 32, "patch_size": 8, "in_chans": 1, "num_classes": 3}
 

@@ -28,7 +28,7 @@ def ensemble(tmp_path_factory):
     from medvit.data.synth import synthesize
     from medvit.tasks.common import split_stage
     from medvit.tasks.evaluate import evaluate_stage
-    from medvit.tasks.segmentation import cv_fold_stage, cv_pool_stage, external_stage
+    from medvit.tasks.segmentation import cv_fold_stage, cv_pool_stage, external_test_stage
 
     work = tmp_path_factory.mktemp("seg")
     manifest = synthesize("prostate", n_patients=10, out_dir=work / "data", seed=0, image_size=16)
@@ -46,7 +46,7 @@ def ensemble(tmp_path_factory):
         cv_fold_stage(config, "prostate", "unet3d", split, i, d)
     cv_pool_stage(config, "prostate", "unet3d", split, folds, model_dir)
     evaluate_stage(config, "prostate", "unet3d", model_dir / "predictions.csv", model_dir / "metrics.json")
-    external_stage(config, "prostate", "unet3d", split, model_dir / "model.safetensors", model_dir / "external")
+    external_test_stage(config, "prostate", "unet3d", split, model_dir / "model.safetensors", model_dir / "external")
     return work, model_dir, external
 
 

@@ -14,12 +14,12 @@ import yaml
 from medvit.cli import main
 from medvit.config import load_study
 from medvit.data.synth import synthesize
+from medvit.engine.pretrained import load_pretrained
 from medvit.errors import ConfigError, LeakageError
 from medvit.models import create_model
-from medvit.models.vit import load_pretrained
-from medvit.tasks import predict_stage, train_stage
 from medvit.tasks.common import load_context, split_stage
 from medvit.tasks.pretrain import pretrain_stage, pretraining_rows
+from medvit.tasks.stages import predict_stage, train_stage
 
 
 def write_study(path: Path, **xray) -> Path:

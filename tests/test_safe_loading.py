@@ -24,8 +24,9 @@ from medvit.engine.checkpoint import (
     save_checkpoint,
     save_weights,
 )
+from medvit.engine.pretrained import load_pretrained
 from medvit.errors import CheckpointError, MedvitError
-from medvit.models.vit import build_vit, load_pretrained
+from medvit.models.vit import build_vit
 
 MEDVIT = Path(__file__).resolve().parents[1] / "medvit"
 

@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from medvit.engine import Trainer
+from medvit.engine.pretrained import load_pretrained
 from medvit.errors import CheckpointError
 from medvit.models import create_model, list_models, model_spatial_dims
 from medvit.models.mae import build_mae
-from medvit.models.vit import checkpoint_filter_fn, layer_decay_param_groups, load_pretrained
+from medvit.models.vit import checkpoint_filter_fn, layer_decay_param_groups
 
 
 def tiny(img_size: int = 32, num_classes: int = 3, **kw):

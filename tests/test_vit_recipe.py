@@ -17,11 +17,11 @@ from sklearn.metrics import roc_auc_score
 
 from medvit.data.realdata import import_dataset
 from medvit.engine import load_weights, save_weights
+from medvit.engine.pretrained import load_pretrained
 from medvit.models import create_model
 from medvit.models.dvpt import build_prompted_vit
 from medvit.models.layers import InputStandardize, input_statistics
 from medvit.models.mae import build_mae
-from medvit.models.vit import load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 NPZ = REPO / "data_manifests" / "pneumoniamnist" / "pneumoniamnist.npz"

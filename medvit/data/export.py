@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medvit import __version__
 from medvit.errors import ImageReadError, MedvitError
 from medvit.fileio import atomic_path, atomic_write_bytes
 
@@ -186,8 +187,6 @@ def save_dicom_seg(mask: np.ndarray, source: str | Path, out_path: str | Path, p
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
-
-    from medvit import __version__
 
     files = dicom_source_files(source)
     sources = [pydicom.dcmread(str(f)) for f in files]

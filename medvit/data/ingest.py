@@ -37,7 +37,7 @@ from typing import Any
 from tqdm import tqdm
 
 from medvit.data.io import ImageData, _is_dicomdir, _modality, detect_format, read_dicom_header, read_image
-from medvit.data.manifest import LINK_TREE_MARKER
+from medvit.data.manifest import LINK_TREE_MARKER, _read, path_columns
 from medvit.errors import ImageReadError, MedvitError
 from medvit.system import available_cpus
 
@@ -779,8 +779,6 @@ def pseudonymize_manifest(src: str | os.PathLike[str], out: str | os.PathLike[st
         PseudonymKeyError: no usable key.
         ManifestError: ``src`` is not a manifest.
     """
-    from medvit.data.manifest import _read, path_columns
-
     src_path, out_path = Path(src), Path(out)
     pseudo = Pseudonymizer(resolve_key(key))
     if out_path.suffix.lower() != ".csv":

@@ -26,10 +26,12 @@ raises :class:`~medvit.errors.ImageReadError` with a short reason; no other exce
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import string
 import warnings
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from medvit.errors import ImageReadError
+from medvit.errors import ConfigError, ImageReadError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -136,8 +138,6 @@ def max_pixels() -> int:
     Raises:
         ConfigError: the variable is set to something other than a positive integer.
     """
-    from medvit.errors import ConfigError
-
     raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
     if not raw:
         return DEFAULT_MAX_PIXELS
@@ -475,8 +475,6 @@ def _check_png_end(p: Path) -> None:
     """Pillow decodes a PNG cut after its image data without complaint; the mandatory IEND
     chunk tells a complete file from a truncated one. Pillow also skips the CRC of image data
     chunks, so a flipped bit in IDAT would decode to wrong pixels: every chunk's CRC is checked."""
-    import zlib
-
     with open(p, "rb") as fh:
         fh.seek(0, os.SEEK_END)
         fh.seek(max(0, fh.tell() - 65536))
@@ -629,9 +627,6 @@ def _check_gzip_complete(p: Path, expected_size: int) -> None:
     """nibabel stops reading once it has the voxels, so a .nii.gz missing its last bytes
     would pass; the gzip trailer's size field (or, failing that, a full pass) proves the
     stream is complete."""
-    import gzip
-    import zlib
-
     with open(p, "rb") as fh:
         fh.seek(-4, os.SEEK_END)
         isize = int.from_bytes(fh.read(4), "little")

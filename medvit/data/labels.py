@@ -23,7 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from medvit.data.ingest import ENV_KEY, Pseudonymizer, resolve_key
+from medvit.data.manifest import _read, path_columns
 from medvit.errors import ManifestError
+from medvit.fileio import atomic_write_text
 
 ID_COLUMNS = {"patient_id": ("patient", "id:"), "study_id": ("study", "uid:")}
 
@@ -52,10 +55,6 @@ def add_labels(manifest: str | os.PathLike[str], labels: str | os.PathLike[str],
         ManifestError: missing id column, a column in both files, one id with two different
             labels, original ids without a key, or no id matching the manifest.
     """
-    from medvit.data.ingest import ENV_KEY, Pseudonymizer, resolve_key
-    from medvit.data.manifest import _read, path_columns
-    from medvit.fileio import atomic_write_text
-
     src, lab_path, out_path = Path(manifest), Path(labels), Path(out)
     if out_path.suffix.lower() != ".csv":
         raise ManifestError(f"output {out_path} must end in .csv")

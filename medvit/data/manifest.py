@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from medvit.data.io import read_image, read_sample
 from medvit.errors import ConfigError, ImageReadError, LeakageError, ManifestError
 
 logger = logging.getLogger(__name__)
@@ -344,8 +345,6 @@ def _file_problems(df: pd.DataFrame, root: Path, check_files: bool,
     records = df[["_row"] + img_cols + extra].to_dict("records")
     if check_files:
         from tqdm import tqdm
-
-        from medvit.data.io import read_image, read_sample
 
         records = tqdm(records, desc="checking files", unit="row", disable=None, leave=False)
     for rec in records:

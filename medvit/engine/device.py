@@ -28,6 +28,7 @@ from typing import ContextManager
 
 import torch
 
+from medvit.engine.speed import probe_bf16
 from medvit.errors import ConfigError
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:<index>"
@@ -128,8 +129,6 @@ def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
         # still run slower): the probe measures it once per machine and caches the verdict.
         if not bf16_supported(device):
             return False
-        from medvit.engine.speed import probe_bf16
-
         return probe_bf16(device).use_bf16
     if setting is True:
         if device.type == "cuda" and not bf16_supported(device):

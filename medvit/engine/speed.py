@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from medvit.fileio import atomic_write_json
 from medvit.system import available_cpus
 
 PROBE_MARGIN = 1.1   # bf16 must be at least 10% faster than fp32 to be chosen
@@ -129,8 +130,6 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
-    from medvit.fileio import atomic_write_json
-
     data = _read_cache(path)
     data[key] = entry
     try:

@@ -37,7 +37,9 @@ What every run gets:
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime as _dt
+import io
 import logging
 import math
 import os
@@ -100,7 +102,7 @@ from medvit.engine.speed import (
     set_tf32,
 )
 from medvit.errors import CheckpointError, ConfigError, MedvitError
-from medvit.fileio import folder_lock
+from medvit.fileio import atomic_write_text, folder_lock
 
 logger = logging.getLogger("medvit.train")
 
@@ -376,11 +378,6 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_metric", "lr", "secon
 def write_history(path: str | Path, history: Sequence[Mapping[str, Any]], metric_name: str = "val_metric") -> Path:
     """Write the per-epoch history as CSV (atomically): ``epoch, train_loss, val_loss,
     <metric_name>, lr, seconds``; undefined values are empty cells."""
-    import csv
-    import io
-
-    from medvit.fileio import atomic_write_text
-
     names = [metric_name if c == "val_metric" else c for c in HISTORY_COLUMNS]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -400,7 +397,7 @@ def write_curves(path: str | Path, history: Sequence[Mapping[str, Any]], metric_
     """``curves.png``: losses and the validation metric per epoch (a missing plotting
     backend only skips the figure; the history CSV holds the numbers)."""
     try:
-        from medvit.evaluation.figures import learning_curves_figure
+        from medvit.evaluation.figures import learning_curves_figure  # matplotlib: ~2 s, only when drawing
     except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
         logger.warning("curves.png not drawn: %s", exc)
         return None

@@ -7,15 +7,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from medvit.config import study_dir
+from medvit.config import percent_label, study_dir
 from medvit.evaluation.html import figure_html, format_count, format_metric, format_seconds, html_table
 
 METHOD_LABELS = {"linear": "linear probe", "vpt": "VPT-deep", "dvpt": "DVPT", "full": "full fine-tuning"}
-
-
-def percent_label(fraction: float) -> str:
-    """Folder label of a patient fraction: 0.1 -> ``10``, 1.0 -> ``100``, 0.125 -> ``12.5``."""
-    return f"{round(100 * float(fraction), 6):g}"
 
 
 def _fmt_bytes(n: Any) -> str:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medvit.config import study_dir
 from medvit.evaluation.html import (
     esc,
     figure_html,
@@ -16,6 +17,7 @@ from medvit.evaluation.html import (
     format_value,
     html_table,
 )
+from medvit.evaluation.tumour_slices import slice_detection_summary
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -88,8 +90,6 @@ def _slice_level(root: Path, study: dict[str, Any]) -> str:
     (:mod:`medvit.evaluation.tumour_slices`)."""
     import pandas as pd
 
-    from medvit.evaluation.tumour_slices import slice_detection_summary
-
     tcfg = study["tasks"]["brain"]
     sources = [("detector", root / "detector" / "predictions.csv", tcfg["detection"]["conf"]),
                ("teacher", root / "distill" / "teacher" / "predictions.csv", None),
@@ -125,8 +125,6 @@ def _slice_level(root: Path, study: dict[str, Any]) -> str:
 
 def brain_parts(study: dict[str, Any]) -> dict[str, list[str]]:
     """HTML fragments of the brain task from the files its stages wrote (none when absent)."""
-    from medvit.config import study_dir
-
     if "brain" not in study.get("tasks", {}):
         return {}
     root = Path(study_dir(study)) / "brain"

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medvit.config import load_study
 from medvit.evaluation import metrics as M
 from medvit.evaluation.aggregate import (
     ID_COLUMNS,
@@ -42,6 +43,7 @@ from medvit.evaluation.aggregate import (
 )
 from medvit.evaluation.bootstrap import Statistic, cluster_bootstrap
 from medvit.fileio import atomic_write_json
+from medvit.provenance import provenance, sha256_file
 
 SEGMENTATION_COLUMNS = ("dice", "hd95")
 KINDS = ("binary", "multiclass", "multilabel")
@@ -375,9 +377,6 @@ def write_metrics(config_path: str | Path, task: str, model: str, predictions_pa
     Returns:
         ``out_path``.
     """
-    from medvit.config import load_study
-    from medvit.provenance import provenance, sha256_file
-
     study = load_study(config_path)
     ev = study.get("evaluation", {})
     predictions_path = Path(predictions_path)

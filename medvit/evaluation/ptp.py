@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medvit.config import load_study, task_config
 from medvit.errors import ConfigError
 from medvit.evaluation.aggregate import PredictionsError, check_predictions
 from medvit.evaluation.bootstrap import cluster_bootstrap
+from medvit.evaluation.evaluate import ci_key, read_predictions, write_json
 
 PTP_METRICS = ("sensitivity", "specificity", "precision", "f1", "accuracy", "fp_slices_per_normal_patient")
 
@@ -99,8 +101,6 @@ def ptp_metrics(df: pd.DataFrame, conf: float, k: int, n_boot: int = 1000, ci: f
     Raises:
         PredictionsError: no rows in ``split``.
     """
-    from medvit.evaluation.evaluate import ci_key
-
     rows = df if split is None else df[df["split"].astype(str) == split]
     if rows.empty:
         raise PredictionsError(f"no {split!r} rows to evaluate patient to patient")
@@ -137,9 +137,6 @@ def ptp_stage(config_path: str | Path, task: str, predictions_path: str | Path, 
     Raises:
         ConfigError: the threshold is null and no model.json beside the predictions records one.
     """
-    from medvit.config import load_study, task_config
-    from medvit.evaluation.evaluate import read_predictions, write_json
-
     study = load_study(config_path)
     tcfg = task_config(study, task)
     block = tcfg.get(section) or {}

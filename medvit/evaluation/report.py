@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from medvit.config import TASKS, mae_encoder_path
 from medvit.errors import MedvitError
 from medvit.evaluation.adapt_report import adapt_parts
 from medvit.evaluation.brain_report import brain_parts
@@ -145,8 +146,6 @@ def task_parts(study: dict[str, Any]) -> dict[str, list[str]]:
 
 def task_figures(study: dict[str, Any]) -> dict[str, list[tuple[str, Path]]]:
     """Figures the stages left for the report: the MAE reconstructions of a pretrained task."""
-    from medvit.config import mae_encoder_path
-
     figures: dict[str, list[tuple[str, Path]]] = {}
     for task in study.get("tasks", {}):
         png = mae_encoder_path(study, task).parent / "reconstructions.png"
@@ -166,8 +165,6 @@ def task_sections(records: Sequence[dict[str, Any]],
         by_task.setdefault(str(r.get("task", "?")), []).append(r)
     for t in parts or {}:
         by_task.setdefault(t, [])
-    from medvit.config import TASKS
-
     order = [t for t in TASKS if t in by_task] + sorted(t for t in by_task if t not in TASKS)
     return [task_section(t, by_task[t], (figures or {}).get(t, ()), (parts or {}).get(t, ())) for t in order]
 

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from medvit.config import manifest_origin
 from medvit.evaluation import clinical as C
 from medvit.evaluation.figures import _COLORS, learning_curves_figure, plt, read_history, save_figure
 from medvit.evaluation.html import (
@@ -30,10 +31,10 @@ from medvit.evaluation.html import (
     html_table,
     metric_label,
 )
+from medvit.evaluation.report import Section
 from medvit.evaluation.report_sections import (
     TaskResults,
     chance_level,
-    degenerate_points,
     headline,
     includes_chance,
     under_count_baseline,
@@ -308,8 +309,6 @@ def _split_counts(tr: TaskResults) -> str:
 def methods_paragraph(study: dict[str, Any], results: dict[str, TaskResults]) -> str:
     """A methods paragraph whose every number is read from the run (config, split summaries,
     metrics files, model cards)."""
-    from medvit.config import manifest_origin
-
     ev = study.get("evaluation") or {}
     out = []
     for task, tr in results.items():
@@ -358,8 +357,6 @@ _AUTHORS = "authors must write this"
 def checklist_rows(study: dict[str, Any], results: dict[str, TaskResults],
                    subgroups: Sequence[str]) -> list[list[str]]:
     """TRIPOD+AI / CLAIM items with what this run can fill, or that the authors must write."""
-    from medvit.config import manifest_origin
-
     def per_task(fn) -> str:
         return "; ".join(f"{t}: {fn(t, tr)}" for t, tr in results.items()) or "n/a"
 
@@ -431,8 +428,6 @@ def checklist_rows(study: dict[str, Any], results: dict[str, TaskResults],
 
 
 def reporting_section(study: dict[str, Any], results: dict[str, TaskResults], subgroups: Sequence[str]):
-    from medvit.evaluation.report import Section
-
     if not results:
         return None
     table = html_table(["item", "section of the guidelines", "from this run"],
@@ -490,24 +485,5 @@ def export_tables(tables: Sequence[tuple[str, list[str], list[list[str]]]], fold
     return written
 
 
-def chance_limits(tr: TaskResults, record: dict[str, Any]) -> list[str]:
-    """Model-card limits from the chance and degenerate-threshold checks."""
-    limits = []
-    h = headline(record)
-    if h and (chance := includes_chance(h[0], h[1], record)) is not None:
-        limits.append(f"its {metric_label(h[0])} interval includes chance ({chance:g}): the test data do not show "
-                      "it to be better than guessing")
-    if found := under_count_baseline(record):
-        limits.append(f"its patient-level {metric_label(found[0])} interval does not clear {found[2]:.3f}, the score "
-                      "of ranking patients by their number of images alone: it is not shown to read more than how "
-                      "many images a patient has")
-    for d in degenerate_points(tr):
-        if d["model"] == record["model"]:
-            limits.append(f"at the threshold chosen on validation it calls every test patient {d['all']}"
-                          + (f" for {d['class']}" if tr.kind != "binary" else "")
-                          + ": its sensitivity and specificity describe the threshold, not the model")
-    return limits
-
-
-__all__ = ["chance_html", "chance_limits", "chance_level", "curves_html", "decision_html", "export_tables",
+__all__ = ["chance_html", "chance_level", "curves_html", "decision_html", "export_tables",
            "failures_html", "reporting_section", "subgroups_html"]

@@ -14,6 +14,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +22,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from medvit.config import TASKS, manifest_origin
+from medvit.data.manifest import leaking_patients
 from medvit.evaluation.aggregate import aggregate_patients
 from medvit.evaluation.evaluate import read_predictions
 from medvit.evaluation.figures import comparison_figure, confusion_figure, reliability_figure, roc_pr_figure
@@ -35,7 +38,8 @@ from medvit.evaluation.html import (
     html_table,
     metric_label,
 )
-from medvit.evaluation.paired import paired_auroc_comparisons
+from medvit.evaluation.paired import paired_auroc_comparisons, paired_bootstrap_test
+from medvit.provenance import git_version, hardware, package_versions
 
 # Headline metric of a task, first present wins (patient level).
 HEADLINE = ("auroc_macro", "auroc", "balanced_accuracy", "accuracy", "dice")
@@ -101,8 +105,6 @@ def load_task_results(records: Sequence[dict[str, Any]], metrics_paths: Sequence
             patients = patients.drop(columns="line")
             tr.tables[str(record["model"])] = patients[patients["split"] == "test"].reset_index(drop=True)
             tr.samples[str(record["model"])] = df[df["split"].astype(str).str.lower() == "test"].reset_index(drop=True)
-    from medvit.config import TASKS
-
     out = {t: out[t] for t in [t for t in TASKS if t in out] + sorted(t for t in out if t not in TASKS)}
     for task, tr in out.items():
         split_json = study_root / task / "split.json"
@@ -275,8 +277,6 @@ def summary_section(study: dict[str, Any], results: dict[str, TaskResults],
 
 
 def _origin(study: dict[str, Any], task: str) -> str:
-    from medvit.config import manifest_origin
-
     try:
         return manifest_origin(study, task)
     except Exception:  # noqa: BLE001 - a task missing from the config is reported as unknown
@@ -286,8 +286,6 @@ def _origin(study: dict[str, Any], task: str) -> str:
 def _backing(model: str, tr: TaskResults, comparisons: list[dict[str, Any]]) -> str:
     """Runner-up comparison for the summary: DeLong's test for a binary task, a paired
     bootstrap of the macro AUROC otherwise (on the patients both models scored)."""
-    from medvit.evaluation.paired import paired_bootstrap_test
-
     others = [r for r in tr.records if r["model"] != model and headline(r)]
     if not others:
         return "only model"
@@ -395,8 +393,6 @@ def redact_paths(text: str) -> str:
 def data_section(results: dict[str, TaskResults]) -> Section | None:
     """Patients and samples per split and class, the achieved anomaly ratio, quarantined
     inputs with reasons, and the leakage check's result, per task."""
-    from medvit.data.manifest import leaking_patients
-
     parts = []
     for task, tr in results.items():
         splits = tr.split.get("splits") or {}
@@ -471,10 +467,6 @@ def stage_times(study_root: Path) -> tuple[list[list[str]], float | None, float 
 
 def provenance_section(study: dict[str, Any], records: Sequence[dict[str, Any]], study_root: Path) -> Section:
     """Config as run, code version, manifest hashes, packages, hardware, times per stage."""
-    from datetime import datetime, timezone
-
-    from medvit.provenance import git_version, hardware, package_versions
-
     code = git_version()
     facts = [["code",
               f"git {code.get('commit') or 'unknown'}" + (" (uncommitted changes)" if code.get("dirty") else "")]]

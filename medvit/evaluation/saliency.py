@@ -26,6 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from medvit.evaluation.figures import plt, save_figure
+
 N_PATIENTS = 4  # test patients shown per task
 
 
@@ -165,8 +167,6 @@ def gradcam_maps(model: Any, images: Any, class_index: Sequence[int] | None = No
 def saliency_figure(result: dict[str, Any], path: Path) -> Path:
     """Rows = the chosen test samples; columns = the input, then each model's Grad-CAM
     overlaid on it (jet, alpha 0.45), titled with the model's score for the mapped class."""
-    from medvit.evaluation.figures import plt, save_figure
-
     models = result["models"]
     rows = len(result["samples"])
     cols = 1 + len(models)

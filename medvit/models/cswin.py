@@ -28,6 +28,7 @@ Shapes: input (B, C_in, D, H, W) with D, H, W divisible by 2 ** len(depths); out
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -410,16 +411,19 @@ class UnetBasicBlockLite(nn.Sequential):
 
 
 def _encoder_kwargs(kwargs: dict) -> dict:
-    keys = ("embed_dim", "depths", "num_heads", "split_size", "stripe_axes", "mlp_ratio", "drop_path",
-            "skip_channels")
-    return {k: kwargs[k] for k in keys if k in kwargs and kwargs[k] is not None}
+    """The architecture settings given (None: the default); an unknown name is an error, so a
+    misspelt key in a study's ``cswin`` block cannot pass unnoticed."""
+    unknown = sorted(set(kwargs) - {*ENCODER_KEYS, "skip_channels"})
+    if unknown:
+        raise TypeError(f"CSwin-UNet got unexpected argument(s): {', '.join(unknown)}")
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 @register_model(spatial_dims=3)
 def cswin_unet(in_chans: int = 3, num_classes: int = 1, **kwargs) -> nn.Module:
     """CSwin-UNet (random init). Keyword arguments of :class:`CSwinEncoder` (``embed_dim``,
     ``depths``, ``num_heads``, ``split_size``, ``stripe_axes``, ``mlp_ratio``, ``drop_path``)
-    set the encoder; others are ignored."""
+    set the encoder, ``skip_channels`` the decoder; any other name is a ``TypeError``."""
     return CSwinUNet(in_chans=in_chans, num_classes=num_classes, **_encoder_kwargs(kwargs))
 
 
@@ -428,3 +432,12 @@ def cswin_unet_ssl(in_chans: int = 3, num_classes: int = 1, **kwargs) -> nn.Modu
     """The same CSwin-UNet; as a study model name it means "encoder initialised from the
     task's multi-task self-supervised pretraining" (done by the training stage)."""
     return CSwinUNet(in_chans=in_chans, num_classes=num_classes, **_encoder_kwargs(kwargs))
+
+
+ENCODER_KEYS = ("embed_dim", "depths", "num_heads", "split_size", "stripe_axes", "mlp_ratio", "drop_path")
+
+
+def encoder_config(cswin: dict[str, Any]) -> dict[str, Any]:
+    """The encoder part of a CSwin-UNet config (``tasks.prostate.cswin``): what must match
+    between an SSL-pretrained encoder and the network it initialises."""
+    return {k: cswin[k] for k in ENCODER_KEYS if k in cswin}

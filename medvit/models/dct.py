@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -293,8 +293,8 @@ class DCTHistoTransformer(nn.Module):
 
 
 @register_model
-def dct_histo_tiny(in_chans: int = 3, num_classes: int = 1, drop_path: float = 0.0, keep_ratio: float = 0.5,
-                   **kwargs: Any) -> nn.Module:
+def dct_histo_tiny(in_chans: int = 3, num_classes: int = 1, drop_path: float = 0.0,
+                   keep_ratio: float = 0.5) -> nn.Module:
     """DCT-HistoTransformer-Tiny: dims (32, 64, 128, 192), depths (1, 2, 3, 1), half of the
     frequencies kept per axis (a quarter of the coefficients)."""
     return DCTHistoTransformer(in_chans, num_classes, dims=(32, 64, 128, 192), depths=(1, 2, 3, 1),

@@ -32,7 +32,7 @@ def _deit(variant: str, in_chans: int, num_classes: int, img_size: int, patch_si
 
 @register_model
 def deit_tiny_distilled(in_chans: int = 3, num_classes: int = 1, img_size: int = 224, patch_size: int = 16,
-                        drop_path: float = 0.0, **kwargs) -> nn.Module:
+                        drop_path: float = 0.0) -> nn.Module:
     """DeiT-Tiny with distillation token (192 wide, 12 blocks, 3 heads, ~5.5M params).
     Input (B, in_chans, img_size, img_size); ``img_size`` must be a multiple of ``patch_size``."""
     return _deit("deit_tiny_distilled", in_chans, num_classes, img_size, patch_size, drop_path)
@@ -40,13 +40,13 @@ def deit_tiny_distilled(in_chans: int = 3, num_classes: int = 1, img_size: int =
 
 @register_model
 def deit_small_distilled(in_chans: int = 3, num_classes: int = 1, img_size: int = 224, patch_size: int = 16,
-                         drop_path: float = 0.0, **kwargs) -> nn.Module:
+                         drop_path: float = 0.0) -> nn.Module:
     """DeiT-Small with distillation token (384 wide, 12 blocks, 6 heads, ~22M params)."""
     return _deit("deit_small_distilled", in_chans, num_classes, img_size, patch_size, drop_path)
 
 
 @register_model
 def deit_base_distilled(in_chans: int = 3, num_classes: int = 1, img_size: int = 224, patch_size: int = 16,
-                        drop_path: float = 0.0, **kwargs) -> nn.Module:
+                        drop_path: float = 0.0) -> nn.Module:
     """DeiT-Base with distillation token (768 wide, 12 blocks, 12 heads, ~87M params)."""
     return _deit("deit_base_distilled", in_chans, num_classes, img_size, patch_size, drop_path)

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from medvit.models.vit import build_vit
+
 METHODS = ("linear", "vpt", "dvpt", "full")
 """Adaptation methods: linear probe (head only), VPT-deep prompts, DVPT, full fine-tuning."""
 
@@ -248,9 +250,7 @@ def build_prompted_vit(size: str, method: str, in_chans: int = 1, num_classes: i
                        patch_size: int = 16, dvpt: dict[str, Any] | None = None, vpt_prompts: int = 10,
                        drop_path: float = 0.0) -> PromptedViT:
     """A randomly initialised ``vit_<size>`` wrapped for ``method`` (no download); load the
-    backbone with :func:`medvit.models.vit.load_pretrained` on ``model.backbone``."""
-    from medvit.models.vit import build_vit
-
+    backbone with :func:`medvit.engine.pretrained.load_pretrained` on ``model.backbone``."""
     backbone = build_vit(size, in_chans=in_chans, num_classes=num_classes, img_size=img_size,
                          patch_size=patch_size, drop_path=drop_path)
     return PromptedViT(backbone, method, dvpt=dvpt, vpt_prompts=vpt_prompts)

@@ -3,7 +3,7 @@ MAE (Xiao et al., WACV 2023) for chest X-ray pretraining.
 
 The encoder IS a timm :class:`~timm.models.vision_transformer.VisionTransformer` (built with
 ``num_classes=0``), so after pretraining ``mae.encoder.state_dict()`` initialises the same
-ViT for fine-tuning (:func:`medvit.models.vit.load_pretrained`). MONAI's
+ViT for fine-tuning (:func:`medvit.engine.pretrained.load_pretrained`). MONAI's
 ``MaskedAutoEncoderViT`` is not used because its encoder is not a timm ViT.
 
 Per image, a random ``mask_ratio`` of the patches is removed (exactly
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+
+from medvit.models import create_model
 
 
 @dataclass
@@ -200,8 +202,6 @@ def build_mae(model: str = "vit_tiny", in_chans: int = 1, img_size: int = 224, p
               mask_ratio: float = 0.9, decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4,
               norm_pix_loss: bool = True) -> MaskedAutoencoder:
     """An MAE whose encoder is the registered ViT ``model`` (``vit_tiny``/``vit_small``/``vit_base``)."""
-    from medvit.models import create_model
-
     encoder = create_model(model, in_chans=in_chans, num_classes=0, img_size=img_size, patch_size=patch_size)
     return MaskedAutoencoder(encoder, mask_ratio=mask_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
                              decoder_heads=decoder_heads, norm_pix_loss=norm_pix_loss)

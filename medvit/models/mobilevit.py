@@ -3,8 +3,6 @@ MobileNetV2 blocks interleaved with transformer blocks over unfolded 2x2 patches
 
 from __future__ import annotations
 
-from typing import Any
-
 import timm
 from torch import nn
 
@@ -12,7 +10,7 @@ from medvit.models.registry import register_model
 
 
 @register_model
-def mobilevit_xxs(in_chans: int = 3, num_classes: int = 1, drop_path: float = 0.0, **kwargs: Any) -> nn.Module:
+def mobilevit_xxs(in_chans: int = 3, num_classes: int = 1, drop_path: float = 0.0) -> nn.Module:
     """timm MobileViT-XXS (about 1M parameters; 1.3M with an ImageNet head), the smallest MobileViT.
     Input (B, in_chans, H, W) -> logits (B, num_classes); any H, W (feature maps whose side is
     not a multiple of the 2x2 patch are interpolated by timm)."""

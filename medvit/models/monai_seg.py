@@ -38,8 +38,8 @@ if importlib.util.find_spec("einops") is None:  # pragma: no branch
 @register_model(spatial_dims=3)
 def swin_unetr(in_chans: int = 3, num_classes: int = 1, feature_size: int = 12,
                depths: Sequence[int] = (1, 1, 1, 1), num_heads: Sequence[int] = (3, 6, 12, 24),
-               window_size: int = 4, drop_path: float = 0.0, norm_name: str | tuple = ("group", {"num_groups": 1}),
-               **kwargs) -> nn.Module:
+               window_size: int = 4, drop_path: float = 0.0,
+               norm_name: str | tuple = ("group", {"num_groups": 1})) -> nn.Module:
     """Swin UNETR (shifted-window transformer encoder, convolutional decoder). D, H, W must be
     divisible by 32 (patch 2, then 4 merges). ``feature_size`` must be a multiple of 12.
 
@@ -52,7 +52,7 @@ def swin_unetr(in_chans: int = 3, num_classes: int = 1, feature_size: int = 12,
 
 @register_model(spatial_dims=3)
 def dynunet(in_chans: int = 3, num_classes: int = 1, filters: Sequence[int] = (16, 32, 64, 128),
-            res_block: bool = True, **kwargs) -> nn.Module:
+            res_block: bool = True) -> nn.Module:
     """DynUNet (nnU-Net-style UNet: 3x3x3 kernels, stride 1 then 2 per level, residual blocks).
     D, H, W must be divisible by 2 ** (len(filters) - 1)."""
     n = len(filters)
@@ -63,7 +63,7 @@ def dynunet(in_chans: int = 3, num_classes: int = 1, filters: Sequence[int] = (1
 
 @register_model(spatial_dims=3)
 def attention_unet(in_chans: int = 3, num_classes: int = 1, channels: Sequence[int] = (16, 32, 64, 128),
-                   dropout: float = 0.0, **kwargs) -> nn.Module:
+                   dropout: float = 0.0) -> nn.Module:
     """Attention U-Net (additive attention gates on the skips). D, H, W must be divisible by
     2 ** (len(channels) - 1)."""
     return AttentionUnet(spatial_dims=3, in_channels=in_chans, out_channels=num_classes, channels=channels,

@@ -39,7 +39,7 @@ def _ensure_loaded() -> None:
     import importlib
     import pkgutil
 
-    import medvit.models as package
+    import medvit.models as package  # here, not at the top: every model module imports this one
 
     for info in pkgutil.iter_modules(package.__path__):
         if info.name != "registry":

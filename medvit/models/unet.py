@@ -11,7 +11,7 @@ from medvit.models.registry import register_model
 
 @register_model(spatial_dims=3)
 def unet3d(in_chans: int = 3, num_classes: int = 1, channels: tuple[int, ...] = (16, 32, 64, 128),
-           num_res_units: int = 1, dropout: float = 0.0, **kwargs) -> nn.Module:
+           num_res_units: int = 1, dropout: float = 0.0) -> nn.Module:
     """Input (B, in_chans, D, H, W) -> lesion logits (B, num_classes, D, H, W).
 
     Each of the len(channels)-1 downsamplings halves every spatial size, so D, H and W must be

@@ -5,18 +5,14 @@ Three sizes (``vit_tiny`` 192-d/12 blocks/3 heads, ``vit_small`` 384/12/6, ``vit
 names build the same architectures; in a study they mean "initialise from the task's MAE
 pretraining stage" (see :mod:`medvit.tasks.classification` and docs/xray_mae.md).
 
-Loading weights trained elsewhere (a timm ViT, an MAE checkpoint from the MAE authors'
-code or from :mod:`medvit.models.mae`, at any resolution or channel count) goes through
-:func:`checkpoint_filter_fn` and :func:`load_pretrained`::
-
-    model = create_model("vit_small", in_chans=1, num_classes=14, img_size=224, patch_size=16)
-    load_pretrained(model, "mae_pretrain_vit_small.pth")   # safe loading, pos-embed resampled
+Weights trained elsewhere (a timm ViT, an MAE checkpoint, at any resolution or channel
+count) are adapted by :func:`checkpoint_filter_fn` and loaded by
+:func:`medvit.engine.pretrained.load_pretrained`.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import timm
@@ -26,7 +22,6 @@ from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from medvit.errors import CheckpointError
 from medvit.models.layers import add_input_standardization
 from medvit.models.registry import register_model
 
@@ -37,7 +32,7 @@ _DECODER_KEY = re.compile(r"^(decoder|mask_token)")
 
 
 def build_vit(size: str, in_chans: int = 1, num_classes: int = 1, img_size: int = 224, patch_size: int = 16,
-              drop_path: float = 0.0, **kwargs: Any) -> VisionTransformer:
+              drop_path: float = 0.0) -> VisionTransformer:
     """A timm ViT of the given size (no download).
 
     Args:
@@ -69,54 +64,44 @@ def build_vit(size: str, in_chans: int = 1, num_classes: int = 1, img_size: int 
 
 @register_model
 def vit_tiny(in_chans: int = 1, num_classes: int = 1, img_size: int = 224, patch_size: int = 16,
-             drop_path: float = 0.0, **kwargs: Any) -> nn.Module:
+             drop_path: float = 0.0) -> nn.Module:
     """ViT-Tiny (5.5M parameters at patch 16)."""
     return build_vit("tiny", in_chans, num_classes, img_size, patch_size, drop_path)
 
 
 @register_model
 def vit_small(in_chans: int = 1, num_classes: int = 1, img_size: int = 224, patch_size: int = 16,
-              drop_path: float = 0.0, **kwargs: Any) -> nn.Module:
+              drop_path: float = 0.0) -> nn.Module:
     """ViT-Small (22M parameters at patch 16), Medical MAE's main encoder."""
     return build_vit("small", in_chans, num_classes, img_size, patch_size, drop_path)
 
 
 @register_model
 def vit_base(in_chans: int = 1, num_classes: int = 1, img_size: int = 224, patch_size: int = 16,
-             drop_path: float = 0.0, **kwargs: Any) -> nn.Module:
+             drop_path: float = 0.0) -> nn.Module:
     """ViT-Base (86M parameters at patch 16)."""
     return build_vit("base", in_chans, num_classes, img_size, patch_size, drop_path)
 
 
 @register_model
 def vit_tiny_mae(in_chans: int = 1, num_classes: int = 1, img_size: int = 224, patch_size: int = 16,
-                 drop_path: float = 0.0, **kwargs: Any) -> nn.Module:
+                 drop_path: float = 0.0) -> nn.Module:
     """ViT-Tiny to be initialised from the task's MAE encoder (same architecture as ``vit_tiny``)."""
     return build_vit("tiny", in_chans, num_classes, img_size, patch_size, drop_path)
 
 
 @register_model
 def vit_small_mae(in_chans: int = 1, num_classes: int = 1, img_size: int = 224, patch_size: int = 16,
-                  drop_path: float = 0.0, **kwargs: Any) -> nn.Module:
+                  drop_path: float = 0.0) -> nn.Module:
     """ViT-Small to be initialised from the task's MAE encoder."""
     return build_vit("small", in_chans, num_classes, img_size, patch_size, drop_path)
 
 
 @register_model
 def vit_base_mae(in_chans: int = 1, num_classes: int = 1, img_size: int = 224, patch_size: int = 16,
-                 drop_path: float = 0.0, **kwargs: Any) -> nn.Module:
+                 drop_path: float = 0.0) -> nn.Module:
     """ViT-Base to be initialised from the task's MAE encoder."""
     return build_vit("base", in_chans, num_classes, img_size, patch_size, drop_path)
-
-
-def is_vit(name: str) -> bool:
-    """Whether a registered model name is one of the ViTs of this module."""
-    return name.startswith("vit_")
-
-
-def vit_size(name: str) -> str:
-    """``vit_small_mae`` -> ``small``."""
-    return name.split("_")[1]
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
@@ -155,50 +140,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: VisionTr
             continue  # the other pooling's final norm (class token vs average pooling)
         out[key] = value
     return out
-
-
-def load_pretrained(model: VisionTransformer, path: str | Path, fresh_final_norm: bool = False) -> dict[str, Any]:
-    """Initialise ``model``'s encoder from a local checkpoint (``.safetensors`` or a
-    weights-only ``.pt``/``.pth``; never unpickles code), through :func:`checkpoint_filter_fn`.
-
-    Only the classifier head, ``fc_norm`` and the input standardisation (``input_norm``, absent
-    from checkpoints trained elsewhere) may be left at their fresh initialisation; any other
-    missing key, or a key whose shape still differs (e.g. another patch size or width), is an
-    error.
-
-    Args:
-        model: the ViT to initialise.
-        path: the checkpoint.
-        fresh_final_norm: leave ``fc_norm`` at its fresh initialisation even when the
-            checkpoint has one (MAE fine-tuning starts the pooled features' norm anew: the
-            pretrained one normalised the visible patches of a masked image, not a whole one).
-
-    Returns:
-        ``{"missing": [...], "unexpected": [...], "input_norm": bool}``: the keys as loaded, and
-        whether the checkpoint carried the input standardisation it was trained with.
-
-    Raises:
-        CheckpointError: unreadable/unsafe file, or weights that do not fit the model.
-    """
-    from medvit.engine import load_state_dict_file
-
-    state = checkpoint_filter_fn(load_state_dict_file(path), model)
-    if fresh_final_norm:
-        state = {k: v for k, v in state.items() if not k.startswith("fc_norm.")}
-    own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and v.shape != own[k].shape]
-    if wrong:
-        raise CheckpointError(f"{path}: weights do not fit the model ({'; '.join(wrong[:3])}): a ViT of another "
-                              "width or patch size")
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state and not k.startswith(("head.", "fc_norm.", "input_norm."))]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: not a ViT encoder of this architecture (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]})")
-    result = model.load_state_dict(state, strict=False)
-    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys),
-            "input_norm": "input_norm.mean" in state}
 
 
 def layer_decay_param_groups(model: VisionTransformer, layer_decay: float,

@@ -22,6 +22,7 @@ stored adapter is what is evaluated.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
 from pathlib import Path
@@ -32,15 +33,29 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from medvit.config import load_study, study_dir, task_config
+from medvit.config import load_study, percent_label, run_name, study_dir, task_config
 from medvit.data.sampling import subsample_patients
 from medvit.engine import TrainConfig, Trainer, atomic_path, resolve_device, seed_everything, sha256_file
+from medvit.engine.pretrained import load_pretrained
 from medvit.errors import CheckpointError, ConfigError
-from medvit.evaluation.adapt_report import METHOD_LABELS, percent_label
-from medvit.fileio import atomic_write_json
+from medvit.evaluation import metrics as M
+from medvit.evaluation.adapt_report import METHOD_LABELS
+from medvit.evaluation.aggregate import aggregate_patients
+from medvit.evaluation.bootstrap import cluster_bootstrap
+from medvit.evaluation.evaluate import ci_key, evaluate_predictions, write_json
+from medvit.fileio import atomic_write_bytes, atomic_write_json
 from medvit.models.dvpt import METHODS, PromptedViT, build_prompted_vit, trainable_summary
-from medvit.models.vit import layer_decay_param_groups, load_pretrained
+from medvit.models.vit import layer_decay_param_groups
+from medvit.provenance import provenance
+from medvit.tasks.classification import (
+    loss_function,
+    probabilities,
+    standardize_input,
+    train_augmentation,
+    validation_metric,
+)
 from medvit.tasks.common import StageContext, load_context, write_predictions
+from medvit.tasks.pretrain import recipe_unchanged
 from medvit.tasks.training import split_dataset
 
 ADAPTER_FORMAT = "medvit-adapter/1"
@@ -66,11 +81,6 @@ def adapt_config(ctx_or_tcfg: StageContext | dict[str, Any], task: str | None = 
     if not isinstance(cfg, dict):
         raise ConfigError(f"tasks.{name}.adapt: task {name!r} has no adaptation stage; allowed: xray, histo")
     return cfg
-
-
-def run_name(method: str, fraction: float) -> str:
-    """``dvpt_p25``: the folder of one (method, fraction) run under ``<task>/adapt/``."""
-    return f"{method}_p{percent_label(fraction)}"
 
 
 def backbone_spec(study: dict[str, Any], task: str, split_path: str | Path | None = None) -> dict[str, Any]:
@@ -219,8 +229,6 @@ def _subsampled(ctx: StageContext, fraction: float) -> StageContext:
 
 
 def _predict(ctx: StageContext, model: PromptedViT, size: list[int], batch_size: int) -> np.ndarray:
-    from medvit.tasks.classification import probabilities
-
     device = resolve_device(ctx.study["device"])
     model = model.to(device).eval()
     dataset = split_dataset(ctx, ["val", "test"], size, cache=False)
@@ -233,11 +241,6 @@ def _predict(ctx: StageContext, model: PromptedViT, size: list[int], batch_size:
 def _multilabel_kappa(df: pd.DataFrame, result: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
     """Macro Cohen's kappa over findings at the patient level (thresholds chosen on val by the
     evaluation), with the same cluster bootstrap as every other metric."""
-    from medvit.evaluation import metrics as M
-    from medvit.evaluation.aggregate import aggregate_patients
-    from medvit.evaluation.bootstrap import cluster_bootstrap
-    from medvit.evaluation.evaluate import ci_key
-
     ev = study["evaluation"]
     classes = result["classes"]
     patients = aggregate_patients(df, result["aggregate"]["method"], ev["top_k"], "multilabel")
@@ -258,8 +261,6 @@ def _multilabel_kappa(df: pd.DataFrame, result: dict[str, Any], study: dict[str,
 
 
 def _evaluate(ctx: StageContext, predictions: pd.DataFrame) -> dict[str, Any]:
-    from medvit.evaluation.evaluate import evaluate_predictions
-
     ev = ctx.study["evaluation"]
     result = evaluate_predictions(predictions, kind=ctx.spec.kind, aggregate=ev["aggregate"], top_k=ev["top_k"],
                                   threshold=ev["threshold"], n_bootstrap=ev["bootstrap"], ci=ev["ci"],
@@ -273,9 +274,6 @@ def _evaluate(ctx: StageContext, predictions: pd.DataFrame) -> dict[str, Any]:
 def _fit(ctx: StageContext, method: str, fraction: float, bb: dict[str, Any], split_path: str | Path,
          run_dir: Path) -> tuple[PromptedViT, dict[str, Any]]:
     """Adapt the backbone with ``method`` on ``fraction`` of the training patients."""
-    from medvit.tasks.classification import loss_function, standardize_input, train_augmentation, validation_metric
-    from medvit.tasks.pretrain import recipe_unchanged
-
     cfg = adapt_config(ctx)
     train_cfg = _train_config(ctx, method)
     seed_everything(train_cfg.seed, train_cfg.deterministic)
@@ -320,9 +318,6 @@ def adapt_run(ctx: StageContext, method: str, fraction: float, split_path: str |
               bb: dict[str, Any] | None = None) -> Path:
     """One (method, fraction) run -> ``<out_dir>/<method>_p<percent>/metrics.json`` (and the adapter,
     its card and predictions.csv beside it)."""
-    from medvit.evaluation.evaluate import write_json
-    from medvit.provenance import provenance
-
     if method not in METHODS:
         raise ConfigError(f"tasks.{ctx.task}.adapt.methods: got {method!r}; allowed: {', '.join(METHODS)}")
     if bb is None:
@@ -388,11 +383,9 @@ def adapt_stage(config_path: str | Path, task: str, method: str, split_path: str
 
 
 # ------------------------------------------------------------------------------ comparison
-def compare_stage(config_path: str | Path, task: str, adapt_dir: str | Path, out_path: str | Path) -> Path:
+def adapt_compare_stage(config_path: str | Path, task: str, adapt_dir: str | Path, out_path: str | Path) -> Path:
     """Gather every run of ``adapt.methods`` x ``adapt.fractions`` -> ``comparison.json`` and
     ``label_efficiency.png`` beside it."""
-    from medvit.evaluation.evaluate import write_json
-
     study = load_study(config_path)
     cfg = adapt_config(task_config(study, task), task)
     rows = []
@@ -429,8 +422,6 @@ def plot_label_efficiency(rows: Sequence[dict[str, Any]], path: str | Path, task
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medvit.fileio import atomic_write_bytes
-
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key in zip(axes, ("auroc", "kappa")):
         for method in dict.fromkeys(r["method"] for r in rows):
@@ -451,8 +442,6 @@ def plot_label_efficiency(rows: Sequence[dict[str, Any]], path: str | Path, task
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{task}: label efficiency of the adaptation methods (95% bootstrap CIs)", fontsize=10)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

@@ -31,19 +31,23 @@ import torch
 import torch.nn.functional as F
 from monai import transforms as mt
 
+from medvit.config import block_defaults
 from medvit.data.transforms import LoadSampled
 from medvit.engine import resolve_device
 from medvit.errors import ConfigError
+from medvit.evaluation.evaluate import read_predictions, write_json
+from medvit.evaluation.ptp import ptp_stage
+from medvit.tasks.classification import probabilities
 from medvit.tasks.common import load_context, read_sidecar, write_predictions
 from medvit.tasks.detection import detection_config
-
-CASCADE_DEFAULTS: dict[str, Any] = {"enabled": False, "classifier": "student_distilled", "input": "slice",
-                                    "margin": 0.5, "threshold": None}
+from medvit.tasks.distill import load_classifier
+from medvit.tasks.evaluate import evaluate_stage
+from medvit.tasks.training import split_dataset
 
 
 def cascade_config(tcfg: dict[str, Any]) -> dict[str, Any]:
-    """The task's ``cascade`` block over :data:`CASCADE_DEFAULTS`."""
-    return {**CASCADE_DEFAULTS, **(tcfg.get("cascade") or {})}
+    """The task's ``cascade`` block over the schema's defaults."""
+    return {**block_defaults("cascade"), **(tcfg.get("cascade") or {})}
 
 
 def cascade_threshold(ccfg: dict[str, Any], classifier_weights: str | Path, positive: str) -> tuple[float, str]:
@@ -101,13 +105,6 @@ def cascade_stage(config_path: str | Path, task: str, split_path: str | Path, de
     Raises:
         ConfigError: not a binary task.
     """
-    from medvit.evaluation.evaluate import read_predictions, write_json
-    from medvit.evaluation.ptp import ptp_stage
-    from medvit.tasks.classification import probabilities
-    from medvit.tasks.distill import load_classifier
-    from medvit.tasks.evaluate import evaluate_stage
-    from medvit.tasks.training import split_dataset
-
     ctx = load_context(config_path, task, split_path)
     if ctx.spec.kind != "binary":
         raise ConfigError(f"tasks.{task}.cascade needs a binary task; {task} is {ctx.spec.kind}")
@@ -166,4 +163,4 @@ def cascade_stage(config_path: str | Path, task: str, split_path: str | Path, de
     return evaluate_stage(config_path, task, "cascade", out_dir / "predictions.csv", out_dir / "metrics.json")
 
 
-__all__ = ["CASCADE_DEFAULTS", "cascade_config", "cascade_stage", "cascade_threshold", "crop_region"]
+__all__ = ["cascade_config", "cascade_stage", "cascade_threshold", "crop_region"]

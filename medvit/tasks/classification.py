@@ -22,18 +22,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medvit.config import needs_mae
+from medvit.config import block_defaults, is_vit, needs_mae
 from medvit.data.transforms import classifier_augmentation
 from medvit.engine import Trainer, sha256_file
+from medvit.engine.pretrained import load_pretrained
 from medvit.engine.speed import resolve_num_workers
 from medvit.models import create_model
-from medvit.models.vit import is_vit, layer_decay_param_groups, load_pretrained
+from medvit.models.vit import layer_decay_param_groups
 from medvit.tasks.common import StageContext, TaskSpec, load_context, read_sidecar, write_predictions
 from medvit.tasks.pretrain import recipe_unchanged
 from medvit.tasks.training import fit_and_save, load_for_inference, seeded_train_config, split_dataset
 
 # The fine-tuning recipe when a task's config has no `finetune` block (Medical MAE's values).
-FINETUNE_DEFAULTS = {"init": "scratch", "layer_decay": 0.75, "drop_path": 0.1, "randaug_magnitude": 0, "mixup": 0.0}
 
 # Left and right are anatomy on a chest radiograph; flipping elsewhere is label-preserving.
 _FLIPS = {"xray": False, "brain": True, "histo": True}
@@ -91,8 +91,9 @@ def _size(ctx: StageContext) -> list[int]:
 
 
 def finetune_config(ctx: StageContext) -> dict[str, Any]:
-    """The task's ViT fine-tuning recipe (``finetune`` block over :data:`FINETUNE_DEFAULTS`)."""
-    return {**FINETUNE_DEFAULTS, **(ctx.tcfg.get("finetune") or {})}
+    """The task's ViT fine-tuning recipe: its ``finetune`` block over the schema's defaults
+    (a task without the block, e.g. histo, fine-tunes its ViTs with them)."""
+    return {**block_defaults("finetune"), **(ctx.tcfg.get("finetune") or {})}
 
 
 def vit_kwargs(ctx: StageContext, image_size: int | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from medvit.config import load_study, task_config, task_manifest_path
+from medvit.config import load_schema, load_study, task_config, task_manifest_path
 from medvit.data.manifest import (
     Manifest,
     class_names,
@@ -26,6 +26,7 @@ from medvit.data.sampling import resample_to_anomaly_ratio
 from medvit.data.splits import assign_splits, check_no_leakage, patient_kfold, split_summary
 from medvit.errors import ManifestError
 from medvit.fileio import atomic_write_json, atomic_write_text
+from medvit.provenance import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,6 @@ def rows_with(df: pd.DataFrame, column: str, value: str, limit: int = 10) -> str
 
 
 def _positive_default(task: str) -> Any:
-    from medvit.config import load_schema
-
     tasks = load_schema()["properties"]["tasks"]["properties"]
     return tasks.get(task, {}).get("properties", {}).get("positive_class", {}).get("default")
 
@@ -352,8 +351,6 @@ def write_predictions(path: str | Path, df: pd.DataFrame, spec: TaskSpec, scores
 
 def model_sidecar(ctx: StageContext, model_name: str, split_path: str | Path, **fields: Any) -> dict[str, Any]:
     """Metadata stored in model.json beside the weights (read back by evaluation)."""
-    from medvit.provenance import provenance
-
     return {"task": ctx.task, "model": model_name, "spec": asdict(ctx.spec), "split_manifest": str(split_path),
             **fields, "provenance": provenance(config=ctx.study, config_path=ctx.config_path,
                                                manifest_path=split_path)}

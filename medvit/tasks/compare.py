@@ -28,14 +28,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from medvit.config import load_study, study_dir, task_config
+from medvit.config import block_defaults, is_vit, load_study, study_dir, task_config
 from medvit.engine.compute import count_flops, measure_latency
 from medvit.errors import ConfigError
 from medvit.evaluation import metrics as M
+from medvit.evaluation.aggregate import aggregate_patients
 from medvit.evaluation.compare_report import LEVEL_LABELS, LEVELS, METRIC_LABELS, METRICS
-
-COMPARE_DEFAULTS = {"seeds": 1, "latency_batches": [1, 32], "latency_repeats": 10, "cpu_threads": 1}
-"""The ``compare`` block of a task when the study has none (schema defaults)."""
+from medvit.evaluation.evaluate import read_predictions, write_json
+from medvit.fileio import atomic_write_bytes
+from medvit.models import count_parameters, create_model
+from medvit.provenance import provenance
+from medvit.tasks.adapt import build_from_card, read_adapter_card
+from medvit.tasks.common import read_sidecar
 
 # metrics.json name of each table metric, per task kind; binary macro-F1 is recomputed (below)
 _SOURCE = {"binary": {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy", "auroc": "auroc"},
@@ -45,8 +49,8 @@ _SOURCE = {"binary": {"accuracy": "accuracy", "balanced_accuracy": "balanced_acc
 
 # ------------------------------------------------------------------------------ layout
 def compare_config(tcfg: dict[str, Any]) -> dict[str, Any]:
-    """A task's ``compare`` block over :data:`COMPARE_DEFAULTS`."""
-    return {**COMPARE_DEFAULTS, **(tcfg.get("compare") or {})}
+    """A task's ``compare`` block over the schema's defaults."""
+    return {**block_defaults("compare"), **(tcfg.get("compare") or {})}
 
 
 def training_seeds(study: dict[str, Any], task: str) -> list[int]:
@@ -92,8 +96,6 @@ def measure_compute(model: nn.Module, input_shape: Sequence[int], batches: Seque
         ``{"params", "trainable_params", "flops", "input": [1, C, H, W], "cpu_threads",
         "latency": {"<batch>": {"batch", "median_s", "per_sample_ms", "throughput"}}}``.
     """
-    from medvit.models import count_parameters
-
     model = model.cpu().eval()
     params, trainable = count_parameters(model)
     example = torch.zeros(1, *input_shape)
@@ -113,9 +115,6 @@ def measure_compute(model: nn.Module, input_shape: Sequence[int], batches: Seque
 
 def build_from_model_card(card: dict[str, Any]) -> nn.Module:
     """Rebuild (randomly initialised) the architecture described by a ``model.json``."""
-    from medvit.models import create_model
-    from medvit.models.vit import is_vit
-
     name = card["model"]
     kwargs: dict[str, Any] = {}
     if is_vit(name):
@@ -127,9 +126,6 @@ def build_from_model_card(card: dict[str, Any]) -> nn.Module:
 def _binary_macro_f1(record: dict[str, Any], predictions: Path) -> dict[str, float]:
     """Macro-F1 (mean F1 of both classes) of a binary run at the thresholds its metrics.json
     chose on validation, per level, recomputed from predictions.csv."""
-    from medvit.evaluation.aggregate import aggregate_patients
-    from medvit.evaluation.evaluate import read_predictions
-
     df = read_predictions(predictions)
     (cls,) = record["classes"]
     thr = record.get("threshold") or {}
@@ -210,8 +206,6 @@ def _dvpt_entry(study: dict[str, Any], task: str, cmp: dict[str, Any], notes: li
                              "train_seconds": summarize([record.get("train_seconds") or math.nan])}
     entry.update(_aggregate_runs(entry["runs"]))
     try:
-        from medvit.tasks.adapt import build_from_card, read_adapter_card
-
         card = read_adapter_card(path.parent / "adapter.safetensors")
         model = build_from_card(card)
         size = int(card["image_size"])
@@ -232,10 +226,6 @@ def compare_stage(config_path: str | Path, task: str, out_dir: str | Path) -> Pa
     Raises:
         ConfigError: a model's metrics.json or model.json is missing (train and evaluate it first).
     """
-    from medvit.evaluation.evaluate import write_json
-    from medvit.provenance import provenance
-    from medvit.tasks.common import read_sidecar
-
     study = load_study(config_path)
     tcfg = task_config(study, task)
     cmp = compare_config(tcfg)
@@ -298,8 +288,6 @@ def plot_accuracy_vs_flops(entries: Sequence[dict[str, Any]], path: str | Path, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from medvit.fileio import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     styles = {"sample": dict(marker="o", linestyle="none"), "patient": dict(marker="s", linestyle="none",

@@ -37,6 +37,7 @@ run's ``weights/`` folder keeps ``best.safetensors`` (the same file) and a READM
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import sys
@@ -47,20 +48,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medvit.config import block_defaults
 from medvit.data.yolo import build_yolo_dataset, read_boxes
-from medvit.engine import resolve_device, save_weights, seed_everything
+from medvit.engine import load_weights, resolve_device, save_weights, seed_everything
 from medvit.engine.device import resolve_bf16
 from medvit.engine.speed import resolve_num_workers
 from medvit.errors import ConfigError
+from medvit.evaluation.evaluate import write_json
 from medvit.fileio import atomic_write_bytes, atomic_write_text
-from medvit.tasks.common import load_context, model_sidecar
+from medvit.models import count_parameters
+from medvit.tasks.common import load_context, model_sidecar, read_sidecar, write_predictions
+from medvit.tasks.package import detection_package
 
 # Before any `import ultralytics`: its module import runs a DNS "online" check otherwise.
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-DETECTION_DEFAULTS: dict[str, Any] = {"enabled": False, "model": "yolov8n", "image_size": 640, "epochs": 100,
-                                      "batch_size": 16, "mosaic": 1.0, "conf": 0.25, "min_slices": 1,
-                                      "window_percentiles": [0.5, 99.5], "examples": 8}
 PREDICT_FLOOR = 0.001
 """Lowest box confidence kept by prediction (ultralytics' own validation floor); the PTP
 threshold ``conf`` is applied later, so it can change without rerunning the detector."""
@@ -74,8 +76,8 @@ _INTEGRATIONS_OFF = {"sync": False, "clearml": False, "comet": False, "dvc": Fal
 
 
 def detection_config(tcfg: dict[str, Any]) -> dict[str, Any]:
-    """The task's ``detection`` block over :data:`DETECTION_DEFAULTS`."""
-    return {**DETECTION_DEFAULTS, **(tcfg.get("detection") or {})}
+    """The task's ``detection`` block over the schema's defaults."""
+    return {**block_defaults("detection"), **(tcfg.get("detection") or {})}
 
 
 def setup_ultralytics(config_dir: str | Path) -> Path:
@@ -113,9 +115,6 @@ def build_detector(model: str, n_classes: int, names: list[str]):
 
 def load_detector(weights: str | Path):
     """Rebuild a detector written by :func:`detect_stage` from its safetensors and card."""
-    from medvit.engine import load_weights
-    from medvit.tasks.common import read_sidecar
-
     meta = read_sidecar(weights)
     yolo = build_detector(meta["detector"], len(meta["names"]), list(meta["names"]))
     load_weights(weights, yolo.model)
@@ -144,8 +143,6 @@ def _example_figure(path: Path, rows: pd.DataFrame, images: dict[str, Path], tru
                     boxes: dict[str, np.ndarray], conf: float, n: int) -> None:
     """Test slices with true boxes (green) and predicted boxes >= conf (red, with confidence):
     the highest-scoring tumour slices, missed tumour slices and the strongest false alarms."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,9 +241,6 @@ def detect_stage(config_path: str | Path, task: str, split_path: str | Path, out
                mosaic=float(det["mosaic"]))
     train_seconds = time.perf_counter() - t0
     # The best epoch (on val mAP) is what ultralytics leaves in yolo.model; keep it as safetensors.
-    from medvit.models import count_parameters
-    from medvit.tasks.package import detection_package
-
     params, _ = count_parameters(yolo.model)
     window = dataset.summary["window"]
     meta = model_sidecar(ctx, "detector", split_path, detector=det["model"], names=names, in_chans=3,
@@ -262,8 +256,6 @@ def detect_stage(config_path: str | Path, task: str, split_path: str | Path, out
               "project": str(out_dir.resolve()), "exist_ok": True, "verbose": False}
     metrics = {split: _box_metrics(yolo.val(data=str(dataset.data_yaml), split=split, name=f"val_{split}", **common))
                for split in ("val", "test")}
-    from medvit.evaluation.evaluate import write_json
-
     write_json(out_dir / "detection_metrics.json", {
         "study": ctx.study["study"], "task": task, "model": det["model"], "image_size": det["image_size"],
         "epochs": det["epochs"], "splits": metrics, "iou_nms": NMS_IOU, "conf_floor": PREDICT_FLOOR,
@@ -277,8 +269,6 @@ def detect_stage(config_path: str | Path, task: str, split_path: str | Path, out
     boxes = dict(zip(sids, predicted))
     scores = np.array([b[:, 0].max() if len(b) else 0.0 for b in predicted], dtype=float)
     conf = float(det["conf"])
-    from medvit.tasks.common import write_predictions
-
     extra = {"n_boxes": np.array([int((b[:, 0] >= conf).sum()) for b in predicted])}
     if "slice_index" in rows.columns:
         extra = {"slice_index": rows["slice_index"].to_numpy(), **extra}
@@ -299,5 +289,5 @@ def detect_stage(config_path: str | Path, task: str, split_path: str | Path, out
     return out_dir / "predictions.csv"
 
 
-__all__ = ["DETECTION_DEFAULTS", "PREDICT_FLOOR", "build_detector", "detect_stage", "detection_config",
+__all__ = ["PREDICT_FLOOR", "build_detector", "detect_stage", "detection_config",
            "load_detector", "setup_ultralytics", "ultralytics_device"]

@@ -20,7 +20,7 @@ Roles and their folders under ``<task>/distill/``: ``teacher`` (trained by
 :func:`medvit.tasks.classification.train`, the task's ``train`` recipe), ``student`` and
 ``student_distilled`` (``distill.train`` recipe), each with model.safetensors, model.json,
 predictions.csv and metrics.json (:func:`medvit.tasks.evaluate.evaluate_stage`);
-:func:`compare_stage` writes ``comparison.json``.
+:func:`distill_compare_stage` writes ``comparison.json``.
 """
 
 from __future__ import annotations
@@ -36,11 +36,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from medvit.config import block_defaults, load_study, task_config
 from medvit.data.transforms import augment_transforms
-from medvit.engine import Trainer, load_weights
+from medvit.engine import TrainConfig, Trainer, load_weights, seed_everything
+from medvit.engine.compute import count_flops, measure_latency
 from medvit.errors import ConfigError
-from medvit.models import create_model
+from medvit.evaluation.evaluate import read_predictions, write_json
+from medvit.fileio import atomic_write_bytes
+from medvit.models import count_parameters, create_model
 from medvit.models.deit import is_deit
+from medvit.tasks.classification import probabilities, standardize_input, validation_metric
+from medvit.tasks.classification import train as train_cnn
 from medvit.tasks.common import (
     StageContext,
     TaskSpec,
@@ -48,6 +54,7 @@ from medvit.tasks.common import (
     read_sidecar,
     write_predictions,
 )
+from medvit.tasks.evaluate import evaluate_stage
 from medvit.tasks.training import (
     fit_and_save,
     load_for_inference,
@@ -55,13 +62,10 @@ from medvit.tasks.training import (
 )
 
 ROLES = ("teacher", "student", "student_distilled")
-DISTILL_DEFAULTS: dict[str, Any] = {"enabled": False, "teacher": "resnet152", "student": "deit_tiny_distilled",
-                                    "patch_size": 16, "drop_path": 0.1, "latency_repeats": 20, "train": {}}
-
 
 def distill_config(tcfg: dict[str, Any]) -> dict[str, Any]:
-    """The task's ``distill`` block over :data:`DISTILL_DEFAULTS`."""
-    return {**DISTILL_DEFAULTS, **(tcfg.get("distill") or {})}
+    """The task's ``distill`` block over the schema's defaults."""
+    return {**block_defaults("distill"), **(tcfg.get("distill") or {})}
 
 
 # ------------------------------------------------------------------------------- the loss
@@ -155,16 +159,12 @@ def _check_task(ctx: StageContext) -> None:
 def train_student(ctx: StageContext, split_path: str | Path, out_dir: str | Path,
                   teacher_weights: str | Path | None = None) -> Path:
     """Train the DeiT student (with distillation when ``teacher_weights`` is given)."""
-    from medvit.tasks.classification import standardize_input, validation_metric
-
     _check_task(ctx)
     dcfg = distill_config(ctx.tcfg)
     size = int(ctx.tcfg["image_size"])
     if size % dcfg["patch_size"]:
         raise ConfigError(f"tasks.{ctx.task}.image_size ({size}) must be a multiple of "
                           f"tasks.{ctx.task}.distill.patch_size ({dcfg['patch_size']})")
-    from medvit.engine import TrainConfig, seed_everything
-
     cfg = TrainConfig.from_study(ctx.study, dcfg["train"])
     seed_everything(cfg.seed, cfg.deterministic)
     train_ds = split_dataset(ctx, "train", [size, size], augment=augment_transforms(2, flips=True))
@@ -198,8 +198,6 @@ def train_student(ctx: StageContext, split_path: str | Path, out_dir: str | Path
 @torch.no_grad()
 def predict_classifier(ctx: StageContext, weights: str | Path, out_path: str | Path) -> pd.DataFrame:
     """Score the val and test slices with a teacher or student -> predictions.csv."""
-    from medvit.tasks.classification import probabilities
-
     meta = read_sidecar(weights)
     model, device = load_for_inference(ctx, weights, lambda c: build_classifier({**meta, "in_chans": c}, ctx.spec))
     size = int(meta.get("image_size", ctx.tcfg["image_size"]))
@@ -219,9 +217,6 @@ def distill_stage(config_path: str | Path, task: str, role: str, split_path: str
             the task's train stage (same split, same ``train`` recipe, same code): it is
             copied with its model card instead of being trained a second time.
     """
-    from medvit.tasks.classification import train as train_cnn
-    from medvit.tasks.evaluate import evaluate_stage
-
     if role not in ROLES:
         raise ConfigError(f"distillation role {role!r} is not allowed; allowed: {', '.join(ROLES)}")
     if role == "student_distilled" and teacher_weights is None:
@@ -241,8 +236,6 @@ def distill_stage(config_path: str | Path, task: str, role: str, split_path: str
 
 def _copy_weights(source: Path, out_dir: Path, model_name: str) -> Path:
     """Copy a trained model's weights and card into ``out_dir`` (checking it is ``model_name``)."""
-    from medvit.fileio import atomic_write_bytes
-
     meta = read_sidecar(source)
     if meta.get("model") != model_name:
         raise ConfigError(f"{source} holds {meta.get('model')!r}, not the teacher {model_name!r}")
@@ -255,7 +248,8 @@ def _copy_weights(source: Path, out_dir: Path, model_name: str) -> Path:
 COMPARED = ("auroc", "ap", "sensitivity", "specificity", "f1", "balanced_accuracy")
 
 
-def compare_stage(config_path: str | Path, task: str, distill_dir: str | Path, out_path: str | Path) -> Path:
+def distill_compare_stage(config_path: str | Path, task: str, distill_dir: str | Path,
+                          out_path: str | Path) -> Path:
     """Teacher vs distilled student vs plain student -> comparison.json.
 
     Per role: model, parameters, FLOPs and CPU latency per slice (batch of one, median of
@@ -264,11 +258,6 @@ def compare_stage(config_path: str | Path, task: str, distill_dir: str | Path, o
     their intervals from metrics.json, and the share of test slices on which the role's
     decision (probability >= 0.5) agrees with the teacher's.
     """
-    from medvit.config import load_study, task_config
-    from medvit.engine.compute import count_flops, measure_latency
-    from medvit.evaluation.evaluate import read_predictions, write_json
-    from medvit.models import count_parameters
-
     study = load_study(config_path)
     tcfg = task_config(study, task)
     dcfg = distill_config(tcfg)
@@ -309,11 +298,10 @@ def compare_stage(config_path: str | Path, task: str, distill_dir: str | Path, o
 
 
 __all__ = [
-    "DISTILL_DEFAULTS",
     "ROLES",
     "DistillTrainer",
     "build_classifier",
-    "compare_stage",
+    "distill_compare_stage",
     "distill_config",
     "distill_stage",
     "hard_distillation_loss",

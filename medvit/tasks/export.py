@@ -16,7 +16,10 @@ refused. ONNX is run with onnxruntime (the optional ``export`` extra: ``pip inst
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from medvit.errors import MedvitError
+from medvit.fileio import atomic_write_json
+from medvit.tasks.detection import load_detector, setup_ultralytics
 from medvit.tasks.package import build_classifier, read_package
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -56,9 +61,6 @@ def _export_onnx(model, example, path: Path) -> None:
         import onnx  # noqa: F401  the exporter's model format
     except ImportError:
         raise ExportError(_ONNX_MISSING) from None
-    import contextlib
-    import io
-
     try:  # the exporter prints its whole graph on a failure: the message below names the operator
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
@@ -123,8 +125,6 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path | None = None,
     """
     import torch
 
-    from medvit.fileio import atomic_write_json
-
     if fmt not in FORMATS:
         raise ExportError(f"export format {fmt!r} is not supported; allowed: {', '.join(FORMATS)}")
     block, meta = read_package(model_dir)
@@ -177,12 +177,7 @@ def export_detector(folder: Path, block: dict[str, Any], meta: dict[str, Any], f
     Raises:
         ExportError: a format other than ONNX, a missing package, or a parity failure.
     """
-    import shutil
-
     import torch
-
-    from medvit.fileio import atomic_write_json
-    from medvit.tasks.detection import load_detector, setup_ultralytics
 
     if fmt != "onnx":
         raise ExportError(f"the YOLO detector exports to ONNX only (through ultralytics' exporter); got {fmt!r}")

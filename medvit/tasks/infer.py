@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import secrets
 import sys
 import time
@@ -35,8 +36,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medvit.data.ingest import ENV_KEY, ingest
+from medvit.data.io import read_sample
+from medvit.data.manifest import load_manifest
+from medvit.data.transforms import load_transforms
+from medvit.data.yolo import _png_bytes, _stems, volume_window, window_to_uint8
+from medvit.engine import resolve_device
 from medvit.errors import MedvitError
-from medvit.tasks.package import build_classifier, read_package
+from medvit.evaluation.aggregate import aggregate_patients
+from medvit.fileio import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from medvit.provenance import sha256_file
+from medvit.tasks.classification import probabilities
+from medvit.tasks.common import TaskSpec
+from medvit.tasks.detection import load_detector, setup_ultralytics, ultralytics_device
+from medvit.tasks.package import build_classifier, build_segmenter, read_package
+from medvit.tasks.segmentation import write_maps
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +77,6 @@ class InferResult:
 def _input_manifest(source: Path, out_dir: Path, key: str | None) -> tuple[pd.DataFrame, Path, list[list[str]], str]:
     """The rows to score, their root folder, quarantine rows from reading the input, and how
     the input was read (``manifest`` or ``folder``)."""
-    from medvit.data.manifest import load_manifest
-
     quarantine: list[list[str]] = []
     if source.is_file() and source.suffix.lower() == ".csv":
         manifest = load_manifest(source, check_files=False, confine=True)
@@ -73,10 +85,6 @@ def _input_manifest(source: Path, out_dir: Path, key: str | None) -> tuple[pd.Da
                 quarantine.append([f"{source.name} row {p.row}", "", "", f"{p.column}: {p.reason}"])
         return manifest.df, manifest.root, quarantine, "manifest"
     if source.is_dir():
-        import os
-
-        from medvit.data.ingest import ENV_KEY, ingest
-
         if key is None and not os.environ.get(ENV_KEY):
             key = secrets.token_hex(32)
             logger.warning("no pseudonymisation key (--key or $%s): a random key for this run; its pseudonyms "
@@ -115,8 +123,6 @@ def _row_for(row: dict[str, Any], channels: list[str]) -> dict[str, Any]:
 
 def predictions_table(samples: pd.DataFrame, scores: np.ndarray, block: dict[str, Any]) -> pd.DataFrame:
     """Sample and patient rows with scores and thresholded calls (see the module docstring)."""
-    from medvit.evaluation.aggregate import aggregate_patients
-
     task = block["task"]
     classes, kind = task["classes"], task["kind"]
     base = pd.DataFrame({"patient_id": samples["patient_id"].astype(str).to_numpy(),
@@ -169,13 +175,6 @@ def infer_stage(model_dir: str | Path, source: str | Path, out_dir: str | Path, 
     """
     import torch
     from tqdm import tqdm
-
-    from medvit.data.transforms import load_transforms
-    from medvit.engine import resolve_device
-    from medvit.fileio import atomic_write_json, atomic_write_text
-    from medvit.provenance import sha256_file
-    from medvit.tasks.classification import probabilities
-    from medvit.tasks.common import TaskSpec
 
     started = time.perf_counter()
     block, meta = read_package(model_dir)
@@ -247,8 +246,6 @@ def infer_stage(model_dir: str | Path, source: str | Path, out_dir: str | Path, 
 # ------------------------------------------------------------------------------ segmentation
 def _write_outputs(out: Path, table: pd.DataFrame, quarantine: list[list[str]], record: dict[str, Any],
                    n_samples: int) -> InferResult:
-    from medvit.fileio import atomic_write_json, atomic_write_text
-
     pred_path = atomic_write_text(out / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
     q_path = atomic_write_text(out / "quarantine.csv",
                                pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).to_csv(index=False))
@@ -259,8 +256,6 @@ def _write_outputs(out: Path, table: pd.DataFrame, quarantine: list[list[str]], 
 
 
 def _nothing_scored(out: Path, source: Path, quarantine: list[list[str]]) -> InferError:
-    from medvit.fileio import atomic_write_text
-
     atomic_write_text(out / "quarantine.csv", pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS).to_csv(index=False))
     return InferError(f"no image of {source} could be scored ({len(quarantine)} quarantined: see "
                       f"{out / 'quarantine.csv'})")
@@ -268,8 +263,6 @@ def _nothing_scored(out: Path, source: Path, quarantine: list[list[str]]) -> Inf
 
 def _record(block: dict[str, Any], meta: dict[str, Any], model_dir: Path, source: Path, input_kind: str,
             dev: str, started: float, name: str) -> dict[str, Any]:
-    from medvit.provenance import sha256_file
-
     return {"model_dir": str(model_dir), "model": name, "kind": block["kind"], "task": meta.get("task"),
             "weights_sha256": sha256_file(model_dir / "model.safetensors"), "input": str(source),
             "input_kind": input_kind, "device": dev, "seconds": round(time.perf_counter() - started, 3)}
@@ -286,11 +279,6 @@ def _infer_segmentation(block: dict[str, Any], meta: dict[str, Any], model_dir: 
     import torch
     from monai.inferers import sliding_window_inference
     from tqdm import tqdm
-
-    from medvit.data.transforms import load_transforms
-    from medvit.engine import resolve_device
-    from medvit.tasks.package import build_segmenter
-    from medvit.tasks.segmentation import write_maps
 
     channels = list(block["channels"])
     in_chans = int(block["architecture"]["kwargs"]["in_chans"])
@@ -358,8 +346,6 @@ def _overlay(png: Path, boxes: list[dict[str, Any]], path: Path) -> None:
     """The windowed slice in colour with its boxes (red) and their confidence."""
     from PIL import Image, ImageDraw
 
-    from medvit.fileio import atomic_path
-
     with Image.open(png) as im:
         img = im.convert("RGB")
     scale = max(1, 256 // max(img.size))  # small slices are enlarged so boxes and labels stay legible
@@ -383,11 +369,6 @@ def _infer_detection(block: dict[str, Any], meta: dict[str, Any], model_dir: Pat
     (boxes at or above the package's confidence ``conf``), ``overlays/<sample>.png`` and
     ``predictions.csv`` (a slice's score is its highest box confidence, called at ``conf``;
     a patient's is the maximum over its slices)."""
-    from medvit.data.io import read_sample
-    from medvit.data.yolo import _png_bytes, _stems, volume_window, window_to_uint8
-    from medvit.fileio import atomic_write_bytes, atomic_write_text
-    from medvit.tasks.detection import load_detector, setup_ultralytics, ultralytics_device
-
     setup_ultralytics(out / "ultralytics_config")
     yolo = load_detector(model_dir / "model.safetensors")
     dev = ultralytics_device(device)

@@ -31,7 +31,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from medvit.config import is_vit, load_study, task_config
+from medvit.engine import load_weights
 from medvit.errors import MedvitError
+from medvit.fileio import atomic_write_json, atomic_write_text
+from medvit.models import create_model
+from medvit.models.deit import is_deit
+from medvit.models.registry import list_models, model_spatial_dims
+from medvit.tasks.common import SEGMENTATION_TASKS
+from medvit.tasks.segmentation import FoldEnsemble
 
 PACKAGE_FORMAT = "medvit-package/1"
 
@@ -72,9 +80,6 @@ def _image_columns(split_manifest: str | Path | None) -> list[str] | None:
 
 def architecture(meta: dict[str, Any]) -> dict[str, Any]:
     """The registry name and builder arguments of a trained classifier, from its model.json."""
-    from medvit.models.deit import is_deit
-    from medvit.models.vit import is_vit
-
     name = meta["model_name"] if "model_name" in meta else meta["model"]
     kwargs: dict[str, Any] = {"in_chans": int(meta["in_chans"]), "num_classes": len(meta["spec"]["classes"])}
     if is_vit(name) or is_deit(name):
@@ -123,8 +128,6 @@ MASK_THRESHOLD = 0.5
 def is_segmentation_folder(model_dir: str | Path, task: str) -> bool:
     """Whether ``model_dir`` holds a pooled fold ensemble of a segmentation task (``medvit cv-pool``):
     weights and a model.json with the fold members, ROI and image size."""
-    from medvit.tasks.common import SEGMENTATION_TASKS
-
     folder = Path(model_dir)
     card = folder / "model.json"
     if task not in SEGMENTATION_TASKS or not (folder / "model.safetensors").is_file() or not card.is_file():
@@ -278,9 +281,6 @@ def read_package(model_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]
 
 def build_classifier(block: dict[str, Any], weights: str | Path):
     """The package's network with its weights loaded, in eval mode on the CPU."""
-    from medvit.engine import load_weights
-    from medvit.models import create_model
-
     arch = block["architecture"]
     model = create_model(arch["name"], **arch["kwargs"])
     load_weights(weights, model)
@@ -290,10 +290,6 @@ def build_classifier(block: dict[str, Any], weights: str | Path):
 def build_segmenter(block: dict[str, Any], weights: str | Path):
     """The package's segmentation network (the fold ensemble when it has several members) with
     its weights loaded, in eval mode on the CPU."""
-    from medvit.engine import load_weights
-    from medvit.models import create_model
-    from medvit.tasks.segmentation import FoldEnsemble
-
     arch = block["architecture"]
     members = [create_model(arch["name"], **arch["kwargs"]) for _ in block["ensemble"]["members"]]
     model = FoldEnsemble(members)
@@ -375,9 +371,6 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], block: dict[str, A
 def is_classifier_folder(model_dir: str | Path, task: str) -> bool:
     """Whether ``model_dir`` holds a 2D classifier trained by this pipeline (the folders whose
     evaluation completes a package): weights, and a model.json naming a registered 2D model."""
-    from medvit.models.registry import list_models, model_spatial_dims
-    from medvit.tasks.common import SEGMENTATION_TASKS
-
     folder = Path(model_dir)
     card = folder / "model.json"
     if task in SEGMENTATION_TASKS or not (folder / "model.safetensors").is_file() or not card.is_file():
@@ -403,8 +396,6 @@ def write_package(model_dir: str | Path, metrics: dict[str, Any], model_name: st
     Returns:
         the model.json path.
     """
-    from medvit.fileio import atomic_write_json, atomic_write_text
-
     folder = Path(model_dir)
     card = folder / "model.json"
     meta = json.loads(card.read_text(encoding="utf-8"))
@@ -425,8 +416,6 @@ def package_stage(config_path: str | Path, task: str, model_dir: str | Path) -> 
     Raises:
         PackageError: no metrics.json, or model.json is not a classifier's.
     """
-    from medvit.config import load_study, task_config
-
     study = load_study(config_path)
     task_config(study, task)
     folder = Path(model_dir)

@@ -19,6 +19,7 @@ epoch's weights are kept.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from medvit.data.manifest import load_manifest
 from medvit.data.transforms import random_resized_crop
 from medvit.engine import TrainConfig, Trainer, save_weights, seed_everything, sha256_file
 from medvit.errors import ConfigError, LeakageError
+from medvit.evaluation.figures import save_figure
+from medvit.fileio import atomic_write_json
 from medvit.models.mae import MaskedAutoencoder, build_mae
 from medvit.tasks.common import StageContext, load_context, model_sidecar
 from medvit.tasks.training import split_dataset
@@ -115,10 +118,6 @@ def recipe_unchanged(out_dir: str | Path, recipe: dict[str, Any], name: str = "r
     recipe, initial weights) are this stage's: a changed one must start over, or a rerun
     would resume the old run's final checkpoint and return stale weights. Writes ``recipe``.
     """
-    import json
-
-    from medvit.fileio import atomic_write_json
-
     path = Path(out_dir) / name
     text = json.dumps(recipe, sort_keys=True, default=str)
     try:
@@ -319,6 +318,4 @@ def save_reconstructions(mae: MaskedAutoencoder, dataset, path: str | Path, n: i
             if i == 0:
                 ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    from medvit.evaluation.figures import save_figure
-
     return save_figure(fig, path, dpi=100, tight=False)

@@ -12,7 +12,7 @@ Stages (each one ``medvit`` subcommand; workflows/rules/prostate.smk runs them):
   out-of-fold test predictions (with a ``fold`` column; evaluated by the generic
   ``evaluate`` rule) and ``model.safetensors``: the k fold models as one ensemble (mean
   probability), used for the external test.
-* :func:`external_stage` (``medvit external-test``): the ensemble on a second manifest.
+* :func:`external_test_stage` (``medvit external-test``): the ensemble on a second manifest.
 * :func:`cv_summary_stage` (``medvit cv-summary``): the fold table (mean +- sd over folds),
   parameters, FLOPs, inference time, external results, slice overlays.
 
@@ -43,21 +43,28 @@ from torch import nn
 
 from medvit.config import study_dir, task_config
 from medvit.data.datasets import SampleDataset
+from medvit.data.export import ExportError, save_dicom_seg, save_nifti_dicom_grid, save_nifti_like, to_input_grid
 from medvit.data.io import read_image, read_sample
+from medvit.data.manifest import load_manifest
 from medvit.data.splits import assign_splits, check_no_leakage, patient_kfold
 from medvit.data.transforms import augment_transforms
 from medvit.engine import Trainer, load_weights, resolve_device, save_weights
+from medvit.engine.compute import count_flops
 from medvit.engine.seed import derive_seed
 from medvit.errors import CheckpointError, ConfigError, ManifestError
+from medvit.evaluation.evaluate import evaluate_predictions, write_json
 from medvit.evaluation.metrics import auroc, average_precision, dice_score, hd95
-from medvit.fileio import atomic_write_text, read_json
+from medvit.fileio import atomic_path, atomic_write_text, read_json
 from medvit.models import count_parameters, create_model
+from medvit.models.cswin import encoder_config
+from medvit.provenance import provenance, sha256_file
 from medvit.tasks.common import (
     StageContext,
     load_context,
     model_sidecar,
     read_sidecar,
     records,
+    task_spec,
     write_predictions,
 )
 from medvit.tasks.preprocess import sample_loading
@@ -211,8 +218,6 @@ def _init_from_ssl(model: nn.Module, encoder_path: Path, tcfg: dict[str, Any]) -
     if not encoder_path.is_file():
         raise CheckpointError(f"cswin_unet_ssl starts from the SSL encoder {encoder_path}, which does not exist: "
                               "run `medvit ssl-pretrain` for this fold first")
-    from medvit.tasks.ssl import encoder_config
-
     meta = read_sidecar(encoder_path)
     wanted = encoder_config(tcfg.get("cswin", {}))
     if meta.get("encoder") != wanted:
@@ -300,8 +305,6 @@ def write_maps(prob: np.ndarray, row: dict[str, Any], root: Path, maps_dir: Path
     Returns:
         (prob, mask, seg) paths relative to ``maps_dir.parent`` ("" for a file not written).
     """
-    from medvit.data.export import ExportError, save_dicom_seg, save_nifti_dicom_grid, save_nifti_like, to_input_grid
-
     ref = root / _reference_image(row)
     source = read_image(ref)
     prob_in = to_input_grid(prob, source.shape[1:], mode="trilinear")
@@ -427,16 +430,11 @@ def external_manifest_path(study: dict[str, Any], task: str) -> Path | None:
     return None
 
 
-def external_stage(config_path: str | Path, task: str, model_name: str, split_path: str | Path,
+def external_test_stage(config_path: str | Path, task: str, model_name: str, split_path: str | Path,
                    weights: str | Path, out_dir: str | Path) -> Path:
     """Evaluate a trained model (the fold ensemble) on the external manifest ->
     ``out_dir/predictions.csv`` (every row ``test``), ``out_dir/metrics.json`` (the study's
     evaluation settings; no validation rows, so thresholds fall back to 0.5) and maps."""
-    from medvit.data.manifest import load_manifest
-    from medvit.evaluation.evaluate import evaluate_predictions, write_json
-    from medvit.provenance import provenance, sha256_file
-    from medvit.tasks.common import task_spec
-
     ctx = load_context(config_path, task, split_path)
     path = external_manifest_path(ctx.study, task)
     if path is None:
@@ -526,9 +524,6 @@ def cv_summary_stage(config_path: str | Path, task: str, split_path: str | Path,
     counter for every model), the external-test metrics when present, and for
     ``cswin_unet_ssl`` the SSL tasks and final losses.
     """
-    from medvit.engine.compute import count_flops
-    from medvit.evaluation.evaluate import write_json
-
     ctx = load_context(config_path, task, split_path)
     tcfg, positive = ctx.tcfg, ctx.spec.classes[0]
     task_dir = Path(split_path).parent
@@ -621,8 +616,6 @@ def save_overlays(ctx: StageContext, task_dir: Path, models: Sequence[str], path
                 ax.contour(truth[z].astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
             ax.set_axis_off()
     fig.tight_layout()
-    from medvit.fileio import atomic_path
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)

@@ -32,19 +32,13 @@ from torch import nn
 
 from medvit.engine import TrainConfig, Trainer, save_weights, seed_everything
 from medvit.errors import ConfigError, LeakageError
-from medvit.models.cswin import CSwinEncoder
+from medvit.evaluation.figures import save_figure
+from medvit.models.cswin import CSwinEncoder, encoder_config
 from medvit.tasks.common import StageContext, model_sidecar
 from medvit.tasks.pretrain import pretraining_rows, recipe_unchanged
+from medvit.tasks.segmentation import fold_context, volume_dataset
 
 SSL_TASKS = ("inpaint", "rotation", "contrastive")
-ENCODER_KEYS = ("embed_dim", "depths", "num_heads", "split_size", "stripe_axes", "mlp_ratio", "drop_path")
-
-
-def encoder_config(cswin: dict[str, Any]) -> dict[str, Any]:
-    """The encoder part of ``tasks.prostate.cswin`` (what must match between SSL and fine-tuning)."""
-    return {k: cswin[k] for k in ENCODER_KEYS if k in cswin}
-
-
 @dataclass
 class SSLOutput:
     loss: torch.Tensor
@@ -192,15 +186,14 @@ def ssl_rows(ctx: StageContext) -> pd.DataFrame:
     return rows
 
 
-def ssl_stage(config_path: str | Path, task: str, split_path: str | Path, fold: int, out_dir: str | Path) -> Path:
+def ssl_pretrain_stage(config_path: str | Path, task: str, split_path: str | Path, fold: int,
+                       out_dir: str | Path) -> Path:
     """Pretrain the CSwin encoder of fold ``fold`` -> ``out_dir/encoder.safetensors``.
 
     Writes ``encoder.safetensors`` + ``encoder.json`` (settings, per-task losses per epoch,
     the splits and number of patients seen, provenance), ``inpainting.png`` (views and
     reconstructions when inpainting is on), ``train.log`` and ``checkpoints/`` (resumable).
     """
-    from medvit.tasks.segmentation import fold_context, volume_dataset
-
     ctx = fold_context(config_path, task, split_path, fold)
     scfg = ctx.tcfg["ssl"]
     cfg = TrainConfig.from_study(ctx.study, scfg["train"])
@@ -259,6 +252,4 @@ def save_inpainting(model: MultiTaskSSL, dataset, path: str | Path, seed: int = 
             if i == 0:
                 axes[i, j].set_title(title, fontsize=9)
     fig.tight_layout()
-    from medvit.evaluation.figures import save_figure
-
     return save_figure(fig, path, dpi=90, tight=False)

@@ -12,6 +12,7 @@ from torch import nn
 
 from medvit.data.datasets import SampleDataset
 from medvit.engine import TrainConfig, Trainer, load_weights, resolve_device, save_weights, seed_everything
+from medvit.engine.compute import count_flops, measure_latency
 from medvit.engine.distributed import is_main_process
 from medvit.models import count_parameters
 from medvit.tasks.common import StageContext, model_sidecar, read_sidecar, records
@@ -76,8 +77,6 @@ def inference_cost(model: nn.Module, image: torch.Tensor, device: str = "auto") 
     Returns:
         ``flops`` (per sample), ``latency_ms`` (median of a few calls) and ``latency_device``.
     """
-    from medvit.engine.compute import count_flops, measure_latency
-
     dev = resolve_device(device)
     model = model.to(dev)
     example = image[None].to(dev)

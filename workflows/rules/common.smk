@@ -18,6 +18,7 @@ from medvit.config import (
     SOURCES,
     cache_dir,
     cache_mode,
+    is_vit,
     load_study,
     mae_encoder_path,
     manifest_origin,
@@ -210,7 +211,7 @@ def train_inputs(wildcards):
         inputs["cache"] = cache_input(wildcards.task)
     if needs_mae(config, wildcards.task, wildcards.model):
         inputs["init"] = str(mae_encoder_path(config, wildcards.task))
-    elif wildcards.model.startswith("vit_"):
+    elif is_vit(wildcards.model):
         init = task_config(config, wildcards.task).get("finetune", {}).get("init", "scratch")
         if init != "scratch":
             inputs["init"] = init
@@ -219,7 +220,7 @@ def train_inputs(wildcards):
 
 def train_settings(wildcards):
     """Settings of a training job: the ViT recipe (and patch size) counts for ViTs only."""
-    vit = wildcards.model.startswith("vit_")
+    vit = is_vit(wildcards.model)
     text = settings(wildcards.task, drop=("models",), extra=("seed", "device", "deterministic"),
                     keep=("finetune",) if vit else ())
     if vit and "pretrain" in task_config(config, wildcards.task):

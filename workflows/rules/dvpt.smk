@@ -1,4 +1,4 @@
-# DVPT prompt tuning of a frozen ViT and the adaptation-method comparison (issue 6).
+# DVPT prompt tuning of a frozen ViT and the adaptation-method comparison.
 #
 # For each task whose `adapt.enabled` is true (xray, histo): the shared backbone (the task's MAE
 # encoder, made by `rule pretrain` in rules/xray.smk, or a local checkpoint named in
@@ -12,7 +12,7 @@
 # One job per (task, method) runs all its fractions, so the ~7 s start-up of a stage is paid
 # once per method. docs/dvpt.md describes the module and the comparison.
 
-from medvit.tasks.adapt import percent_label, run_name
+from medvit.config import percent_label, run_name
 
 ADAPT_TASKS = [t for t in TASKS if config["tasks"][t].get("adapt", {}).get("enabled")]
 # `adapt` is read by the rules below only: leave it out of every other stage's settings
