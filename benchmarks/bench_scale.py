@@ -310,14 +310,15 @@ def markdown(d: dict[str, Any]) -> str:
         lines.append(f"| {run['images']} | generate (PNG sources) | {run['generate_s'] or ''} |  | "
                      f"{run['source_mib']} |")
         for stage, s in run["stages"].items():
-            lines.append(f"| {run['images']} | {stage} | {s['wall_s']} | {s['peak_rss_mib']} | "
-                         f"{s.get('disk_mib', '')} |")
+            label = stage + (f" ({s['note']})" if s.get("note") else "")
+            lines.append(f"| {run['images']} | {label} | {s['wall_s'] if s['wall_s'] is not None else ''} | "
+                         f"{s['peak_rss_mib']} | {s.get('disk_mib', '')} |")
     ratios = d.get("rss_ratios") or {}
     if ratios:
         lines += ["", "Peak RSS of the largest study over the smallest (target for the disk cache: at most 1.3):", ""]
         for stage, r in ratios.items():
             lines.append(f"- {stage}: {r['ratio']} ({r['small']} MiB at {r['small_n']} images, "
-                         f"{r['large']} MiB at {r['large_n']})")
+                         f"{r['large']} MiB at {r['large_n']}" + (f"; {r['note']}" if r.get("note") else "") + ")")
     if d.get("volumes"):
         v0 = d["volumes"][0]
         lines += ["", f"Volumes: synthetic bpMRI patients (T2w, ADC, HBV and a lesion mask as NIfTI, "
@@ -354,7 +355,8 @@ def rss_ratios(runs: list[dict[str, Any]]) -> dict[str, Any]:
     small, large = min(runs, key=lambda r: r["images"]), max(runs, key=lambda r: r["images"])
     return {stage: {"small_n": small["images"], "large_n": large["images"], "small": s["peak_rss_mib"],
                     "large": large["stages"][stage]["peak_rss_mib"],
-                    "ratio": round(large["stages"][stage]["peak_rss_mib"] / s["peak_rss_mib"], 2)}
+                    "ratio": round(large["stages"][stage]["peak_rss_mib"] / s["peak_rss_mib"], 2),
+                    "note": large["stages"][stage].get("note")}
             for stage, s in small["stages"].items() if stage in large["stages"]}
 
 
