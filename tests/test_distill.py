@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medvit.models import create_model
-from medvit.tasks.distill import DistillTrainer, hard_distillation_loss, teacher_labels
+from medvit.tasks.common import TaskSpec
+from medvit.tasks.distill import DistillTrainer, hard_distillation_loss, role_decisions, teacher_labels
 
 
 def _ce(logits: list[float], target: int) -> float:
@@ -99,3 +102,15 @@ def test_distill_trainer_feeds_the_frozen_teacher(tmp_path):
     assert seen == [True, True] and result.best_metric is not None
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))  # teacher frozen
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_role_decisions_use_each_roles_validation_threshold():
+    """A student whose probabilities sit below 0.5 decides at its own validation threshold."""
+    binary = TaskSpec(kind="binary", classes=["tumor"], column="label", all_classes=["normal", "tumor"])
+    rows = pd.DataFrame({"score_tumor": [0.2, 0.4, 0.6]})
+    chosen = {"threshold": {"sample": {"tumor": 0.37}, "patient": {"tumor": 0.5}}}
+    assert role_decisions(rows, chosen, binary)[:, 0].tolist() == [False, True, True]
+    assert role_decisions(rows, {}, binary)[:, 0].tolist() == [False, False, True]  # none chosen: 0.5
+    multi = TaskSpec(kind="multiclass", classes=["a", "b", "c"], column="label", all_classes=["a", "b", "c"])
+    scores = pd.DataFrame({"score_a": [0.5, 0.1], "score_b": [0.3, 0.2], "score_c": [0.2, 0.7]})
+    assert np.array_equal(role_decisions(scores, chosen, multi), [[True, False, False], [False, False, True]])

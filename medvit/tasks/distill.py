@@ -248,6 +248,22 @@ def _copy_weights(source: Path, out_dir: Path, model_name: str) -> Path:
 COMPARED = ("auroc", "ap", "sensitivity", "specificity", "f1", "balanced_accuracy")
 
 
+def role_decisions(predictions: pd.DataFrame, metrics: dict[str, Any], spec: TaskSpec) -> np.ndarray:
+    """A role's decisions on its prediction rows, as it is deployed: the argmax class (one-hot)
+    for a multiclass task, else ``score_<c> >= `` the slice threshold chosen on validation
+    (``threshold.sample`` of its metrics.json; 0.5 where it has none). A fixed 0.5 would compare
+    models whose probabilities sit on different scales.
+
+    Returns:
+        (rows, classes) boolean array in the order of ``spec.classes``.
+    """
+    scores = predictions[[f"score_{c}" for c in spec.classes]].to_numpy(float)
+    if spec.kind == "multiclass":
+        return scores == scores.max(1, keepdims=True)
+    chosen = (metrics.get("threshold") or {}).get("sample") or {}
+    return scores >= np.array([float(chosen.get(c, 0.5)) for c in spec.classes])
+
+
 def distill_compare_stage(config_path: str | Path, task: str, distill_dir: str | Path,
                           out_path: str | Path) -> Path:
     """Teacher vs distilled student vs plain student -> comparison.json.
@@ -256,7 +272,7 @@ def distill_compare_stage(config_path: str | Path, task: str, distill_dir: str |
     ``distill.latency_repeats`` timed calls after warm-up; wall-clock, so noisy on a shared
     machine), training time, the patient-level (and sample-level AUROC) test metrics with
     their intervals from metrics.json, and the share of test slices on which the role's
-    decision (probability >= 0.5) agrees with the teacher's.
+    decision (:func:`role_decisions`) agrees with the teacher's.
     """
     study = load_study(config_path)
     tcfg = task_config(study, task)
@@ -277,7 +293,7 @@ def distill_compare_stage(config_path: str | Path, task: str, distill_dir: str |
         latency = measure_latency(model, example, warmup=3, repeats=int(dcfg["latency_repeats"]))
         params, _ = count_parameters(model)
         test = preds[preds["split"] == "test"].reset_index(drop=True)
-        decisions = test.filter(like="score_").to_numpy() >= 0.5
+        decisions = role_decisions(test, metrics, spec)
         if role == "teacher":
             teacher_pred = decisions
         roles[role] = {
@@ -307,6 +323,7 @@ __all__ = [
     "hard_distillation_loss",
     "load_classifier",
     "predict_classifier",
+    "role_decisions",
     "teacher_labels",
     "train_student",
 ]
