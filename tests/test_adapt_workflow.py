@@ -4,15 +4,11 @@ backbone of two methods at two patient fractions, then the comparison and the re
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from helpers import job_counts, run_snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +30,6 @@ TINY = {
 }
 
 
-from test_pipeline import job_counts, run_snakemake  # noqa: E402  (one Snakemake runner for the workflow tests)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from helpers import job_counts
+from helpers import run_snakemake as run_workflow
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +30,6 @@ TINY_BRAIN = {
 }
 
 
-from test_pipeline import job_counts  # noqa: E402  (the workflow tests' runner)
-from test_pipeline import run_snakemake as run_workflow
 
 
 def run_snakemake(workdir: Path, study: Path, *args: str) -> str:

@@ -125,8 +125,11 @@ def test_dct_works_under_inference_mode_then_autograd():
     attn = DCTAttention(8, keep_ratio=0.5)
     with torch.inference_mode():
         attn(torch.randn(1, 8, 13, 13))
-    out = attn(torch.randn(1, 8, 13, 13, requires_grad=True))
+    x = torch.randn(1, 8, 13, 13, requires_grad=True)
+    out = attn(x)
+    assert not out.is_inference() and out.requires_grad
     out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("keep", [None, (3, 2), (1, 1)])

@@ -4,9 +4,6 @@ predictions and safetensors weights that load back; the cascade runs on its dete
 from __future__ import annotations
 
 import json
-import os
-import socket
-import tempfile
 
 import numpy as np
 import pandas as pd
@@ -14,62 +11,10 @@ import pytest
 import torch
 import yaml
 
-# ultralytics reads its config folder at import: keep it out of the user's home in tests
-os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="medvit-yolo-"))
-
-from medvit.data.synth import synthesize
 from medvit.engine import save_weights
 from medvit.errors import ConfigError
 from medvit.models import create_model
 from medvit.tasks.cascade import cascade_stage, crop_region
-from medvit.tasks.common import split_stage
-
-
-@pytest.fixture(scope="module")
-def no_network():
-    """Every way out (DNS, connect) raises and is recorded."""
-    attempts: list[str] = []
-
-    def deny(name):
-        def fail(*args, **kwargs):
-            attempts.append(f"{name}{args[1:2] if name == 'connect' else args[:1]}")
-            raise OSError(f"network disabled in tests ({name})")
-        return fail
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(socket.socket, "connect", deny("connect"))
-    mp.setattr(socket.socket, "connect_ex", deny("connect_ex"))
-    mp.setattr(socket, "create_connection", deny("create_connection"))
-    mp.setattr(socket, "getaddrinfo", deny("getaddrinfo"))
-    yield attempts
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def detector(tmp_path_factory, no_network):
-    from medvit.tasks.detection import detect_stage
-
-    root = tmp_path_factory.mktemp("det")
-    manifest = synthesize("brain", n_patients=16, out_dir=root / "data", seed=1, image_size=32)
-    study = root / "s.yaml"
-    study.write_text(yaml.safe_dump({"study": "s", "device": "cpu", "results_dir": str(root / "r"),
-                                     "evaluation": {"bootstrap": 20}, "tasks": {"brain": {
-                                         "manifest": str(manifest), "image_size": 32, "anomaly_ratio": 0.3,
-                                         "train": {"batch_size": 8},
-                                         "detection": {"enabled": True, "image_size": 32, "epochs": 1,
-                                                       "batch_size": 16, "mosaic": 0.25, "conf": 0.01,
-                                                       "examples": 4},
-                                         "cascade": {"enabled": True, "threshold": 0.0}}}}))
-    split = split_stage(study, "brain", root / "brain" / "split.csv")
-    out = root / "brain" / "detector"
-    # a relative output folder, as Snakemake passes it: ultralytics must not put its run under ./runs/
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        detect_stage(study, "brain", split, out.relative_to(root))
-    finally:
-        os.chdir(cwd)
-    return study, split, out, no_network
 
 
 def test_detector_trains_and_predicts_without_network(detector):

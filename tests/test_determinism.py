@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_faults import snakemake, strip_volatile
+from helpers import run_snakemake, strip_volatile
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def _run(tmp_path: Path, name: str, cache: str = "auto") -> Path:
     work.mkdir()
     study = work / "study.yaml"
     study.write_text(yaml.safe_dump({**STUDY, "cache": cache}, sort_keys=False))
-    snakemake(work, study)
+    run_snakemake(work, study)
     return work / "results" / "det"
 
 

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from helpers import BIN, run_snakemake, start_snakemake, strip_volatile
 from torch import nn
 
 import medvit.engine.checkpoint as ckpt_mod
@@ -28,9 +28,6 @@ from medvit.engine.checkpoint import (
     save_weights,
 )
 from medvit.fileio import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -157,30 +154,6 @@ STUDY = {
                         "split": {"val_fraction": 0.25, "test_fraction": 0.25},
                         "train": {"epochs": 4, "batch_size": 8, "warmup_epochs": 1}}},
 }
-# Fields that measure time or name the machine/run rather than the result.
-_VOLATILE = ("seconds", "time", "created", "date", "duration", "latency", "host", "pid", "provenance", "path")
-
-
-def strip_volatile(obj):
-    if isinstance(obj, dict):
-        return {k: strip_volatile(v) for k, v in obj.items() if not any(w in k.lower() for w in _VOLATILE)}
-    if isinstance(obj, list):
-        return [strip_volatile(v) for v in obj]
-    return obj
-
-
-def snakemake(workdir: Path, study: Path, *args: str, popen: bool = False):
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
-           "--configfile", str(study), *args]
-    if popen:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
-
-
 def _train_process(root: psutil.Process) -> psutil.Process | None:
     for child in root.children(recursive=True):
         try:
@@ -205,10 +178,10 @@ def test_kill_9_mid_epoch_then_rerun_resumes_to_identical_metrics(tmp_path):
     model_dir = Path("results/faults/histo/resnet10t")
     # 1. uninterrupted reference run
     ref, ref_study = _workdir(tmp_path, "reference")
-    snakemake(ref, ref_study)
+    run_snakemake(ref, ref_study)
     # 2. the same study, its training job killed with SIGKILL once a checkpoint exists
     work, study = _workdir(tmp_path, "killed")
-    proc = snakemake(work, study, popen=True)
+    proc = start_snakemake(work, study)
     ckpts = work / model_dir / "checkpoints"
     killed_at = None
     deadline = time.monotonic() + 600
@@ -231,7 +204,7 @@ def test_kill_9_mid_epoch_then_rerun_resumes_to_identical_metrics(tmp_path):
     assert not (work / model_dir / "model.safetensors").exists() and not (work / model_dir / "metrics.json").exists()
     assert (ckpts / "last.safetensors").is_file()
     # 3. rerun: it resumes and finishes
-    snakemake(work, study, "--rerun-incomplete")
+    run_snakemake(work, study, "--rerun-incomplete")
     log = (work / model_dir / "train.log").read_text()
     assert "resum" in log.lower(), log[-2000:]
     a = json.loads((ref / model_dir / "metrics.json").read_text())

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from helpers import job_counts, run_snakemake
 from safetensors.torch import load_file
 
 from medvit.data.synth import synthesize
 from medvit.tasks.common import split_stage
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 TINY = {
     "study": "tinyhisto",
@@ -49,7 +45,6 @@ def test_histo_split_keeps_every_patient_in_one_split(tmp_path):
     assert "magnification" in df.columns and df["magnification"].notna().all()  # kept as metadata
 
 
-from test_pipeline import job_counts, run_snakemake  # noqa: E402  (one Snakemake runner for the workflow tests)
 
 
 @pytest.fixture(scope="module")

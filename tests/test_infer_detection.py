@@ -5,19 +5,13 @@ confidence and NMS settings, a non-empty weights folder, ONNX through ultralytic
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import numpy as np
 import pandas as pd
 import pytest
 
-os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="medvit-yolo-"))
-
-from test_detection import detector, no_network  # noqa: E402,F401  (the tiny offline detector: 1 epoch, 32 px)
-
-from medvit.cli import main  # noqa: E402
-from medvit.tasks.package import read_package  # noqa: E402
+from medvit.cli import main
+from medvit.tasks.package import read_package
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,6 @@ predictions -> metrics -> external test -> cross-validation summary -> report.""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -13,9 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from helpers import run_snakemake as _run_snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +33,6 @@ STUDY = {
 }
 
 
-from test_pipeline import run_snakemake as _run_snakemake  # noqa: E402  (the workflow tests' runner)
 
 
 def run_snakemake(workdir: Path, study: Path, *args: str) -> str:

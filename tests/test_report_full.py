@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import render_in_chromium
 
 from medvit.evaluation.aggregate import aggregate_patients
 from medvit.evaluation.evaluate import evaluate_predictions
@@ -129,55 +127,6 @@ def test_data_provenance_and_cards(study):
     assert text.count("Model card: ") == 4
     prov = text[text.index('id="provenance"'):]
     assert "1 min 30 s" in prov and "Study config as run" in prov
-
-
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-_PROBE = """<script>
-window.__errors = [];
-window.addEventListener('error', e => window.__errors.push(String(e.message || e.target.src)), true);
-window.addEventListener('load', () => {
-  const imgs = Array.from(document.images);
-  const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length;
-  const p = document.createElement('pre');
-  p.id = 'probe';
-  p.textContent = JSON.stringify({images: imgs.length, broken: bad, errors: window.__errors});
-  document.body.appendChild(p);
-});
-</script>"""
-
-
-def render_in_chromium(html: Path, tmp_path: Path) -> Path:
-    """Open ``html`` in headless Chromium: assert every image loads and the page raises no
-    error or console error; return a screenshot (kept in $MEDVIT_SCREENSHOT_DIR if set)."""
-    browser = _chromium()
-    if browser is None:
-        if os.environ.get("MEDVIT_REQUIRE_CHROMIUM"):
-            pytest.fail("chromium is required (MEDVIT_REQUIRE_CHROMIUM is set) but not installed")
-        pytest.skip("chromium not installed (apt-get install chromium; .ci/run does)")
-    # the report has no script; a copy gets a probe that records image loads and page errors
-    probe = tmp_path / "probe.html"
-    probe.write_text(html.read_text().replace("<head>", "<head>" + _PROBE, 1))
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-             "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path / 'profile'}",
-             "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000"]
-    dom = subprocess.run([*flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
-    found = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout)
-    assert found, dom.stderr[-2000:]
-    state = json.loads(found.group(1).replace("&quot;", '"'))
-    assert state["images"] >= 1 and state["broken"] == 0 and state["errors"] == []
-    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line and ":ERROR:" in line.upper()]
-    assert console == []
-    shot = tmp_path / f"{html.parent.parent.name}_report.png"
-    subprocess.run([*flags, "--window-size=1400,2000", f"--screenshot={shot}", html.as_uri()], capture_output=True,
-                   timeout=120, check=True)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
-    keep = os.environ.get("MEDVIT_SCREENSHOT_DIR")
-    if keep:  # for a person to look at
-        shutil.copy(shot, Path(keep) / shot.name)
-    return shot
 
 
 @pytest.mark.slow

@@ -28,10 +28,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline import failed_job_logs  # the workflow tests' reader of failed jobs' logs
+from helpers import BIN, REPO, failed_job_logs
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 START = REPO / "tests" / "slurm" / "start_slurm.sh"
 STOP = REPO / "tests" / "slurm" / "stop_slurm.sh"
 

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline import job_counts
+from helpers import BIN, REPO, job_counts
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else shutil.which("snakemake")
 DEMO = REPO / "workflows" / "studies" / "demo.yaml"
 PNEUMONIA = REPO / "workflows" / "studies" / "pneumonia.yaml"
