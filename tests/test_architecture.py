@@ -188,3 +188,10 @@ def test_the_workflow_imports_only_torch_free_modules():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0, modules
     heavy = subprocess.run([sys.executable, "-c", "import sys, medvit.tasks.adapt; sys.exit('torch' in sys.modules)"])
     assert heavy.returncode == 1  # the check sees torch where it is imported
+
+
+def test_no_test_module_imports_another():
+    """Shared fixtures live in tests/conftest.py and plain helpers in tests/helpers.py."""
+    offenders = [(p.name, m) for p in sorted((ROOT / "tests").glob("test_*.py"))
+                 for m in re.findall(r"^\s*(?:from|import) (test_\w+)", p.read_text(encoding="utf-8"), re.M)]
+    assert offenders == []
