@@ -251,7 +251,7 @@ def _skips(data: dict[str, Any]) -> str:
 
 
 def _targets(all_data: dict[str, Any]) -> list[str]:
-    """Issue 13's targets against what this run measured (rows only for what was measured)."""
+    """The performance targets against what this run measured (rows only for what was measured)."""
     b = all_data.get("benchmarks", {})
     rows: list[dict[str, Any]] = []
 

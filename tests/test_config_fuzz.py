@@ -1,5 +1,5 @@
 """Hostile and broken study configs: every one fails with a clear ConfigError before any job
-runs, nothing in it is executed, and nothing is written (issue 12, item 2)."""
+runs, nothing in it is executed, and nothing is written."""
 
 from __future__ import annotations
 

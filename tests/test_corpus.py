@@ -1,4 +1,4 @@
-"""The input corpus, tried as a hostile user would (issue 12, item 1).
+"""The input corpus, tried as a hostile user would.
 
 Every file shipped with pydicom and nibabel (offline: pydicom's bundled test files, no
 download) plus files derived from them -- truncated at several offsets, bit flips in the
@@ -325,7 +325,7 @@ def test_ingest_accounts_for_every_file(corpus, tmp_path, capsys):
     assert "ingest:" in captured.out and "Traceback" not in captured.err
 
 
-# ------------------------------------------------------------------ one patient under two ids (item 7)
+# ------------------------------------------------------------------ one patient under two ids
 
 
 def _with_duplicate(tmp_path: Path, split_a: str, split_b: str, dicom: bool = False) -> tuple[Path, str, str]:

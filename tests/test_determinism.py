@@ -1,4 +1,4 @@
-"""Determinism (issue 12, item 6): two runs of the same study with the same seed on the same
+"""Determinism: two runs of the same study with the same seed on the same
 machine give identical metrics.json (apart from timings), predictions and weights.
 
 A TINY one-task study (histo, 8 synthetic patients, 2 epochs) stands in for the full demo

@@ -1,4 +1,4 @@
-"""Faults (issue 12, item 3): a full disk or a crash during a write never leaves a file that
+"""Faults: a full disk or a crash during a write never leaves a file that
 is taken as valid, and a training job killed with SIGKILL mid-epoch resumes under
 ``snakemake`` from its last checkpoint to the same metrics as an uninterrupted run."""
 

@@ -1,5 +1,5 @@
 """Privacy: DICOM identifiers never reach outputs, logs or exported DICOM; pseudonyms are
-keyed hashes whose key is never stored (issue 12, item 5).
+keyed hashes whose key is never stored.
 
 Identifiers with distinctive strings are planted in copies of pydicom's test files (and in
 the folder names of the export), the copies are ingested, and every byte written is searched

@@ -1,6 +1,6 @@
 """Weights and checkpoints never run code: safetensors only, foreign pickles through
 ``torch.load(weights_only=True)``, every payload refused with a clear error before it runs
-(issue 12, item 4). Also a source scan: no loader in medvit unpickles."""
+. Also a source scan: no loader in medvit unpickles."""
 
 from __future__ import annotations
 

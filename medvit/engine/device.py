@@ -5,12 +5,10 @@ only switch. Whether it pays depends on the hardware:
 
 * CUDA GPUs from Ampere on (``torch.cuda.is_bf16_supported(including_emulation=False)``):
   bf16 tensor cores, usually a large speed-up.
-* CPUs with native bf16 instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16): faster. On the
-  development machine (AMD EPYC, AVX512-BF16) one training step ran 1.8x faster for a
-  ResNet-18 at 64x64, 1.3x for DenseNet-121 and 1.2-1.4x for ViT-Tiny/Small.
-* CPUs without them: bf16 is emulated and far slower (a 1024^2 bf16 matmul limited to AVX2
-  ran at about 1 GFLOP/s against 190 GFLOP/s in fp32; a ResNet-18 step took 4.0 s instead
-  of 0.16 s), so ``bf16: auto`` leaves it off there.
+* CPUs with native bf16 instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16): faster for
+  most models (per-model figures: benchmarks/RESULTS.md).
+* CPUs without them: bf16 is emulated and far slower (orders of magnitude for a matmul), so
+  ``bf16: auto`` leaves it off there.
 
 Native support is not the whole story (a busy or small core can still run bf16 slower), so
 ``bf16: auto`` also measures: a bf16 versus fp32 matmul, once per machine, cached

@@ -378,8 +378,8 @@ def retain_freed_memory() -> bool:
 
     By default glibc hands blocks above its (adaptive) mmap threshold back to the kernel when
     they are freed, and trims the heap's free top; the next step's tensors of the same sizes
-    then page-fault fresh, zero-filled pages in (4,500-22,000 page faults per training step
-    of medvit's models on the CPU; 1.06-1.64x slower steps, benchmarks/bench_switches.py).
+    then page-fault fresh, zero-filled pages in, thousands per training step of medvit's models
+    on the CPU (the cost: benchmarks/RESULTS.md, from benchmarks/bench_switches.py).
     This sets the mmap threshold to glibc's largest allowed value (32 MiB, blocks below it come
     from the reusable heap) and never trims, as the
     ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` variables would at startup. The
@@ -429,7 +429,7 @@ def resolve_num_workers(setting: int | str, device: torch.device | str = "cpu") 
 def fused_adamw_supported(groups: Sequence[dict[str, Any]]) -> bool:
     """Whether ``torch.optim.AdamW(..., fused=True)`` accepts these parameter groups: every
     parameter a floating-point tensor on the CPU or a CUDA device. The fused step is one kernel
-    over all parameters (on the CPU ~3x faster than the default ``foreach`` step for a
-    1M-parameter model); the update is the same AdamW, equal to float rounding."""
+    over all parameters (faster than the default ``foreach`` step on the CPU:
+    benchmarks/RESULTS.md); the update is the same AdamW, equal to float rounding."""
     params = [p for g in groups for p in g["params"]]
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)

@@ -183,9 +183,9 @@ class TrainConfig:
             step; pays on long runs).
         retain_freed_memory: keep freed CPU memory in the process for the next step instead of
             returning it to the kernel (:func:`medvit.engine.speed.retain_freed_memory`,
-            glibc only): no page faults per step, 1.06-1.64x faster CPU steps, same peak memory.
+            glibc only): no page faults per step, faster CPU steps, same peak memory.
         tf32: on a CUDA device, fp32 matmuls and convolutions on TF32 tensor cores
-            (:func:`medvit.engine.speed.set_tf32`; 2.0-3.0x faster fp32 steps on an H100);
+            (:func:`medvit.engine.speed.set_tf32`; speed-ups in benchmarks/RESULTS.md);
             ``False`` keeps full fp32. No effect on the CPU.
     """
 
@@ -550,7 +550,7 @@ class Trainer:
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters (PyTorch's fused kernel where it runs: one pass
-        over all parameters, ~3x faster than the default per-tensor loops on the CPU).
+        over all parameters, faster than the default per-tensor loops on the CPU).
 
         Without ``param_groups``: two groups, weight decay on weights with >= 2 dimensions,
         none on biases, norm parameters (1-D) and ``model.no_weight_decay()`` names (timm's

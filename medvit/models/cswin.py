@@ -77,8 +77,8 @@ def locally_enhanced_positions(conv: nn.Conv3d, v: torch.Tensor, window: Sequenc
     zero-padded at the window border. (n_windows, T, C) tokens of windows (wd, wh, ww) -> same.
 
     The tokens are read as a channels-last volume (a view, no copy); stripes one voxel thin
-    are convolved in 2D (:func:`medvit.models.layers.depthwise_conv`), ~1.6x faster than
-    oneDNN's 3D depthwise kernel with the thin axis first, and ~4x faster than with it last.
+    are convolved in 2D (:func:`medvit.models.layers.depthwise_conv`), faster on the CPU than
+    oneDNN's 3D depthwise kernel.
     """
     n, t, C = v.shape
     x = depthwise_conv(conv, v.view(n, *window, C).movedim(-1, 1))
@@ -299,7 +299,7 @@ class CSwinUNet(nn.Module):
             raise ValueError(f"CSwin-UNet input {tuple(x.shape[2:])}: every spatial size must be divisible by "
                              f"{self.divisor} (2 ** stages)")
         # channels_last_3d end to end: the encoder's channel-last tokens permute to it for
-        # free, and oneDNN's 3D convolutions run ~1.8x faster in it on the CPU
+        # free, and oneDNN's 3D convolutions run faster in it on the CPU
         x = x.contiguous(memory_format=torch.channels_last_3d)
         feats = self.encoder(x)
         y = self.bottleneck(feats[-1])
@@ -312,7 +312,7 @@ class CSwinUNet(nn.Module):
 class PointwiseConv3d(nn.Conv3d):
     """A 1x1x1 convolution computed as a matrix product over the channels (same parameters
     and state dict as ``nn.Conv3d(in, out, 1)``): oneDNN's 1x1x1 Conv3d with few output
-    channels is ~10x slower on CPU, mostly in the backward pass. (B, C_in, D, H, W) ->
+    channels is much slower on the CPU, mostly in the backward pass. (B, C_in, D, H, W) ->
     (B, C_out, D, H, W)."""
 
     def __init__(self, in_channels: int, out_channels: int):

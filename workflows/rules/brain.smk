@@ -1,4 +1,4 @@
-# Brain MRI: YOLOv8 detection, patient-to-patient evaluation, DeiT distillation (issue 7).
+# Brain MRI: YOLOv8 detection, patient-to-patient evaluation, DeiT distillation.
 #
 # "Realism in Action": the brain split (rules/data.smk) is already resampled to the anomaly
 # distribution (tasks.brain.anomaly_ratio, by patient or image; the achieved ratios are in

@@ -1,4 +1,4 @@
-# Histopathology: DCT-HistoTransformer and lightweight peers with measured compute (issue 9).
+# Histopathology: DCT-HistoTransformer and lightweight peers with measured compute.
 #
 # Seeds: `tasks.<task>.compare.seeds` = n trains every model n times on the same split, with
 # the seeds seed, seed + 1, ..., seed + n - 1. The run with the study seed is the generic one

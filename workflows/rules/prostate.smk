@@ -1,4 +1,4 @@
-# Prostate bpMRI: CSwin-UNet, self-supervised pretraining, patient-level cross-validation (issue 8).
+# Prostate bpMRI: CSwin-UNet, self-supervised pretraining, patient-level cross-validation.
 #
 #   split.csv -> [ssl/fold<i>/encoder.safetensors]          (cswin_unet_ssl only)
 #             -> <model>/fold<i>/{model.safetensors, predictions.csv, maps/}   (one job per model and fold)
