@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from medvit.config import percent_label, run_name
 from medvit.engine import Trainer
 from medvit.engine.pretrained import load_pretrained
+from medvit.fileio import sha256_file
 from medvit.models.dvpt import DVPT, PromptedViT, build_prompted_vit, trainable_summary
 from medvit.models.vit import build_vit
 from medvit.tasks.adapt import AdapterError, load_adapter, save_adapter
@@ -149,8 +150,6 @@ def _card(backbone, method, sha):
 
 @pytest.mark.parametrize("method", ["linear", "vpt", "dvpt", "full"])
 def test_adapter_round_trip_on_shared_backbone(method, tmp_path):
-    from medvit.engine import sha256_file
-
     backbone = _backbone_file(tmp_path)
     card = _card(backbone, method, sha256_file(backbone))
     model = build_prompted_vit("tiny", method, in_chans=1, num_classes=3, img_size=32, patch_size=8,
@@ -168,8 +167,6 @@ def test_adapter_round_trip_on_shared_backbone(method, tmp_path):
 
 
 def test_adapter_refuses_other_backbone_and_altered_file(tmp_path):
-    from medvit.engine import sha256_file
-
     backbone, other = _backbone_file(tmp_path, 0), _backbone_file(tmp_path, 1)
     model = build_prompted_vit("tiny", "dvpt", in_chans=1, num_classes=3, img_size=32, patch_size=8,
                                dvpt={"bottleneck": 16, "prompts": 4, "heads": 2})

@@ -28,8 +28,6 @@ from medvit.engine import (
     DeviceError,
     TrainConfig,
     Trainer,
-    atomic_path,
-    atomic_write_json,
     autocast_context,
     copy_checkpoint,
     cpu_has_native_bf16,
@@ -50,6 +48,7 @@ from medvit.engine import (
     worker_init_fn,
 )
 from medvit.errors import CheckpointError, ConfigError
+from medvit.fileio import atomic_path, atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()

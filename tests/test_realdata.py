@@ -22,7 +22,7 @@ MEDVIT = Path(sys.executable).with_name("medvit")
 
 
 def test_shipped_file_and_attribution() -> None:
-    from medvit.provenance import sha256_file
+    from medvit.fileio import sha256_file
 
     assert sha256_file(NPZ) == PNEUMONIAMNIST_SHA256
     text = (NPZ.parent / "ATTRIBUTION.md").read_text(encoding="utf-8")

@@ -142,7 +142,7 @@ def test_lgg_checksum_refusal_and_cli(tmp_path: Path) -> None:
 
 
 def test_kather_shipped_and_imported(tmp_path: Path) -> None:
-    from medvit.provenance import sha256_file
+    from medvit.fileio import sha256_file
 
     assert default_source("kather2016") == KATHER and sha256_file(KATHER) == KATHER_SHA256
     text = (KATHER.parent / "ATTRIBUTION.md").read_text(encoding="utf-8")

@@ -29,7 +29,7 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_shipped_file_and_attribution() -> None:
-    from medvit.provenance import sha256_file
+    from medvit.fileio import sha256_file
 
     assert default_source("nih-cxr14") == NPZ
     assert sha256_file(NPZ) == NIH_CXR14_SHA256

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from medvit.config import SOURCES
 from medvit.errors import MedvitError
-from medvit.provenance import sha256_file
+from medvit.fileio import sha256_file
 
 PNEUMONIAMNIST_SHA256 = "f36c2b3e34de9d60c5c734118bc6daff281eaf76b67a57d26ad958da948274b0"
 PNEUMONIAMNIST_CLASSES = ("normal", "pneumonia")  # label 0, label 1

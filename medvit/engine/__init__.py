@@ -5,10 +5,6 @@ from medvit.engine.checkpoint import (
     CorruptCheckpointError,
     LoadedCheckpoint,
     apply_checkpoint,
-    atomic_path,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
     copy_checkpoint,
     load_checkpoint,
     load_state_dict_file,
@@ -17,7 +13,6 @@ from medvit.engine.checkpoint import (
     read_weights_metadata,
     save_checkpoint,
     save_weights,
-    sha256_file,
 )
 from medvit.engine.device import (
     DeviceError,
@@ -46,10 +41,9 @@ from medvit.engine.trainer import (
 
 __all__ = [
     "CorruptCheckpointError", "DeviceError", "LoadedCheckpoint", "TrainConfig", "TrainResult", "Trainer",
-    "TrainingError", "apply_checkpoint", "atomic_path", "atomic_write_bytes", "atomic_write_json",
-    "atomic_write_text", "autocast_context", "bf16_supported", "copy_checkpoint", "cpu_has_native_bf16",
+    "TrainingError", "apply_checkpoint", "autocast_context", "bf16_supported", "copy_checkpoint", "cpu_has_native_bf16",
     "derive_seed", "get_rng_state", "load_checkpoint", "load_state_dict_file", "load_weights", "lr_at_step",
     "make_generator", "read_checkpoint", "read_weights_metadata", "resolve_bf16", "resolve_device",
-    "save_checkpoint", "save_weights", "seed_everything", "set_rng_state", "sha256_file", "warmup_cosine_factor",
+    "save_checkpoint", "save_weights", "seed_everything", "set_rng_state", "warmup_cosine_factor",
     "worker_init_fn",
 ]

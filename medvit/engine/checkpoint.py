@@ -42,13 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medvit.errors import CheckpointError
-from medvit.fileio import (  # noqa: F401  (re-exported: the engine's public API)
-    atomic_path,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    sha256_file,
-)
+from medvit.fileio import atomic_path, atomic_write_json, sha256_file
 
 CHECKPOINT_FORMAT = "medvit-checkpoint/1"
 WEIGHTS_FORMAT = "medvit-weights/1"

@@ -42,8 +42,8 @@ from medvit.evaluation.aggregate import (
     infer_kind,
 )
 from medvit.evaluation.bootstrap import Statistic, cluster_bootstrap
-from medvit.fileio import atomic_write_json
-from medvit.provenance import provenance, sha256_file
+from medvit.fileio import atomic_write_json, sha256_file
+from medvit.provenance import provenance
 
 SEGMENTATION_COLUMNS = ("dice", "hd95")
 KINDS = ("binary", "multiclass", "multilabel")

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from medvit.config import load_study, percent_label, run_name, study_dir, task_config
 from medvit.data.sampling import subsample_patients
-from medvit.engine import TrainConfig, Trainer, atomic_path, resolve_device, seed_everything, sha256_file
+from medvit.engine import TrainConfig, Trainer, resolve_device, seed_everything
 from medvit.engine.pretrained import load_pretrained
 from medvit.errors import CheckpointError, ConfigError
 from medvit.evaluation import metrics as M
@@ -43,7 +43,7 @@ from medvit.evaluation.adapt_report import METHOD_LABELS
 from medvit.evaluation.aggregate import aggregate_patients
 from medvit.evaluation.bootstrap import cluster_bootstrap
 from medvit.evaluation.evaluate import ci_key, evaluate_predictions, write_json
-from medvit.fileio import atomic_write_bytes, atomic_write_json
+from medvit.fileio import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 from medvit.models.dvpt import METHODS, PromptedViT, build_prompted_vit, trainable_summary
 from medvit.models.vit import layer_decay_param_groups
 from medvit.provenance import provenance

@@ -24,9 +24,10 @@ from torch.utils.data import DataLoader
 
 from medvit.config import block_defaults, is_vit, needs_mae
 from medvit.data.transforms import classifier_augmentation
-from medvit.engine import Trainer, sha256_file
+from medvit.engine import Trainer
 from medvit.engine.pretrained import load_pretrained
 from medvit.engine.speed import resolve_num_workers
+from medvit.fileio import sha256_file
 from medvit.models import create_model
 from medvit.models.vit import layer_decay_param_groups
 from medvit.tasks.common import StageContext, TaskSpec, load_context, read_sidecar, write_predictions

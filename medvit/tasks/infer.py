@@ -44,8 +44,7 @@ from medvit.data.yolo import _png_bytes, _stems, volume_window, window_to_uint8
 from medvit.engine import resolve_device
 from medvit.errors import MedvitError
 from medvit.evaluation.aggregate import aggregate_patients
-from medvit.fileio import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
-from medvit.provenance import sha256_file
+from medvit.fileio import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from medvit.tasks.classification import probabilities
 from medvit.tasks.common import TaskSpec
 from medvit.tasks.detection import load_detector, setup_ultralytics, ultralytics_device

@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader
 from medvit.config import pretrain_extra_manifests
 from medvit.data.manifest import load_manifest
 from medvit.data.transforms import random_resized_crop
-from medvit.engine import TrainConfig, Trainer, save_weights, seed_everything, sha256_file
+from medvit.engine import TrainConfig, Trainer, save_weights, seed_everything
 from medvit.errors import ConfigError, LeakageError
 from medvit.evaluation.figures import save_figure
-from medvit.fileio import atomic_write_json
+from medvit.fileio import atomic_write_json, sha256_file
 from medvit.models.mae import MaskedAutoencoder, build_mae
 from medvit.tasks.common import StageContext, load_context, model_sidecar
 from medvit.tasks.training import split_dataset

@@ -54,10 +54,10 @@ from medvit.engine.seed import derive_seed
 from medvit.errors import CheckpointError, ConfigError, ManifestError
 from medvit.evaluation.evaluate import evaluate_predictions, write_json
 from medvit.evaluation.metrics import auroc, average_precision, dice_score, hd95
-from medvit.fileio import atomic_path, atomic_write_text, read_json
+from medvit.fileio import atomic_path, atomic_write_text, read_json, sha256_file
 from medvit.models import count_parameters, create_model
 from medvit.models.cswin import encoder_config
-from medvit.provenance import provenance, sha256_file
+from medvit.provenance import provenance
 from medvit.tasks.common import (
     StageContext,
     load_context,
