@@ -159,6 +159,8 @@ def run_stage(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     import medvit
+    from medvit.config import SOURCES, TASKS, adapt_methods
+    from medvit.data.synth import MODALITIES
 
     parser = argparse.ArgumentParser(prog="medvit",
                                      description="medvit: medical image analysis with vision transformers, one stage "
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.set_defaults(func=_cmd_ingest)
 
     synth = sub.add_parser("synth", help="generate a synthetic study with real files and a manifest")
-    synth.add_argument("modality", choices=["xray", "brain", "prostate", "histo"],
+    synth.add_argument("modality", choices=MODALITIES,
                        help="which study to synthesise (docs/synthetic.md)")
     synth.add_argument("--patients", type=int, required=True, help="number of synthetic patients")
     synth.add_argument("--out", type=Path, required=True, help="folder for the images and manifest.csv")
@@ -220,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=_cmd_synth)
 
     imp = sub.add_parser("import", help="turn a shipped real dataset into files and a manifest")
-    imp.add_argument("dataset", choices=["pneumoniamnist", "nih-cxr14", "lgg", "kather2016"],
+    imp.add_argument("dataset", choices=list(SOURCES),
                      help="the dataset to import (data_manifests/README.md)")
     imp.add_argument("source", type=Path, nargs="?", default=None,
                      help="the dataset file (default: the copy the repository ships, e.g. "
@@ -265,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     package = sub.add_parser("package", help="complete an evaluated model folder's package (model.json inference "
                                              "block, MODEL_CARD.md) from its study")
     package.add_argument("--config", type=Path, required=True, help="the study config YAML the model was trained by")
-    package.add_argument("--task", required=True, choices=["xray", "brain", "histo", "prostate"],
+    package.add_argument("--task", required=True, choices=TASKS,
                          help="the model's task")
     package.add_argument("--model-dir", type=Path, required=True,
                          help="the model folder (model.safetensors, model.json, metrics.json)")
@@ -274,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     def stage(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", type=Path, required=True, help="study config YAML")
-        p.add_argument("--task", required=True, choices=["xray", "brain", "prostate", "histo"],
+        p.add_argument("--task", required=True, choices=TASKS,
                        help="the study task to run it for")
         p.set_defaults(func=run_stage)
         return p
@@ -381,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     # DVPT and the other ways to adapt a frozen ViT (docs/dvpt.md)
     adapt = stage("adapt", "adapt the frozen backbone with one method (linear, vpt, dvpt, full) at each "
                            "fraction of the training patients: adapter, predictions, metrics")
-    adapt.add_argument("--method", required=True, choices=["linear", "vpt", "dvpt", "full"],
+    adapt.add_argument("--method", required=True, choices=adapt_methods(),
                        help="how the frozen backbone is adapted (docs/dvpt.md)")
     adapt.add_argument("--split", type=Path, required=True, help="split manifest from `medvit split`")
     adapt.add_argument("--fraction", type=float, nargs="+", default=None,

@@ -81,6 +81,11 @@ def _schema_cached() -> dict:
     return schema
 
 
+def adapt_methods() -> tuple[str, ...]:
+    """The adaptation methods a study may compare (``adapt.methods`` in the schema)."""
+    return tuple(_schema_cached()["$defs"]["adapt"]["properties"]["methods"]["items"]["enum"])
+
+
 def load_schema() -> dict:
     """The study-config JSON Schema as a dict (a fresh copy; callers may modify it)."""
     return copy.deepcopy(_schema_cached())

@@ -378,12 +378,11 @@ def write_metrics(config_path: str | Path, task: str, model: str, predictions_pa
         ``out_path``.
     """
     study = load_study(config_path)
-    ev = study.get("evaluation", {})
+    ev = study["evaluation"]
     predictions_path = Path(predictions_path)
     df = read_predictions(predictions_path)
-    result = evaluate_predictions(df, aggregate=ev.get("aggregate", "max"), top_k=ev.get("top_k", 3),
-                                  threshold=ev.get("threshold", "youden"), n_bootstrap=ev.get("bootstrap", 1000),
-                                  ci=ev.get("ci", 0.95), seed=study.get("seed", 0))
+    result = evaluate_predictions(df, aggregate=ev["aggregate"], top_k=ev["top_k"], threshold=ev["threshold"],
+                                  n_bootstrap=ev["bootstrap"], ci=ev["ci"], seed=study["seed"])
     notes = result.pop("notes")
     meta = _read_model_json(predictions_path.parent, notes)
     manifest = meta.get("split_manifest")

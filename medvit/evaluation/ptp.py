@@ -149,10 +149,10 @@ def ptp_stage(config_path: str | Path, task: str, predictions_path: str | Path, 
             raise ConfigError(f"tasks.{task}.{section}.threshold is null and {card_path} records no resolved "
                               "threshold: run the stage that wrote the predictions again, or set the threshold")
     conf = float(conf)
-    k = int(block.get("min_slices", (tcfg.get("detection") or {}).get("min_slices", 1)))
-    ev = study.get("evaluation", {})
+    k = int(block.get("min_slices", tcfg["detection"]["min_slices"]))
+    ev = study["evaluation"]
     df = read_predictions(predictions_path)
-    kw = {"n_boot": ev.get("bootstrap", 1000), "ci": ev.get("ci", 0.95), "seed": study.get("seed", 0)}
+    kw = {"n_boot": ev["bootstrap"], "ci": ev["ci"], "seed": study["seed"]}
     result = {"study": study["study"], "task": task, "source": section, "predictions": str(predictions_path),
               "definition": "slice flagged when score >= conf; patient positive when >= k flagged slices; "
                             "patient truly positive when >= 1 tumour slice",

@@ -48,6 +48,7 @@ from medvit.models.dvpt import METHODS, PromptedViT, build_prompted_vit, trainab
 from medvit.models.vit import layer_decay_param_groups
 from medvit.provenance import provenance
 from medvit.tasks.classification import (
+    finetune_config,
     loss_function,
     probabilities,
     standardize_input,
@@ -294,7 +295,7 @@ def _fit(ctx: StageContext, method: str, fraction: float, bb: dict[str, Any], sp
     groups = None
     if method == "full":
         # full fine-tuning is the task's own ViT recipe: layer-wise learning-rate decay
-        layer_decay = (ctx.tcfg.get("finetune") or {}).get("layer_decay", 0.75)
+        layer_decay = finetune_config(ctx)["layer_decay"]
         groups = layer_decay_param_groups(model.backbone, layer_decay, train_cfg.weight_decay)
     loss = loss_function(ctx.spec)
 

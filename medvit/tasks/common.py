@@ -242,9 +242,9 @@ def split_stage(config_path: str | Path, task: str, out_path: str | Path) -> Pat
     for line in id_warnings:
         logger.warning("manifest %s: %s", manifest.path, line)
     spec = task_spec(task, tcfg, labeled_rows(df))
-    split_cfg = tcfg.get("split", {})
-    df = assign_splits(df, seed=study["seed"], val_fraction=split_cfg.get("val_fraction", 0.2),
-                       test_fraction=split_cfg.get("test_fraction", 0.2), stratify=True)
+    split_cfg = tcfg["split"]
+    df = assign_splits(df, seed=study["seed"], val_fraction=split_cfg["val_fraction"],
+                       test_fraction=split_cfg["test_fraction"], stratify=True)
     summary: dict[str, Any] = {"task": task, "kind": spec.kind, "classes": spec.classes,
                                "manifest": str(manifest.path), "n_quarantined": len(manifest.problems),
                                "quarantined": [{"row": p.row, "column": p.column, "reason": p.reason}

@@ -12,13 +12,13 @@
 # One job per (task, method) runs all its fractions, so the ~7 s start-up of a stage is paid
 # once per method. docs/dvpt.md describes the module and the comparison.
 
-from medvit.config import percent_label, run_name
+from medvit.config import adapt_methods, percent_label, run_name
 
 ADAPT_TASKS = [t for t in TASKS if config["tasks"][t].get("adapt", {}).get("enabled")]
 # `adapt` is read by the rules below only: leave it out of every other stage's settings
 # (rules/common.smk: settings), so tuning the comparison never reruns the split or the models.
 # (listed in common.smk STAGE_KEYS)
-ADAPT_METHODS = ("linear", "vpt", "dvpt", "full")
+ADAPT_METHODS = adapt_methods()
 
 
 for _task in ADAPT_TASKS:
