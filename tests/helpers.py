@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -76,6 +78,19 @@ def strip_volatile(obj):
     if isinstance(obj, list):
         return [strip_volatile(v) for v in obj]
     return obj
+
+
+def ct_dataset() -> Dataset:
+    """An empty CT image dataset with its file meta (explicit VR little endian) and a fresh SOP
+    instance UID: the start of every DICOM file the tests write."""
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    return ds
 
 
 def _chromium() -> str | None:

@@ -23,10 +23,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from helpers import ct_dataset
 from PIL import Image
 from pydicom.data import get_testdata_file, get_testdata_files
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from medvit.cli import main
 from medvit.data.ingest import ingest
@@ -52,13 +52,7 @@ def _shipped() -> list[Path]:
 
 
 def _dicom(path: Path, pixels: np.ndarray, bits: int = 16) -> Path:
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds = ct_dataset()
     ds.PatientID, ds.Modality = "CORPUS1", "CT"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import ct_dataset
 from PIL import Image
+from pydicom.uid import generate_uid
 
 from medvit.cli import main
 from medvit.tasks.package import PackageError, read_package
@@ -97,17 +99,7 @@ def test_infer_gives_the_pipelines_test_scores(trained, tmp_path):
 
 
 def _dicom(path: Path, pixels: np.ndarray, patient: tuple[str, str], series: str) -> None:
-    import pydicom  # noqa: F401
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds = ct_dataset()
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient[0], patient[1], "19600101"
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), series, "DX"
     ds.Rows, ds.Columns = pixels.shape
@@ -120,8 +112,6 @@ def _dicom(path: Path, pixels: np.ndarray, patient: tuple[str, str], series: str
 
 
 def test_infer_on_a_folder_of_dicom_quarantines_bad_files(trained, tmp_path):
-    from pydicom.uid import generate_uid
-
     _, model_dir = trained
     src = tmp_path / "incoming"
     rng = np.random.default_rng(0)

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from helpers import ct_dataset
 from PIL import Image
 from pydicom.data import get_testdata_file, get_testdata_files
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medvit.data.io import ImageData, detect_format, read_image, read_sample
 from medvit.errors import ImageReadError, MedvitError
@@ -209,13 +209,7 @@ def _dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", 
            signed: bool = False, slope: float | None = None, intercept: float | None = None,
            ipp=None, iop=None, spacing=(0.5, 0.7), instance: int | None = None, series_uid: str = "1.2.826.0.1.1",
            window: tuple[float, float] | None = None, modality: str = "CT") -> Path:
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds = ct_dataset()
     ds.Modality = modality
     ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.9", series_uid
     ds.Rows, ds.Columns = pixels.shape
