@@ -45,6 +45,11 @@ SCHEMA_PATH = Path(medvit.__file__).resolve().parents[1] / "workflows" / "schema
 TASKS = ("xray", "brain", "prostate", "histo")
 """Task families a study may contain, in report order."""
 
+CSWIN_MODELS = ("cswin_unet", "cswin_unet_ssl")
+"""The CSwin-UNet models: built from the task's ``cswin`` block."""
+SSL_MODELS = ("cswin_unet_ssl",)
+"""Models whose encoder starts from the task's self-supervised pretraining."""
+
 SOURCES = {"pneumoniamnist": Path("data_manifests/pneumoniamnist/pneumoniamnist.npz"),
            "nih-cxr14": Path("data_manifests/nih_cxr14/chestxray14_nih1000_64.npz"),
            "kather2016": Path("data_manifests/kather2016/kather2016_he_96.npz"),
@@ -425,6 +430,18 @@ def needs_mae(study: Mapping[str, Any], task: str, model: str) -> bool:
 def mae_encoder_path(study: Mapping[str, Any], task: str) -> Path:
     """``<results_dir>/<study>/<task>/mae/encoder.safetensors``: the MAE stage's encoder."""
     return study_dir(study) / task / "mae" / "encoder.safetensors"
+
+
+def external_manifest_path(study: Mapping[str, Any], task: str) -> Path | None:
+    """The external cohort's manifest: ``external_manifest``, or the synthetic one generated at
+    ``<results>/<study>/data/<task>_external/manifest.csv`` when ``external_synthetic.patients``
+    > 0; None when the study has no external test."""
+    tcfg = task_config(study, task)
+    if tcfg["external_manifest"]:
+        return Path(tcfg["external_manifest"])
+    if tcfg["external_synthetic"]["patients"] > 0:
+        return study_dir(study) / "data" / f"{task}_external" / "manifest.csv"
+    return None
 
 
 def percent_label(fraction: float) -> str:

@@ -41,7 +41,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceFocalLoss
 from torch import nn
 
-from medvit.config import study_dir, task_config
+from medvit.config import CSWIN_MODELS, SSL_MODELS, external_manifest_path
 from medvit.data.datasets import SampleDataset
 from medvit.data.export import ExportError, save_dicom_seg, save_nifti_dicom_grid, save_nifti_like, to_input_grid
 from medvit.data.io import read_image, read_sample
@@ -70,8 +70,6 @@ from medvit.tasks.common import (
 from medvit.tasks.preprocess import sample_loading
 from medvit.tasks.training import fit_and_save, seeded_train_config
 
-CSWIN_MODELS = ("cswin_unet", "cswin_unet_ssl")
-SSL_MODELS = ("cswin_unet_ssl",)
 """Models whose encoder starts from the fold's self-supervised pretraining."""
 
 
@@ -416,18 +414,6 @@ def cv_pool_stage(config_path: str | Path, task: str, model_name: str, split_pat
                          note="k-fold ensemble (mean probability of the fold models); params are one member's")
     save_weights(out_dir / "model.safetensors", ensemble, meta)
     return out_dir / "predictions.csv"
-
-
-def external_manifest_path(study: dict[str, Any], task: str) -> Path | None:
-    """The external cohort's manifest: ``external_manifest``, or the synthetic one generated at
-    ``<results>/<study>/data/<task>_external/manifest.csv`` when ``external_synthetic.patients``
-    > 0; None when the study has no external test."""
-    tcfg = task_config(study, task)
-    if tcfg.get("external_manifest"):
-        return Path(tcfg["external_manifest"])
-    if tcfg.get("external_synthetic", {}).get("patients", 0) > 0:
-        return study_dir(study) / "data" / f"{task}_external" / "manifest.csv"
-    return None
 
 
 def external_test_stage(config_path: str | Path, task: str, model_name: str, split_path: str | Path,

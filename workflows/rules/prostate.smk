@@ -11,15 +11,13 @@
 # for this task. Its log is logs/train/prostate_<model>.log: the ensemble of the fold models
 # is the task's trained model. docs/prostate.md describes the outputs.
 
-# As in medvit.tasks.segmentation (not imported here: it would load torch at parse time).
-CSWIN_MODELS = ("cswin_unet", "cswin_unet_ssl")
-SSL_MODELS = ("cswin_unet_ssl",)
+from medvit.config import CSWIN_MODELS, SSL_MODELS, external_manifest_path
 
 
 if "prostate" in TASKS:
     _PROSTATE = config["tasks"]["prostate"]
     PROSTATE_FOLDS = list(range(_PROSTATE["folds"]))
-    PROSTATE_EXTERNAL = _external_manifest(_PROSTATE)
+    PROSTATE_EXTERNAL = external_manifest_path(config, "prostate")
     # keys that only some prostate jobs read: left out of the others' settings (and named in
     # `keep` where read, for when common.smk lists them among its stage-only keys), so that
     # editing them reruns only the jobs they affect

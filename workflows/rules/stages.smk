@@ -77,16 +77,6 @@ def comparison_inputs(wildcards):
 
 # ---------------------------------------------------------------- prostate.smk
 
-def _external_manifest(tcfg):
-    """medvit.tasks.segmentation.external_manifest_path: the given manifest, the synthetic
-    external cohort, or None."""
-    if tcfg["external_manifest"]:
-        return tcfg["external_manifest"]
-    if tcfg["external_synthetic"]["patients"] > 0:
-        return f"{study_dir(config)}/data/prostate_external/manifest.csv"
-    return None
-
-
 def prostate_fold_settings(wildcards):
     cswin = wildcards.model in CSWIN_MODELS
     drop = _PROSTATE_LOCAL + ("ssl",) + (() if cswin else ("cswin",))
