@@ -159,7 +159,8 @@ def xray_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, An
             r[4] = f"{res['difference']:+.3f}, DeLong p {fmt_p(res['p_value'])}"
         else:
             res = paired_bootstrap_test(truth, sa, sb, n_boot=2000)
-            r[4] = f"{res['difference']:+.3f} [{fmt(res['ci95'][0])}, {fmt(res['ci95'][1])}], bootstrap p {fmt_p(res['p_value'])}"
+            lo, hi = res["ci95"]
+            r[4] = f"{res['difference']:+.3f} [{fmt(lo)}, {fmt(hi)}], bootstrap p {fmt_p(res['p_value'])}"
     lines += table(["model", "test metric (patient level)", "value [95% CI]", "test patients",
                     f"paired vs {ref} (difference, test)", "wall time (train+predict+evaluate)", "peak memory"], rows)
     return lines
@@ -239,11 +240,13 @@ def lgg_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, Any
                     "detection rate k=2", "FP slices per tumour-free slice"], rows)
     pair_rows = []
     for a, b in (("DeiT-Tiny (distilled)", "DeiT-Tiny (plain)"), ("DeiT-Tiny (distilled)", "teacher ResNet-18"),
-                 ("DeiT-Tiny (plain)", "teacher ResNet-18"), ("cascade (detector -> distilled DeiT)", "DeiT-Tiny (distilled)"),
+                 ("DeiT-Tiny (plain)", "teacher ResNet-18"), ("cascade (detector -> distilled DeiT)",
+                                                              "DeiT-Tiny (distilled)"),
                  ("detector (box confidence)", "teacher ResNet-18")):
         if a in preds and b in preds:
             res = paired_slice_auroc(preds[a], preds[b], n_boot=2000, seed=int(study["seed"]))
-            pair_rows.append([f"{a} - {b}", f"{res['difference']:+.3f}", f"[{fmt(res['ci95'][0])}, {fmt(res['ci95'][1])}]",
+            pair_rows.append([f"{a} - {b}", f"{res['difference']:+.3f}",
+                              f"[{fmt(res['ci95'][0])}, {fmt(res['ci95'][1])}]",
                               fmt_p(res["p_value"])])
     lines += ["Paired slice-AUROC differences (same test slices; patient-cluster bootstrap, 2000 resamples):", ""]
     lines += table(["comparison", "difference", "95% CI", "p (two-sided)"], pair_rows)
@@ -251,7 +254,8 @@ def lgg_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, Any
     if comp:
         crow = []
         for role, r in comp["roles"].items():
-            secs, peak = bench_cost(out, [f"brain/distill_{role}"] + (["train/brain_resnet18"] if role == "teacher" else []))
+            secs, peak = bench_cost(out,
+                                    [f"brain/distill_{role}"] + (["train/brain_resnet18"] if role == "teacher" else []))
             crow.append([role, r["model"], f"{r['params'] / 1e6:.2f}", f"{r['flops_per_slice'] / 1e6:.0f}",
                          f"{r['cpu_latency_ms_per_slice']:.1f}", f"{secs / 60:.1f} min", f"{peak / 1024:.2f} GB"])
         lines += table(["role", "model", "params (M)", "MFLOPs / slice", "CPU ms / slice (shared machine)",
@@ -341,11 +345,14 @@ def kather_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, 
             ra = paired_bootstrap_test(truth, s, sr, n_boot=2000, statistic=acc)
             rm = paired_bootstrap_test(truth, s, sr, n_boot=2000)
             prow.append([model, fmt(acc(truth, s)),
-                         f"{ra['difference']:+.3f} [{fmt(ra['ci95'][0])}, {fmt(ra['ci95'][1])}], p {fmt_p(ra['p_value'])}",
-                         f"{rm['difference']:+.3f} [{fmt(rm['ci95'][0])}, {fmt(rm['ci95'][1])}], p {fmt_p(rm['p_value'])}"])
+                         f"{ra['difference']:+.3f} [{fmt(ra['ci95'][0])}, {fmt(ra['ci95'][1])}], p "
+                         f"{fmt_p(ra['p_value'])}",
+                         f"{rm['difference']:+.3f} [{fmt(rm['ci95'][0])}, {fmt(rm['ci95'][1])}], p "
+                         f"{fmt_p(rm['p_value'])}"])
         lines += [f"Pooled out-of-fold test predictions ({len(pooled[ref])} tiles, each scored once), paired "
                   f"bootstrap against {ref} (2000 resamples of tiles):", ""]
-        lines += table(["model", "pooled accuracy", f"accuracy - {ref} [95% CI], p", f"macro AUROC - {ref} [95% CI], p"],
+        lines += table(["model", "pooled accuracy", f"accuracy - {ref} [95% CI], p",
+                        f"macro AUROC - {ref} [95% CI], p"],
                        prow)
     by = {e["model"]: e for e in comp["models"]}
     if "dct_histo_tiny" in by:
@@ -400,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "QUALITY.md")
     ap.add_argument("--studies", nargs="*", default=list(STUDIES))
     args = ap.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
                            text=True).stdout.strip()
     import platform
