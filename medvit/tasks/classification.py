@@ -34,8 +34,6 @@ from medvit.tasks.common import StageContext, TaskSpec, load_context, read_sidec
 from medvit.tasks.pretrain import recipe_unchanged
 from medvit.tasks.training import fit_and_save, load_for_inference, seeded_train_config, split_dataset
 
-# The fine-tuning recipe when a task's config has no `finetune` block (Medical MAE's values).
-
 # Left and right are anatomy on a chest radiograph; flipping elsewhere is label-preserving.
 _FLIPS = {"xray": False, "brain": True, "histo": True}
 
