@@ -368,6 +368,12 @@ def test_sample_count_baseline_scores_patients_by_their_number_of_images():
     strong = df.assign(score_tumor=df["true_tumor"] * 0.9 + 0.05)
     record = {"model": "oracle", "kind": "binary", **to_jsonable(evaluate_predictions(strong, n_bootstrap=200))}
     assert under_count_baseline(record) is None
+    # a count baseline that is itself at chance warns of nothing (the chance flag covers it)
+    at_chance = dict(record, metrics={"auroc": {"value": 0.55, "ci95": [0.45, 0.65]}},
+                     sample_count_baseline={"metrics": {"auroc": {"value": 0.56, "ci95": [0.46, 0.66]}}})
+    assert under_count_baseline(at_chance) is None
+    assert under_count_baseline(dict(at_chance, sample_count_baseline={
+        "metrics": {"auroc": {"value": 0.7, "ci95": [0.6, 0.8]}}})) is not None
 
 
 def test_sample_count_baseline_absent_when_every_patient_has_as_many_images():

@@ -147,15 +147,16 @@ def includes_chance(name: str, entry: dict[str, Any] | None, record: dict[str, A
 def under_count_baseline(record: dict[str, Any]) -> tuple[str, dict[str, Any], float] | None:
     """(metric, model entry, baseline value) when the headline metric's CI does not clear the
     score of ranking patients by their number of samples alone (metrics.json's
-    ``sample_count_baseline``), else None: the patient-level figure may then measure how many
-    images a patient has, not what is in them."""
+    ``sample_count_baseline``) and that score is itself above chance (its CI excludes it), else
+    None: the patient-level figure may then measure how many images a patient has, not what is
+    in them."""
     h = headline(record)
     baseline = ((record.get("sample_count_baseline") or {}).get("metrics") or {}).get(h[0]) if h else None
     if not h or not baseline or not isinstance(baseline.get("value"), (int, float)):
         return None
     value = float(baseline["value"])
-    if not math.isfinite(value):
-        return None
+    if not math.isfinite(value) or includes_chance(h[0], baseline, record) is not None:
+        return None  # counting images is itself no better than chance here: nothing to warn about
     ci = interval(h[1])
     return (h[0], h[1], value) if ci is None or ci[0] <= value else None
 
