@@ -130,7 +130,7 @@ def xray_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, An
 
     task = spec["task"]
     models = list(study["tasks"][task]["models"])
-    lines, rows, tables = [], [], {}
+    lines, rows, tables, sample_level, counted = [], [], {}, {}, None
     ref = spec["reference"] if spec["reference"] in models else models[0]
     for model in models:
         folder = out / task / model
@@ -143,6 +143,8 @@ def xray_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, An
         tables[model] = test_patients(pred)
         secs, peak = bench_cost(out, [f"{r}/{task}_{model}" for r in ("train", "predict", "evaluate")])
         rows.append([model, key, fmt_ci(rec["metrics"].get(key)), str(rec["n_patients"]), "", *fmt_cost(secs, peak)])
+        sample_level[model] = fmt_ci(rec["sample_level"]["metrics"].get(key))
+        counted = ((rec.get("sample_count_baseline") or {}).get("metrics") or {}).get(key)
     for r in rows:
         model = r[0]
         if model not in tables or model == ref or ref not in tables:
@@ -163,6 +165,11 @@ def xray_section(name: str, spec: dict[str, Any], out: Path, study: dict[str, An
             r[4] = f"{res['difference']:+.3f} [{fmt(lo)}, {fmt(hi)}], bootstrap p {fmt_p(res['p_value'])}"
     lines += table(["model", "test metric (patient level)", "value [95% CI]", "test patients",
                     f"paired vs {ref} (difference, test)", "wall time (train+predict+evaluate)", "peak memory"], rows)
+    if counted:
+        # patients have different numbers of images: the patient figures beside what counting scores
+        lines += [f"Test patients have different numbers of images: ranking them by that number alone scores "
+                  f"{fmt_ci(counted)} (the report's image-count baseline). Image level, each image against its own "
+                  "labels (CIs over patients): " + "; ".join(f"{m} {v}" for m, v in sample_level.items()) + ".", ""]
     return lines
 
 
