@@ -305,6 +305,7 @@ def markdown(d: dict[str, Any]) -> str:
              "into the job first)."
              + (" The sizes ran side by side, each in its own benchmark process (`--merge`)."
                 if d.get("merged_from") else ""), "",
+             *([f"> {d['note']}", ""] if d.get("note") else []),
              "| images | stage | wall s | peak RSS MiB | disk MiB |", "|---|---|---|---|---|"]
     for run in d["runs"]:
         lines.append(f"| {run['images']} | generate (PNG sources) | {run['generate_s'] or ''} |  | "
@@ -412,6 +413,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="200 and 2000 images, a 200-image loader run")
     p.add_argument("--out", type=Path, default=U.RESULTS / "scale_cpu.json")
     p.add_argument("--report", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--note", default=None, help="a sentence on how the run went, printed with its table")
     p.add_argument("--collect", action="store_true",
                    help="only gather a run stopped part-way from the logs under --work (for --merge)")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
@@ -429,6 +431,8 @@ def main() -> None:
         return
     if args.merge:
         payload = merge(args.merge)
+        if args.note:
+            payload["note"] = args.note
         U.write_json(args.out, payload)
         write_section(args.report, markdown(payload))
         print(f"wrote the scale section of {args.report}")
