@@ -24,12 +24,14 @@ import hashlib
 import hmac
 import logging
 import math
+import multiprocessing
 import os
 import re
 import shutil
 import sys
 import warnings
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -386,9 +388,6 @@ class _Pool:
         global _BUILDER
         _BUILDER = self.builder
         if self.workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
                                                  initializer=_init_worker, initargs=(self.builder,))

@@ -20,6 +20,7 @@ The user documentation (contents, signal, sizes, timings) is ``docs/synthetic.md
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -479,8 +480,6 @@ def _xray_dicom_writer(img: np.ndarray, *, seed: int, pid: str, k: int, modality
                        name: str, mrn: str, birth: str, sex: str, day: int, view: str,
                        size: int) -> Callable[[Path], None]:
     """A CR/DX DICOM file (Explicit VR Little Endian, 12 bits stored in 16) of one radiograph."""
-    import datetime as dt
-
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import IO
@@ -35,8 +36,6 @@ def count_host_gpus() -> int:
 def default_lock_dir() -> Path:
     """``$MEDVIT_GPU_LOCK_DIR``, else a per-user folder under the system's temporary folder
     (one machine's jobs share it; the slots are per machine)."""
-    import tempfile
-
     return Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / f"medvit-gpu-slots-{os.getuid()}")
 
 
