@@ -283,7 +283,7 @@ def _previous(folder: Path) -> tuple[dict[str, int], dict[str, tuple[str, int, n
         index = pd.read_csv(folder / "index.csv", dtype={"key": str}, keep_default_na=False)
         arrays = {}
         for path in folder.glob("*.npy"):
-            mapped = np.load(path, mmap_mode="r")  # the header only: no data page is read
+            mapped = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only: no data page is read
             if mapped.shape[0] != len(index):
                 return {}, {}
             arrays[path.stem] = (str(path), int(mapped.offset), mapped.dtype, tuple(mapped.shape[1:]))
