@@ -33,4 +33,4 @@ rule preprocess:
         CONDA_ENV
     shell:
         "medvit preprocess --config {params.study:q} --task {wildcards.task:q} --split {input.split:q}"
-        " --out {params.folder:q} --workers {threads} > {log:q} 2>&1"
+        " --out {params.folder:q} --workers {threads:q} > {log:q} 2>&1"
