@@ -78,11 +78,12 @@ def _distill(comp: dict[str, Any]) -> str:
                       "without teacher (test, patient level)")
 
 
-def _all_tumour_patients(split: dict[str, Any], positive: str) -> bool:
+def all_tumour_patients(split: dict[str, Any], positive: str) -> bool:
     """True when no training or validation patient is tumour-free (e.g. TCGA-LGG): patient-level
     normal-vs-tumour metrics are then undefined."""
     splits = {k: v for k, v in (split.get("splits") or {}).items() if k in ("train", "val")}
-    return bool(splits) and all(set((s.get("strata") or {})) <= {positive} for s in splits.values())
+    # a split without class counts says nothing either way
+    return bool(splits) and all(s.get("strata") and set(s["strata"]) <= {positive} for s in splits.values())
 
 
 def _slice_level(root: Path, study: dict[str, Any]) -> str:
@@ -135,7 +136,7 @@ def brain_parts(study: dict[str, Any]) -> dict[str, list[str]]:
     det = _read(root / "detector" / "detection_metrics.json")
     if det:
         parts.append(_detection(det))
-    all_tumour = bool(split) and _all_tumour_patients(split, study["tasks"]["brain"].get("positive_class", "tumor"))
+    all_tumour = bool(split) and all_tumour_patients(split, study["tasks"]["brain"].get("positive_class", "tumor"))
     if all_tumour:
         parts.append('<p class="notes"><b>Every patient in this data has a tumour</b> (tumour-free slices, but no '
                      "tumour-free patients), so patient-level normal-vs-tumour metrics cannot be computed. In the "

@@ -25,6 +25,7 @@ import yaml
 from medvit.config import TASKS, manifest_origin
 from medvit.data.manifest import leaking_patients
 from medvit.evaluation.aggregate import aggregate_patients
+from medvit.evaluation.brain_report import all_tumour_patients
 from medvit.evaluation.evaluate import read_predictions
 from medvit.evaluation.figures import comparison_figure, confusion_figure, reliability_figure, roc_pr_figure
 from medvit.evaluation.html import (
@@ -245,6 +246,14 @@ def summary_section(study: dict[str, Any], results: dict[str, TaskResults],
             rows.append([task, format_count(patients), format_count(samples), "n/a", "", "", ""])
             continue
         record, name, entry = best
+        positive = (study.get("tasks", {}).get(task) or {}).get("positive_class")
+        if tr.kind == "binary" and positive and all_tumour_patients(tr.split, positive):
+            # no negative patient outside resampling: a patient-level metric would crown an artefact
+            rows.append([task, format_count(patients), format_count(samples),
+                         f"none at patient level: every patient has {positive} (the task's slice-level table "
+                         "is the result)", f"({metric_label(name)} {format_metric(entry)}: not meaningful)",
+                         format_count(record.get("n_patients")), "no model is crowned"])
+            continue
         chance = includes_chance(name, entry, record)
         if chance is not None:
             above = [r["model"] for r in tr.records if (h := headline(r)) and h[0] == name
