@@ -6,8 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medvit.evaluation.brain_report import all_tumour_patients
-from medvit.evaluation.report_sections import TaskResults, summary_section
+from medvit.evaluation.report_sections import TaskResults, all_patients_positive, summary_section
 from medvit.evaluation.tumour_slices import paired_slice_auroc, slice_detection_summary
 
 
@@ -50,10 +49,10 @@ def test_paired_slice_auroc() -> None:
 def test_report_detects_data_without_tumour_free_patients() -> None:
     lgg_like = {"splits": {"train": {"strata": {"tumor": 61}}, "val": {"strata": {"tumor": 16}},
                            "test": {"strata": {"normal": 19, "tumor": 14}}}}  # test: resampling artefact
-    assert all_tumour_patients(lgg_like, "tumor")
+    assert all_patients_positive(lgg_like, "tumor")
     mixed = {"splits": {"train": {"strata": {"tumor": 5, "normal": 9}}, "val": {"strata": {"tumor": 2}}}}
-    assert not all_tumour_patients(mixed, "tumor") and not all_tumour_patients({}, "tumor")
-    assert not all_tumour_patients({"splits": {"train": {"patients": 5}, "val": {"patients": 2}}}, "tumor")
+    assert not all_patients_positive(mixed, "tumor") and not all_patients_positive({}, "tumor")
+    assert not all_patients_positive({"splits": {"train": {"patients": 5}, "val": {"patients": 2}}}, "tumor")
     # the report's summary crowns no model at patient level on such data
     record = {"model": "resnet18", "kind": "binary", "classes": ["tumor"], "n_patients": 33,
               "metrics": {"auroc": {"value": 0.801, "ci95": [0.628, 0.941]}}}

@@ -17,6 +17,7 @@ from medvit.evaluation.html import (
     format_value,
     html_table,
 )
+from medvit.evaluation.report_sections import all_patients_positive
 from medvit.evaluation.tumour_slices import slice_detection_summary
 
 
@@ -78,14 +79,6 @@ def _distill(comp: dict[str, Any]) -> str:
                       "without teacher (test, patient level)")
 
 
-def all_tumour_patients(split: dict[str, Any], positive: str) -> bool:
-    """True when no training or validation patient is tumour-free (e.g. TCGA-LGG): patient-level
-    normal-vs-tumour metrics are then undefined."""
-    splits = {k: v for k, v in (split.get("splits") or {}).items() if k in ("train", "val")}
-    # a split without class counts says nothing either way
-    return bool(splits) and all(s.get("strata") and set(s["strata"]) <= {positive} for s in splits.values())
-
-
 def _slice_level(root: Path, study: dict[str, Any]) -> str:
     """Slice-level detection table for data without tumour-free patients
     (:mod:`medvit.evaluation.tumour_slices`)."""
@@ -136,7 +129,7 @@ def brain_parts(study: dict[str, Any]) -> dict[str, list[str]]:
     det = _read(root / "detector" / "detection_metrics.json")
     if det:
         parts.append(_detection(det))
-    all_tumour = bool(split) and all_tumour_patients(split, study["tasks"]["brain"].get("positive_class", "tumor"))
+    all_tumour = bool(split) and all_patients_positive(split, study["tasks"]["brain"].get("positive_class", "tumor"))
     if all_tumour:
         parts.append('<p class="notes"><b>Every patient in this data has a tumour</b> (tumour-free slices, but no '
                      "tumour-free patients), so patient-level normal-vs-tumour metrics cannot be computed. In the "

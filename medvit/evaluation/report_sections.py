@@ -25,7 +25,6 @@ import yaml
 from medvit.config import TASKS, manifest_origin
 from medvit.data.manifest import leaking_patients
 from medvit.evaluation.aggregate import aggregate_patients
-from medvit.evaluation.brain_report import all_tumour_patients
 from medvit.evaluation.evaluate import read_predictions
 from medvit.evaluation.figures import comparison_figure, confusion_figure, reliability_figure, roc_pr_figure
 from medvit.evaluation.html import (
@@ -232,6 +231,14 @@ def best_record(tr: TaskResults) -> tuple[dict[str, Any], str, dict[str, Any]] |
     return max((s for s in scored if s[1] == common), key=lambda s: s[2]["value"])
 
 
+def all_patients_positive(split: dict[str, Any], positive: str) -> bool:
+    """True when every training and validation patient of a binary task is positive (e.g.
+    TCGA-LGG, where every patient has a tumour): patient-level metrics are then undefined."""
+    splits = {k: v for k, v in (split.get("splits") or {}).items() if k in ("train", "val")}
+    # a split without class counts says nothing either way
+    return bool(splits) and all(s.get("strata") and set(s["strata"]) <= {positive} for s in splits.values())
+
+
 def summary_section(study: dict[str, Any], results: dict[str, TaskResults],
                     comparisons: dict[str, list[dict[str, Any]]]) -> Section:
     """What a reader sees first: per task the data size and the best model with its headline
@@ -247,7 +254,7 @@ def summary_section(study: dict[str, Any], results: dict[str, TaskResults],
             continue
         record, name, entry = best
         positive = (study.get("tasks", {}).get(task) or {}).get("positive_class")
-        if tr.kind == "binary" and positive and all_tumour_patients(tr.split, positive):
+        if tr.kind == "binary" and positive and all_patients_positive(tr.split, positive):
             # no negative patient outside resampling: a patient-level metric would crown an artefact
             rows.append([task, format_count(patients), format_count(samples),
                          f"none at patient level: every patient has {positive} (the task's slice-level table "
