@@ -290,9 +290,10 @@ def chance_html(tr: TaskResults) -> str:
     html = ('<div class="warn"><b>No better than chance.</b><ul>' + "".join(items) + "</ul></div>") if items else ""
     counted = [(r["model"], found) for r in tr.records if (found := under_count_baseline(r))]
     if counted:
+        metric, _, count_score = counted[0][1]  # the task's test patients: the same count for every model
         html += ('<div class="warn"><b>Not shown better than counting images.</b> A patient\'s label is the union '
                  "over their images, so ranking test patients by their number of images alone scores "
-                 + esc(f"{metric_label(counted[0][1][0])} {counted[0][1][2]:.3f}")
+                 + esc(f"{metric_label(metric)} {count_score:.3f}")
                  + "; these models' intervals do not clear it, and their patient-level figure may measure how "
                  "many images a patient has rather than what is in them (see the sample-level table):<ul>"
                  + "".join(f"<li>{esc(m)}: {esc(format_metric(found[1]))}</li>" for m, found in counted)
