@@ -8,6 +8,7 @@ import copy
 import json
 from pathlib import Path
 
+import monai.transforms as mt
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +16,7 @@ import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 
+from medvit.config import validate_study
 from medvit.data.realdata import import_dataset
 from medvit.engine import load_weights, save_weights
 from medvit.engine.pretrained import load_pretrained
@@ -22,6 +24,7 @@ from medvit.models import create_model
 from medvit.models.dvpt import build_prompted_vit
 from medvit.models.layers import InputStandardize, input_statistics
 from medvit.models.mae import build_mae
+from medvit.tasks.classification import train_augmentation
 
 REPO = Path(__file__).resolve().parents[1]
 NPZ = REPO / "data_manifests" / "pneumoniamnist" / "pneumoniamnist.npz"
@@ -129,6 +132,23 @@ def test_classifier_augmentation_has_randaugment_only_on_request():
 
     assert not has_randaugment(classifier_augmentation(flips=False))
     assert has_randaugment(classifier_augmentation(flips=False, randaug_magnitude=6))
+
+
+def test_flips_are_a_schema_key_with_task_defaults():
+    """Flips are a study setting: off by default for chest radiographs (left and right are
+    anatomy), on for the other tasks, and a study may turn them either way."""
+    def flips(compose) -> bool:
+        return any(isinstance(t, mt.RandFlipd) for t in compose.flatten().transforms)
+
+    study = validate_study({"study": "s", "tasks": {t: {} for t in ("xray", "brain", "prostate", "histo")}})
+    assert {t: c["augment"]["flips"] for t, c in study["tasks"].items()} == {
+        "xray": False, "brain": True, "prostate": True, "histo": True}
+    assert not flips(train_augmentation(study["tasks"]["xray"]))
+    assert flips(train_augmentation(study["tasks"]["histo"]))
+    custom = validate_study({"study": "s", "tasks": {"xray": {"augment": {"flips": True}},
+                                                     "histo": {"augment": {"flips": False}}}})
+    assert flips(train_augmentation(custom["tasks"]["xray"]))
+    assert not flips(train_augmentation(custom["tasks"]["histo"]))
 
 
 def test_channel_statistics_of_a_dataset():

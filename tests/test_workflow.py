@@ -296,6 +296,16 @@ def test_run_with_fake_stages_and_rerun_only_what_changed(tmp_path):
     assert job_counts(out) == {"train": 1, "predict": 1, "evaluate": 4, "compare": 1, "report": 1, "all": 1}
     assert "logs/train/brain_resnet10t.log" in out and "logs/train/brain_resnet18.log" not in out
 
+    # the task's augmentation retrains its models, never its split or the other task
+    rc, out = run()
+    assert rc == 0, out
+    study["tasks"]["histo"]["augment"] = {"flips": False}
+    write_study(path, study)
+    rc, out = run("-n")
+    assert rc == 0, out
+    assert job_counts(out) == {"train": 2, "predict": 2, "evaluate": 2, "compare": 1, "report": 1, "all": 1}
+    assert "brain_resnet" not in out
+
 
 @pytest.mark.slow
 def test_mae_study_reruns_only_what_a_vit_setting_changes(tmp_path):

@@ -65,8 +65,9 @@ def load_transforms(root: str | Path, spatial_size: Sequence[int], load_mask: bo
 
 
 def augment_transforms(spatial_dims: int, flips: bool, load_mask: bool = False) -> mt.Compose:
-    """Random part, applied after the cache. ``flips`` is off for chest X-rays, where left and
-    right are anatomy (heart side), and on for brain slices, histopathology and volumes."""
+    """Random part, applied after the cache: ``flips`` (the task's ``augment.flips``) flips the
+    last two spatial axes with probability 0.5 each; 2D images also get a mild affine, and
+    every image intensity scaling and noise."""
     keys = ["image", "label"] if load_mask else ["image"]
     modes = ("bilinear", "nearest") if load_mask else ("bilinear",)
     ops: list[mt.Transform] = []

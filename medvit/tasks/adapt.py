@@ -280,9 +280,8 @@ def _fit(ctx: StageContext, method: str, fraction: float, bb: dict[str, Any], sp
     seed_everything(train_cfg.seed, train_cfg.deterministic)
     sub = _subsampled(ctx, fraction)
     size = [ctx.tcfg["image_size"]] * 2
-    # Same augmentation for every method, the task's classifier augmentation (no left-right
-    # flips of chest radiographs: anatomy).
-    train_ds = split_dataset(sub, "train", size, augment=train_augmentation(ctx.task))
+    # Same augmentation for every method: the task's classifier augmentation.
+    train_ds = split_dataset(sub, "train", size, augment=train_augmentation(ctx.tcfg))
     val_ds = split_dataset(sub, "val", size)
     in_chans = int(train_ds[0]["image"].shape[0])
     model = build_prompted_vit(bb["size"], method, in_chans=in_chans, num_classes=ctx.spec.num_outputs,

@@ -34,9 +34,6 @@ from medvit.tasks.common import StageContext, TaskSpec, load_context, read_sidec
 from medvit.tasks.pretrain import recipe_unchanged
 from medvit.tasks.training import fit_and_save, load_for_inference, seeded_train_config, split_dataset
 
-# Left and right are anatomy on a chest radiograph; flipping elsewhere is label-preserving.
-_FLIPS = {"xray": False, "brain": True, "histo": True}
-
 
 def loss_function(spec: TaskSpec) -> nn.Module:
     return nn.CrossEntropyLoss() if spec.kind == "multiclass" else nn.BCEWithLogitsLoss()
@@ -65,9 +62,10 @@ def validation_metric(spec: TaskSpec):
     return metric
 
 
-def train_augmentation(task: str, randaug_magnitude: int = 0):
-    """The training augmentation of a task's classifiers (flips where they preserve the label)."""
-    return classifier_augmentation(flips=_FLIPS.get(task, True), randaug_magnitude=randaug_magnitude)
+def train_augmentation(tcfg: dict[str, Any], randaug_magnitude: int = 0):
+    """The training augmentation of a task's classifiers: flips as its ``augment.flips`` says
+    (off by default for chest X-rays, where left and right are anatomy)."""
+    return classifier_augmentation(flips=tcfg["augment"]["flips"], randaug_magnitude=randaug_magnitude)
 
 
 def standardize_input(model: nn.Module, train_ds, loaded_with_weights: bool = False) -> dict[str, Any]:
@@ -140,7 +138,7 @@ def _train_vit(ctx: StageContext, model_name: str, split_path: str | Path, out_d
     """Fine-tune a ViT with the Medical MAE recipe (see the module docstring)."""
     cfg = seeded_train_config(ctx)
     ft = finetune_config(ctx)
-    train_ds = split_dataset(ctx, "train", _size(ctx), augment=train_augmentation(ctx.task, ft["randaug_magnitude"]))
+    train_ds = split_dataset(ctx, "train", _size(ctx), augment=train_augmentation(ctx.tcfg, ft["randaug_magnitude"]))
     val_ds = split_dataset(ctx, "val", _size(ctx))
     in_chans = int(train_ds[0]["image"].shape[0])
     kwargs = vit_kwargs(ctx)
@@ -194,7 +192,7 @@ def train(config_path: str | Path, task: str, model_name: str, split_path: str |
     if is_vit(model_name):
         return _train_vit(ctx, model_name, split_path, out_dir)
     cfg = seeded_train_config(ctx)
-    train_ds = split_dataset(ctx, "train", _size(ctx), augment=train_augmentation(task))
+    train_ds = split_dataset(ctx, "train", _size(ctx), augment=train_augmentation(ctx.tcfg))
     val_ds = split_dataset(ctx, "val", _size(ctx))
     in_chans = int(train_ds[0]["image"].shape[0])
     model = create_model(model_name, in_chans=in_chans, num_classes=ctx.spec.num_outputs)

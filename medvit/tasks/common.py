@@ -249,7 +249,7 @@ def split_stage(config_path: str | Path, task: str, out_path: str | Path) -> Pat
                                "manifest": str(manifest.path), "n_quarantined": len(manifest.problems),
                                "quarantined": [{"row": p.row, "column": p.column, "reason": p.reason}
                                                for p in manifest.problems], "warnings": id_warnings}
-    if task == "brain" and tcfg.get("anomaly_ratio") is not None:
+    if tcfg.get("anomaly_ratio") is not None:  # a key of the brain task's schema only
         df, summary["anomaly"] = _resample_brain(df, spec, tcfg, study["seed"])
     check_no_leakage(df)
     if int(tcfg.get("folds", 1)) > 1:  # cross-validation folds beside the hold-out split

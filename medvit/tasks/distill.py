@@ -167,7 +167,8 @@ def train_student(ctx: StageContext, split_path: str | Path, out_dir: str | Path
                           f"tasks.{ctx.task}.distill.patch_size ({dcfg['patch_size']})")
     cfg = TrainConfig.from_study(ctx.study, dcfg["train"])
     seed_everything(cfg.seed, cfg.deterministic)
-    train_ds = split_dataset(ctx, "train", [size, size], augment=augment_transforms(2, flips=True))
+    augment = augment_transforms(2, flips=ctx.tcfg["augment"]["flips"])
+    train_ds = split_dataset(ctx, "train", [size, size], augment=augment)
     val_ds = split_dataset(ctx, "val", [size, size])
     in_chans = int(train_ds[0]["image"].shape[0])
     model = create_model(dcfg["student"], in_chans=in_chans, num_classes=ctx.spec.num_outputs, img_size=size,

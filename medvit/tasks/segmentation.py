@@ -178,7 +178,7 @@ def volume_dataset(ctx: StageContext, rows: pd.DataFrame, augment: bool = False,
     if augment:
         if roi != size:
             ops.append(mt.RandSpatialCropd(keys, roi_size=roi, random_size=False))
-        ops.append(augment_transforms(3, flips=True, load_mask=with_mask))
+        ops.append(augment_transforms(3, flips=ctx.tcfg["augment"]["flips"], load_mask=with_mask))
     recs = records(ctx, rows) if with_mask else [
         {"row": r, "patient_id": str(r["patient_id"]),
          "sample_id": str(r["sample_id"])} for r in rows.to_dict("records")]

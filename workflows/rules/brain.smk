@@ -139,9 +139,10 @@ if "brain" in TASKS:
                 study=STUDY_FILE,
                 # the teacher trains with the task's `train` recipe, the students with distill.train
                 settings=lambda w: json.dumps(
-                    {**json.loads(settings("brain", drop=("models",), extra=_RUN)),
+                    {**json.loads(settings("brain", drop=("models",), extra=_RUN, keep=TRAINING_KEYS)),
                      "teacher": _brain["distill"]["teacher"]} if w.role == "teacher" else
-                    json.loads(settings("brain", drop=("models", "train"), extra=_RUN, keep=("distill",))),
+                    json.loads(settings("brain", drop=("models", "train"), extra=_RUN,
+                                        keep=("distill",) + TRAINING_KEYS)),
                     sort_keys=True),
                 evaluation=json.dumps(evaluation_settings(), sort_keys=True),
                 flags=lambda w, input: (["--teacher", input.teacher] if w.role == "student_distilled" else

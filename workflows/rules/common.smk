@@ -141,9 +141,11 @@ def source_file(name):
 # distillation and cascade, the histo comparison, the prostate CSwin/SSL/external-test stages);
 # a stage's settings leave them out unless it names them in `keep`, so editing one reruns only
 # the jobs that read it (e.g. detection.epochs never re-splits the data or retrains a model).
+# `augment` is kept by every stage that trains on the task's images (TRAINING_KEYS).
 VIT_KEYS = ("pretrain", "finetune")
-STAGE_KEYS = VIT_KEYS + ("adapt", "detection", "distill", "cascade", "compare", "cswin", "ssl", "infer",
-                         "external_manifest", "external_synthetic", "figures")
+TRAINING_KEYS = ("augment",)
+STAGE_KEYS = VIT_KEYS + TRAINING_KEYS + ("adapt", "detection", "distill", "cascade", "compare", "cswin", "ssl",
+                                         "infer", "external_manifest", "external_synthetic", "figures")
 
 
 def settings(task, *, drop=(), extra=(), keep=()):
@@ -222,7 +224,7 @@ def train_settings(wildcards):
     """Settings of a training job: the ViT recipe (and patch size) counts for ViTs only."""
     vit = is_vit(wildcards.model)
     text = settings(wildcards.task, drop=("models",), extra=("seed", "device", "deterministic"),
-                    keep=("finetune",) if vit else ())
+                    keep=TRAINING_KEYS + (("finetune",) if vit else ()))
     if vit and "pretrain" in task_config(config, wildcards.task):
         cfg = json.loads(text)
         cfg["patch_size"] = task_config(config, wildcards.task)["pretrain"]["patch_size"]

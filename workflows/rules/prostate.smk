@@ -35,7 +35,7 @@ if "prostate" in TASKS:
             fold=r"\d+",
         params:
             study=STUDY_FILE,
-            settings=settings("prostate", drop=_PROSTATE_LOCAL + ("train",), keep=("ssl", "cswin"),
+            settings=settings("prostate", drop=_PROSTATE_LOCAL + ("train",), keep=("ssl", "cswin") + TRAINING_KEYS,
                               extra=("seed", "device", "deterministic")),
             out_dir=lambda w, output: os.path.dirname(output.encoder),
         log:

@@ -14,7 +14,7 @@ def adapt_backbone(task):
 def adapt_settings(task, method):
     """Settings of one method's job: the task config without the other methods' knobs, so adding
     a method or changing another method's learning rate leaves this one's results alone."""
-    cfg = json.loads(settings(task, drop=("models", "train"), keep=("pretrain", "finetune", "adapt"),
+    cfg = json.loads(settings(task, drop=("models", "train"), keep=("pretrain", "finetune", "adapt") + TRAINING_KEYS,
                               extra=("seed", "device", "deterministic", "evaluation")))
     adapt = cfg["adapt"]
     adapt.pop("methods")
@@ -80,7 +80,7 @@ def comparison_inputs(wildcards):
 def prostate_fold_settings(wildcards):
     cswin = wildcards.model in CSWIN_MODELS
     drop = _PROSTATE_LOCAL + ("ssl",) + (() if cswin else ("cswin",))
-    return settings("prostate", drop=drop, keep=("cswin",) if cswin else (),
+    return settings("prostate", drop=drop, keep=TRAINING_KEYS + (("cswin",) if cswin else ()),
                     extra=("seed", "device", "deterministic"))
 
 
