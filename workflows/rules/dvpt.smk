@@ -12,7 +12,7 @@
 # One job per (task, method) runs all its fractions, so the ~7 s start-up of a stage is paid
 # once per method. docs/dvpt.md describes the module and the comparison.
 
-from medvit.config import adapt_methods, percent_label, run_name
+from medvit.config import adapt_methods
 
 ADAPT_TASKS = [t for t in TASKS if config["tasks"][t].get("adapt", {}).get("enabled")]
 # `adapt` is read by the rules below only: leave it out of every other stage's settings

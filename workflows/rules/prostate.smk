@@ -11,18 +11,10 @@
 # for this task. Its log is logs/train/prostate_<model>.log: the ensemble of the fold models
 # is the task's trained model. docs/prostate.md describes the outputs.
 
-from medvit.config import CSWIN_MODELS, SSL_MODELS, external_manifest_path
-
+# PROSTATE, PROSTATE_DIR, PROSTATE_FOLDS, PROSTATE_EXTERNAL, PROSTATE_LOCAL_KEYS, CSWIN_MODELS
+# and SSL_MODELS come from stages.smk, beside the input functions that read them.
 
 if "prostate" in TASKS:
-    _PROSTATE = config["tasks"]["prostate"]
-    PROSTATE_FOLDS = list(range(_PROSTATE["folds"]))
-    PROSTATE_EXTERNAL = external_manifest_path(config, "prostate")
-    # keys that only some prostate jobs read: left out of the others' settings (and named in
-    # `keep` where read, for when common.smk lists them among its stage-only keys), so that
-    # editing them reruns only the jobs they affect
-    _PROSTATE_LOCAL = ("models", "figures", "external_manifest", "external_synthetic")
-    _PDIR = f"{study_dir(config)}/prostate"  # concrete paths for input functions (OUT is a pattern)
 
     rule prostate_ssl:
         input:
@@ -35,7 +27,7 @@ if "prostate" in TASKS:
             fold=r"\d+",
         params:
             study=STUDY_FILE,
-            settings=settings("prostate", drop=_PROSTATE_LOCAL + ("train",), keep=("ssl", "cswin") + TRAINING_KEYS,
+            settings=settings("prostate", drop=PROSTATE_LOCAL_KEYS + ("train",), keep=("ssl", "cswin") + TRAINING_KEYS,
                               extra=("seed", "device", "deterministic")),
             out_dir=lambda w, output: os.path.dirname(output.encoder),
         log:
@@ -94,7 +86,7 @@ if "prostate" in TASKS:
             predictions=f"{OUT}/prostate/{{model}}/predictions.csv",
         params:
             study=STUDY_FILE,
-            settings=lambda w: settings("prostate", drop=_PROSTATE_LOCAL + ("ssl", "train", "cswin")),
+            settings=lambda w: settings("prostate", drop=PROSTATE_LOCAL_KEYS + ("ssl", "train", "cswin")),
             folds=lambda w, input: [os.path.dirname(p) for p in input.weights],
             model_dir=lambda w, output: os.path.dirname(output.weights),
         log:
@@ -116,15 +108,15 @@ if "prostate" in TASKS:
     ruleorder: prostate_cv_pool > predict
 
     if PROSTATE_EXTERNAL is not None:
-        if _PROSTATE["external_manifest"] is None:
+        if PROSTATE["external_manifest"] is None:
 
             rule prostate_external_synth:
                 output:
                     manifest=str(PROSTATE_EXTERNAL),
                 params:
-                    patients=_PROSTATE["external_synthetic"]["patients"],
-                    seed=_PROSTATE["external_synthetic"]["seed"],
-                    image_size=_PROSTATE["synthetic"]["image_size"],
+                    patients=PROSTATE["external_synthetic"]["patients"],
+                    seed=PROSTATE["external_synthetic"]["seed"],
+                    image_size=PROSTATE["synthetic"]["image_size"],
                     out_dir=lambda w, output: os.path.dirname(output.manifest),
                 log:
                     f"{OUT}/logs/synth/prostate_external.log",
@@ -195,6 +187,6 @@ if "prostate" in TASKS:
             "medvit cv-summary --config {params.study:q} --task prostate --split {input.split:q}"
             " --out {output.summary:q} > {log:q} 2>&1"
 
-    EXTRA_TARGETS.append(f"{_PDIR}/cv_summary.json")
+    EXTRA_TARGETS.append(f"{PROSTATE_DIR}/cv_summary.json")
     # each fold too (common.smk: EXTRA_TARGETS)
-    EXTRA_TARGETS += [f"{_PDIR}/{m}/fold{i}/predictions.csv" for m in _PROSTATE["models"] for i in PROSTATE_FOLDS]
+    EXTRA_TARGETS += [f"{PROSTATE_DIR}/{m}/fold{i}/predictions.csv" for m in PROSTATE["models"] for i in PROSTATE_FOLDS]

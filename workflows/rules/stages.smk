@@ -1,6 +1,9 @@
-# Input and settings functions of the task-stage rules (dvpt.smk, histo.smk, prostate.smk),
-# kept apart from the rules (Snakemake's style: no functions beside rules). They read the
-# globals those files define (e.g. ADAPT_METHODS, PROSTATE_FOLDS) when Snakemake calls them.
+# Input and settings functions of the task-stage rules (dvpt.smk, histo.smk, prostate.smk,
+# infer.smk), kept apart from the rules (Snakemake's style: no functions beside rules), with
+# the globals they read: this file reads only common.smk's and its own, and the rule files
+# read this one's (it is included before them).
+
+from medvit.config import CSWIN_MODELS, SSL_MODELS, external_manifest_path, run_name
 
 # ---------------------------------------------------------------- dvpt.smk
 
@@ -77,35 +80,45 @@ def comparison_inputs(wildcards):
 
 # ---------------------------------------------------------------- prostate.smk
 
+# keys that only some prostate jobs read: left out of the others' settings (and named in
+# `keep` where read, for when common.smk lists them among its stage-only keys), so that
+# editing them reruns only the jobs they affect
+PROSTATE_LOCAL_KEYS = ("models", "figures", "external_manifest", "external_synthetic")
+PROSTATE_DIR = f"{study_dir(config)}/prostate"  # concrete paths for input functions (OUT is a pattern)
+PROSTATE = config["tasks"].get("prostate", {})
+PROSTATE_FOLDS = list(range(PROSTATE["folds"])) if PROSTATE else []
+PROSTATE_EXTERNAL = external_manifest_path(config, "prostate") if PROSTATE else None
+
+
 def prostate_fold_settings(wildcards):
     cswin = wildcards.model in CSWIN_MODELS
-    drop = _PROSTATE_LOCAL + ("ssl",) + (() if cswin else ("cswin",))
+    drop = PROSTATE_LOCAL_KEYS + ("ssl",) + (() if cswin else ("cswin",))
     return settings("prostate", drop=drop, keep=TRAINING_KEYS + (("cswin",) if cswin else ()),
                     extra=("seed", "device", "deterministic"))
 
 
 def prostate_fold_inputs(wildcards):
-    inputs = {"split": f"{_PDIR}/split.csv"}
+    inputs = {"split": f"{PROSTATE_DIR}/split.csv"}
     if cache_input("prostate"):
         inputs["cache"] = cache_input("prostate")
     if wildcards.model in SSL_MODELS:
-        inputs["init"] = f"{_PDIR}/ssl/fold{wildcards.fold}/encoder.safetensors"
+        inputs["init"] = f"{PROSTATE_DIR}/ssl/fold{wildcards.fold}/encoder.safetensors"
     return inputs
 
 
 def prostate_fold_files(name):
-    return lambda w: [f"{_PDIR}/{w.model}/fold{i}/{name}" for i in PROSTATE_FOLDS]
+    return lambda w: [f"{PROSTATE_DIR}/{w.model}/fold{i}/{name}" for i in PROSTATE_FOLDS]
 
 
 def prostate_summary_inputs(wildcards):
-    models = _PROSTATE["models"]
+    models = PROSTATE["models"]
     inputs = {
-        "split": f"{_PDIR}/split.csv",
-        "metrics": [f"{_PDIR}/{m}/metrics.json" for m in models],
-        "folds": [f"{_PDIR}/{m}/fold{i}/predictions.csv" for m in models for i in PROSTATE_FOLDS],
+        "split": f"{PROSTATE_DIR}/split.csv",
+        "metrics": [f"{PROSTATE_DIR}/{m}/metrics.json" for m in models],
+        "folds": [f"{PROSTATE_DIR}/{m}/fold{i}/predictions.csv" for m in models for i in PROSTATE_FOLDS],
     }
     if PROSTATE_EXTERNAL is not None:
-        inputs["external"] = [f"{_PDIR}/{m}/external/metrics.json" for m in models]
+        inputs["external"] = [f"{PROSTATE_DIR}/{m}/external/metrics.json" for m in models]
     return inputs
 
 
