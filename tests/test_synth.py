@@ -30,9 +30,9 @@ from medvit.data.synth import (
     MODALITIES,
     XRAY_FINDINGS,
     SynthError,
-    _Brain,
     synthesize,
 )
+from medvit.data.synth.brain import render as render_brain_slice
 from medvit.errors import MedvitError
 
 # Study sizes: enough patients for the learnability checks, small enough to stay fast.
@@ -249,8 +249,8 @@ def test_brain_box_matches_drawn_tumour():
          "bias": np.zeros(3), "noise": 0.0, "texture": 0.05, "gain": 1000.0}
     t = {"z": 0.0, "y": 0.25, "x": -0.2, "ry": 0.15, "rx": 0.12, "rz": 0.2, "theta": 0.4,
          "alpha": 0.8, "core": 0.2, "ring": True, "edema": 0.0}
-    with_t, mask = _Brain.render(np.random.default_rng(1), size, h, 0.0, t, 4)
-    without, none = _Brain.render(np.random.default_rng(1), size, h, 0.0, None, 4)
+    with_t, mask = render_brain_slice(np.random.default_rng(1), size, h, 0.0, t, 4)
+    without, none = render_brain_slice(np.random.default_rng(1), size, h, 0.0, None, 4)
     assert none is None and mask is not None
     diff = np.abs(with_t - without)
     rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
