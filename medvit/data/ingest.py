@@ -38,7 +38,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from medvit.data.io import ImageData, _is_dicomdir, _modality, detect_format, read_dicom_header, read_image
+from medvit.data.io import ImageData, detect_format, read_dicom_header, read_image
+from medvit.data.io.dicom import _is_dicomdir, _modality
 from medvit.data.manifest import LINK_TREE_MARKER, _read, path_columns
 from medvit.errors import ImageReadError, MedvitError
 from medvit.system import available_cpus
