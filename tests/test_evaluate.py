@@ -242,6 +242,17 @@ def test_single_class_in_test_does_not_crash():
     json.dumps(to_jsonable(r), allow_nan=False)  # NaN -> null
 
 
+def test_thresholds_validation_cannot_choose_are_recorded_by_class():
+    df = make_predictions("multilabel", n_patients=120)
+    df.loc[df["split"] == "val", "true_mass"] = 0  # validation holds one class of 'mass'
+    r = evaluate_predictions(df, n_bootstrap=0)
+    assert r["threshold"]["fallback"] == 0.5
+    assert r["threshold"]["fallback_classes"] == {"patient": ["mass"], "sample": ["mass"]}
+    assert r["threshold"]["patient"]["mass"] == 0.5 and r["threshold"]["patient"]["nodule"] != 0.5
+    assert "fallback" not in evaluate_predictions(make_predictions("multilabel", n_patients=120),
+                                                  n_bootstrap=0)["threshold"]
+
+
 def test_multilabel_absent_finding_excluded_from_macro_with_note():
     df = make_predictions("multilabel", n_patients=80)
     df.loc[df["split"] == "test", "true_mass"] = 0

@@ -261,8 +261,7 @@ def test_counts_and_captions_come_from_the_metrics_records():
     from medvit.evaluation.report_sections import TaskResults, data_section, evaluated_on, threshold_phrase
 
     record = {"model": "cswin_unet", "task": "prostate", "kind": "binary", "classes": ["cspca"], "n_patients": 40,
-              "n_samples": 40, "notes": ["patient-level threshold for 'cspca': youden threshold undefined (no val "
-                                         "rows); used 0.5"]}
+              "n_samples": 40, "threshold": {"fallback": 0.5, "fallback_classes": {"patient": ["cspca"], "sample": []}}}
     samples = pd.DataFrame({"patient_id": [f"p{i}" for i in range(40)], "fold": [i % 5 for i in range(40)]})
     tr = TaskResults("prostate", [record], split={"splits": {"train": {"patients": 24, "samples": 24},
                                                              "val": {"patients": 8, "samples": 8},
@@ -273,17 +272,22 @@ def test_counts_and_captions_come_from_the_metrics_records():
     data = data_section({"prostate": tr}).body
     assert "the metrics are computed on 40 patients" in data and "not on the 8 patients of the test split" in data
     assert threshold_phrase(tr).startswith("a threshold of 0.5 (validation could not choose one")
-    other = dict(record, model="unet3d", notes=[])
+    other = dict(record, model="unet3d", threshold={"patient": {"cspca": 0.4}})
     both = TaskResults("prostate", [record, other])
     assert threshold_phrase(both) == ("the threshold chosen on the validation patients (unet3d), or 0.5 where "
                                       "validation could not choose one (cswin_unet)")
     # multilabel: a fallback for one finding leaves the others' validation-chosen thresholds
     finding = dict(record, model="densenet121", classes=["Effusion", "Hernia"],
-                   notes=["patient-level threshold for 'Hernia': youden threshold undefined (validation holds a "
-                          "single class); used 0.5"])
+                   threshold={"fallback": 0.5, "fallback_classes": {"patient": ["Hernia"], "sample": ["Hernia"]}})
     assert threshold_phrase(TaskResults("xray", [finding])) == (
         "the threshold chosen on the validation patients, or 0.5 for Hernia where validation could not choose one "
         "(see the notes)")
+    # a fallback at sample level only leaves the patient-level captions alone
+    sample_only = dict(finding, threshold={"fallback": 0.5, "fallback_classes": {"patient": [], "sample": ["Hernia"]}})
+    assert threshold_phrase(TaskResults("xray", [sample_only])) == "the threshold chosen on the validation patients"
+    # a metrics.json from before the classes were recorded: a fallback, classes unknown
+    assert threshold_phrase(TaskResults("xray", [dict(finding, threshold={"fallback": 0.5})])).startswith(
+        "a threshold of 0.5 (validation could not choose one")
 
 
 def test_multiclass_failures_and_subgroups():

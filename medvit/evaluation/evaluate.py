@@ -172,16 +172,19 @@ def _nanmean_cols(a: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------ thresholds
 def _thresholds(classes: Sequence[str], val: pd.DataFrame, spec: str | float,
-                level: str, notes: list[str]) -> tuple[np.ndarray, dict[str, float], str]:
-    values, record, methods = [], {}, set()
+                level: str, notes: list[str]) -> tuple[np.ndarray, dict[str, float], list[str]]:
+    """Per-class thresholds chosen on ``val``: values, ``{class: value}`` and the classes whose
+    threshold fell back to 0.5 (validation could not choose one)."""
+    values, record, fallback = [], {}, []
     for c in classes:
         t = M.select_threshold(val[f"true_{c}"].to_numpy(), val[f"score_{c}"].to_numpy(float), spec)
         if t.note:
             notes.append(f"{level}-level threshold for {c!r}: {t.note}")
         values.append(t.value)
         record[c] = t.value
-        methods.add(t.method)
-    return np.array(values, dtype=float), record, ",".join(sorted(methods))
+        if t.method == "fallback":
+            fallback.append(c)
+    return np.array(values, dtype=float), record, fallback
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -249,8 +252,9 @@ def evaluate_predictions(df: pd.DataFrame, kind: Kind | None = None, aggregate: 
         thr_s, rec_s, used_s = _thresholds(classes, val_s, threshold, "sample", notes)
         threshold_record = {"method": "fixed" if isinstance(threshold, float) else threshold, "selected_on": "val",
                             "rule": "positive when score >= threshold", "patient": rec_p, "sample": rec_s}
-        if "fallback" in used_p + used_s:
+        if used_p or used_s:  # the classes whose threshold validation could not choose, per level
             threshold_record["fallback"] = 0.5
+            threshold_record["fallback_classes"] = {"patient": used_p, "sample": used_s}
 
     suite_p, notes_p = _suite(kind, classes, test_p, thr_p)
     suite_s, notes_s = _suite(kind, classes, test_s, thr_s)

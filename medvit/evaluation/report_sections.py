@@ -202,10 +202,13 @@ def threshold_phrase(tr: TaskResults) -> str:
     numbers come from): chosen on validation, or 0.5 where validation could not choose."""
     fallback, classes = [], set()
     for r in tr.records:
-        notes = [str(n) for n in r.get("notes") or [] if str(n).startswith("patient-level threshold")]
-        if notes:
+        threshold = r.get("threshold") or {}
+        patient = (threshold.get("fallback_classes") or {}).get("patient")
+        if patient is None and "fallback" in threshold:  # written before the classes were recorded
             fallback.append(r["model"])
-            classes |= {m.group(1) for n in notes if (m := re.search(r"threshold for '([^']+)'", n))}
+        elif patient:
+            fallback.append(r["model"])
+            classes |= set(patient)
     chosen = [r["model"] for r in tr.records if r["model"] not in fallback]
     if not fallback:
         return "the threshold chosen on the validation patients"
