@@ -33,8 +33,8 @@ def device_of(name: str) -> torch.device:
     """The benchmark's device; also makes the process-wide setting medvit's Trainer makes
     (``train.retain_freed_memory``, on by default) unless ``MEDVIT_BENCH_RETAIN_FREED_MEMORY=0``
     (bench_switches measures its gain in child processes that way)."""
+    from medvit.cpu_ops.process import retain_freed_memory
     from medvit.engine.device import resolve_device
-    from medvit.engine.speed import retain_freed_memory
 
     if os.environ.get("MEDVIT_BENCH_RETAIN_FREED_MEMORY", "1") != "0":
         retain_freed_memory()

@@ -114,7 +114,7 @@ def paper_rows(device: torch.device, quick: bool, rounds: int, mae_batches: list
 
 def padded_to_multiple(multiple: int):
     """CSwin's attention with head dims zero-padded to a multiple of ``multiple``."""
-    from medvit.models.cswin import padded_attention
+    from medvit.cpu_ops.attention import padded_attention
 
     def attention(q, k, v, dropout_p: float = 0.0):
         d = q.shape[-1]

@@ -118,7 +118,7 @@ print(json.dumps({"median_s": median_s, "faults_per_step": faults / steps}))
 def retain_rows(quick: bool) -> list[dict]:
     """``train.retain_freed_memory`` off / on for a few models: one child process per setting,
     taken in turn ``pairs`` times (the setting is process-wide and cannot be undone)."""
-    from medvit.engine.speed import glibc_malloc
+    from medvit.cpu_ops.process import glibc_malloc
 
     if not glibc_malloc():
         return []

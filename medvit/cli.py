@@ -1,7 +1,8 @@
 """The ``medvit`` command: one subcommand per pipeline stage.
 
 No logic lives here beyond argument handling: each subcommand calls one stage function.
-medvit's modules are imported inside the handlers, not at the top: every job of a study
+medvit's modules are imported inside the handlers, not at the top (but for the torch-free
+:mod:`medvit.cpu_ops.process`, whose fast exit ends every command): every job of a study
 starts this command, and each imports only the stage it runs (torch, MONAI, timm and
 ultralytics take seconds; `medvit --help` and `medvit config` import none of them).
 User errors (:class:`medvit.errors.MedvitError`) are printed as ``error: ...`` with exit
@@ -16,6 +17,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from medvit.cpu_ops.process import fast_exit  # torch-free: the command's start-up stays light
 
 
 def _cmd_manifest_validate(args: argparse.Namespace) -> int:
@@ -82,7 +85,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from medvit.tasks.infer import infer_stage
 
     print(infer_stage(args.model, args.input, args.out, key=args.key, batch_size=args.batch_size,
-                      device=args.device).summary())
+                      device=args.device, any_modality=args.any_modality).summary())
     return 0
 
 
@@ -253,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "key for this run); never written to outputs")
     infer.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     infer.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:<index>")
+    infer.add_argument("--any-modality", action="store_true",
+                       help="score DICOM inputs of any modality (default: quarantine those the model's task did "
+                            "not learn from, e.g. CT given to an X-ray model)")
     infer.set_defaults(func=_cmd_infer)
 
     export = sub.add_parser("export", help="export a trained model to ONNX or TorchScript, checked against PyTorch")
@@ -524,26 +530,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    """The ``medvit`` command: :func:`main`, then a fast exit.
+    """The ``medvit`` command: :func:`main`, then :func:`medvit.cpu_ops.process.fast_exit`.
 
     Once torch (and MONAI, timm, ultralytics) are imported, the interpreter's own teardown
-    takes about 1.5 s on a 2-core machine, paid by every one of a study's ~100 jobs. Every
-    output is written and closed by then, so after flushing the logs and standard streams
-    the process leaves with ``os._exit``.
+    costs every one of a study's jobs seconds; every output is written and closed by the time
+    :func:`main` returns, so the process leaves without it (a process-level speed setting,
+    kept with the others in :mod:`medvit.cpu_ops.process`).
     """
-    code = int(main() or 0)
-    if "torch" not in sys.modules:
-        sys.exit(code)
-    import logging
-    import os
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed or broken pipe: nothing left to lose
-            pass
-    os._exit(code)
+    fast_exit(int(main() or 0))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -78,6 +78,14 @@ def test_models_import_nothing_of_engine_data_or_tasks():
     assert offenders == []
 
 
+def test_cpu_ops_import_no_other_medvit_module():
+    """medvit.cpu_ops (the CPU fast paths and process-level speed settings) sits below the
+    models and the engine, which import it by name: it imports nothing of medvit but itself."""
+    offenders = [(str(p.relative_to(ROOT)), m) for p in _package_files("cpu_ops") for m, _ in _imports(p)
+                 if not m.startswith("medvit.cpu_ops")]
+    assert offenders == []
+
+
 def test_lower_layers_import_no_higher_one():
     """fileio, errors, provenance, system: nothing above them; config: only the manifest
     contract (``medvit.data.manifest``, torch-free) of the data layer; data and engine: no

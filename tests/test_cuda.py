@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medvit.cpu_ops.attention import flash_friendly_attention
 from medvit.models import create_model
-from medvit.models.cswin import flash_friendly_attention
 from medvit.models.dvpt import build_prompted_vit
 from medvit.models.layers import depthwise_conv
 from medvit.models.mae import build_mae

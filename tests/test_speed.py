@@ -4,7 +4,6 @@ measures once and caches its verdict, and the decoded-image cache survives worke
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medvit.config import load_schema
+from medvit.cpu_ops import attention as attention_mod
 from medvit.data.datasets import SampleDataset
 from medvit.engine import TrainConfig, Trainer, seed_everything
 from medvit.engine import device as device_mod
@@ -27,7 +27,6 @@ from medvit.engine.speed import (
     compile_model,
     device_key,
     enable_activation_checkpointing,
-    glibc_malloc,
     matmul_peak,
     probe_bf16,
     resolve_num_workers,
@@ -177,6 +176,27 @@ def test_step_probe_measures_once_then_reads_the_cache(tmp_path):
     second = probe_bf16_step(step, "cpu", "conv|x4", repeats=2)
     assert second.source == "cache" and second.use_bf16 == first.use_bf16 and len(seen) == 6
     assert probe_bf16_step(step, "cpu", "conv|x8", repeats=1).source == "measured"  # another model or batch
+
+
+def test_both_bf16_probes_keep_their_verdicts_in_one_file(tmp_path):
+    """The matmul and the step verdicts share bf16_probe.json (one reader, one writer); a step
+    verdict in bf16_steps.json, where earlier versions wrote it, is still read, so an upgraded
+    machine keeps its choices."""
+    from medvit.engine.speed import STEP_PROBE_REVISION, probe_bf16_step
+
+    matmul = probe_bf16("cpu", n=64, repeats=1)
+    step = probe_bf16_step(lambda bf16: None, "cpu", "noop|x1", repeats=1)
+    cache = tmp_path / "cache"
+    assert sorted(p.name for p in cache.iterdir()) == ["bf16_probe.json"]
+    stored = json.loads((cache / "bf16_probe.json").read_text())
+    assert set(stored) == {matmul.key, step.key}
+    assert stored[step.key] == {"fp32_ms": step.fp32_ms, "bf16_ms": step.bf16_ms, "speedup": step.speedup,
+                                "use_bf16": step.use_bf16}
+    old_key = f"{device_key('cpu')}|conv|x4|steps v{STEP_PROBE_REVISION}"
+    (cache / "bf16_steps.json").write_text(json.dumps({old_key: {"fp32_ms": 2.0, "bf16_ms": 1.0, "speedup": 2.0,
+                                                                 "use_bf16": True}}))
+    old = probe_bf16_step(lambda bf16: pytest.fail("measured again"), "cpu", "conv|x4")
+    assert (old.source, old.use_bf16, old.fp32_ms) == ("cache", True, 2.0)
 
 
 def test_bf16_auto_is_off_without_native_support(monkeypatch):
@@ -337,40 +357,6 @@ def test_trainer_applies_tf32_to_its_device(tmp_path, monkeypatch, tf32):
     assert calls == [("cpu", tf32)]
 
 
-_MALLINFO_SCRIPT = """
-import ctypes, sys, torch
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t)
-                for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-                             "fordblks", "keepcost")]
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = Mallinfo2
-if sys.argv[1] == "retain":
-    from medvit.engine.speed import retain_freed_memory
-    assert retain_freed_memory()
-mapped = libc.mallinfo2().hblks
-x = torch.ones(5 << 20)  # 20 MiB
-mapped_after, heap = libc.mallinfo2().hblks, libc.mallinfo2().arena
-del x
-print(mapped_after - mapped, heap - libc.mallinfo2().arena)
-"""
-
-
-@pytest.mark.skipif(not glibc_malloc(), reason="glibc's mallopt")
-def test_retain_freed_memory_keeps_large_blocks_on_the_heap():
-    """glibc's default maps a 20 MiB tensor with mmap (its pages go back to the kernel when it is
-    freed and fault in zeroed for the next step); after retain_freed_memory() it comes from the
-    heap and freeing it does not shrink the heap (each case in its own process)."""
-    def run(mode: str) -> list[int]:
-        out = subprocess.run([sys.executable, "-c", _MALLINFO_SCRIPT, mode], capture_output=True, text=True,
-                             check=True)
-        return [int(v) for v in out.stdout.split()]
-
-    assert run("default")[0] == 1  # one more mmapped block
-    new_maps, trimmed = run("retain")
-    assert new_maps == 0 and trimmed == 0
-
-
 def test_trainer_retains_freed_memory_unless_switched_off(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(trainer_mod, "retain_freed_memory", lambda: calls.append(1) or True)
@@ -513,26 +499,6 @@ def test_num_workers_auto_is_sized_by_the_machine(tmp_path, monkeypatch):
         TrainConfig.from_dict({**common, "num_workers": "many"})
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}, {"scale": 0.3}, {"mask": "bool"}, {"mask": "float"}])
-def test_unfused_attention_is_scaled_dot_product_attention(kwargs):
-    from medvit.engine.device import unfused_attention
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 5, 8, requires_grad=True) for _ in range(3))
-    mask = kwargs.pop("mask", None)
-    if mask == "bool":
-        kwargs["attn_mask"] = (torch.rand(5, 5) > 0.4) | torch.eye(5, dtype=torch.bool)
-    elif mask == "float":
-        kwargs["attn_mask"] = torch.randn(5, 5)
-    results = []
-    for fn in (unfused_attention, torch.nn.functional.scaled_dot_product_attention):
-        out = fn(q, k, v, **kwargs)
-        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-        results.append((out, *grads))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want)
-
-
 def test_cpu_bf16_autocast_computes_attention_unfused(monkeypatch):
     """Inside medvit's CPU bf16 autocast every F.scaled_dot_product_attention call (here a timm
     ViT block's) goes to the unfused composition; outside it, nothing is rerouted."""
@@ -541,8 +507,8 @@ def test_cpu_bf16_autocast_computes_attention_unfused(monkeypatch):
     from medvit.engine.device import autocast_context
 
     calls = []
-    real = device_mod.unfused_attention
-    monkeypatch.setattr(device_mod, "unfused_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = attention_mod.unfused_attention
+    monkeypatch.setattr(attention_mod, "unfused_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     block = Block(32, 4)
     assert block.attn.fused_attn  # timm calls F.scaled_dot_product_attention

@@ -26,6 +26,7 @@ from typing import ContextManager
 
 import torch
 
+from medvit.cpu_ops.attention import UnfusedAttention
 from medvit.engine.speed import probe_bf16
 from medvit.errors import ConfigError
 
@@ -144,7 +145,8 @@ def autocast_context(device: torch.device, enabled: bool) -> ContextManager:
     Inside it, matmuls and convolutions run in bf16 while reductions and losses that
     autocast lists as fp32 (softmax, cross-entropy, norms) stay in fp32. Parameters and
     gradients stay fp32, so no loss scaling is needed. On the CPU it also computes
-    ``F.scaled_dot_product_attention`` unfused (:class:`UnfusedAttention`).
+    ``F.scaled_dot_product_attention`` unfused
+    (:class:`medvit.cpu_ops.attention.UnfusedAttention`, the same function).
     """
     if not enabled:
         return contextlib.nullcontext()
@@ -155,44 +157,3 @@ def autocast_context(device: torch.device, enabled: bool) -> ContextManager:
     stack.enter_context(amp)
     stack.enter_context(UnfusedAttention())
     return stack
-
-
-def unfused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
-                      scale: float | None = None) -> torch.Tensor:
-    """``softmax(Q K^T * scale + mask) V`` as three plain operations, the same function as
-    ``F.scaled_dot_product_attention`` with these arguments (timm's non-fused path).
-
-    Shapes: query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev); a boolean
-    ``attn_mask`` keeps the True positions, a float one is added to the scores.
-    """
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
-    scores = (query * scale) @ key.transpose(-2, -1)
-    if is_causal:
-        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
-                  else scores + attn_mask)
-    weights = scores.softmax(dim=-1)
-    if dropout_p > 0:
-        weights = torch.nn.functional.dropout(weights, dropout_p)
-    return weights @ value
-
-
-class UnfusedAttention(torch.overrides.TorchFunctionMode):
-    """A function mode that computes ``F.scaled_dot_product_attention`` calls (timm's blocks,
-    medvit's MAE, DVPT, CSwin and DCT attention) with :func:`unfused_attention`.
-
-    Entered by :func:`autocast_context` for bf16 on the CPU, where PyTorch's fused kernel
-    loses to the plain composition (bf16 matmuls, fp32 softmax), above all in its backward
-    pass: with it, training steps took 1.71x longer for DVPT, 1.44x for ViT-Tiny and 1.20x for
-    MAE (benchmarks/RESULTS.md, ``bench_switches.py``).
-    Calls with ``enable_gqa`` (keyword-only, like ``scale``) go to the fused kernel unchanged.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention and not kwargs.get("enable_gqa"):
-            return unfused_attention(*args, **kwargs)
-        return func(*args, **kwargs)

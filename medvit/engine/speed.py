@@ -1,6 +1,7 @@
 """Speed switches and the measurements that choose them: a matmul peak, a per-device bf16
-probe, channels-last memory layout, ``torch.compile``, activation checkpointing, reuse of freed
-CPU memory, and worker counts sized to the machine.
+probe, channels-last memory layout, ``torch.compile``, activation checkpointing, and worker
+counts sized to the machine. The CPU fast paths of single operations and the process-level
+settings (retained freed memory, the fast exit) are in :mod:`medvit.cpu_ops`.
 
 Each switch is measured, not assumed: whether bf16 pays differs between CPUs (native
 AVX512-BF16/AMX versus emulated), GPUs and models, so ``bf16: auto`` times the model's own
@@ -8,7 +9,8 @@ training step in both precisions (:func:`probe_bf16_step`, interleaved so a busy
 biases neither side) and caches the verdict in ``$MEDVIT_CACHE_DIR`` (default
 ``~/.cache/medvit``), so every later run of the same model and batch on the same machine,
 torch and device makes the same choice (runs stay reproducible). :func:`probe_bf16` (a bare
-matmul) decides for multi-process runs, where every rank must choose alike.
+matmul) decides for multi-process runs, where every rank must choose alike. Both probes keep
+their verdicts in one file, ``bf16_probe.json`` (:func:`cached_verdict`, :func:`store_verdict`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -121,6 +123,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEDVIT_CACHE_DIR") or Path.home() / ".cache" / "medvit")
 
 
+# One file holds every bf16 verdict, keyed by :func:`device_key` (the matmul probe) or by
+# ``device_key|model_key|steps vN`` (the step probe); each entry is its result's fields but
+# ``key`` and ``source``.
+BF16_CACHE_FILE = "bf16_probe.json"
+# step verdicts written by earlier medvit versions: read (never written), so a machine keeps
+# the verdicts it measured before the two probes shared one file
+_LEGACY_STEP_CACHE_FILE = "bf16_steps.json"
+
+
 def _read_cache(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -139,6 +150,28 @@ def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
         pass  # a read-only home: the verdict still holds for this process
 
 
+_Verdict = TypeVar("_Verdict", "BF16Probe", "StepProbe")
+
+
+def cached_verdict(key: str, kind: type[_Verdict]) -> _Verdict | None:
+    """The bf16 verdict cached under ``key`` as a ``kind`` with ``source="cache"``, or None when
+    there is none (or it is in an older format: measure again)."""
+    for name in (BF16_CACHE_FILE, _LEGACY_STEP_CACHE_FILE):
+        hit = _read_cache(cache_dir() / name).get(key)
+        if isinstance(hit, dict):
+            try:
+                return kind(**{**hit, "key": key, "source": "cache"})
+            except TypeError:
+                pass  # an older format: measure again
+    return None
+
+
+def store_verdict(result: BF16Probe | StepProbe) -> None:
+    """Keep a measured bf16 verdict in ``<cache_dir>/bf16_probe.json`` under its key."""
+    entry = {k: v for k, v in asdict(result).items() if k not in ("key", "source")}
+    _write_cache(cache_dir() / BF16_CACHE_FILE, result.key, entry)
+
+
 def probe_bf16(device: torch.device | str = "cpu", use_cache: bool = True, n: int | None = None,
                repeats: int = 6) -> BF16Probe:
     """Measure whether bf16 matmuls beat fp32 on ``device``; cache the verdict on disk.
@@ -146,7 +179,7 @@ def probe_bf16(device: torch.device | str = "cpu", use_cache: bool = True, n: in
     The two precisions alternate call by call (best of ``repeats`` each), so load from other
     processes affects both alike. The verdict is read back from the cache on later calls (same
     machine, thread count, torch and device), keeping ``bf16: auto`` stable between runs; delete
-    ``<cache_dir>/bf16_probe.json`` to measure again.
+    ``<cache_dir>/bf16_probe.json`` (which holds the step probe's verdicts too) to measure again.
 
     Args:
         device: the training device.
@@ -156,14 +189,9 @@ def probe_bf16(device: torch.device | str = "cpu", use_cache: bool = True, n: in
     """
     device = torch.device(device)
     key = device_key(device)
-    path = cache_dir() / "bf16_probe.json"
-    if use_cache:
-        hit = _read_cache(path).get(key)
-        if isinstance(hit, dict):
-            try:
-                return BF16Probe(**{**hit, "key": key, "source": "cache"})
-            except TypeError:
-                pass  # an older format: measure again
+    cached = cached_verdict(key, BF16Probe) if use_cache else None
+    if cached is not None:
+        return cached
     n = n or default_matmul_size(device)
     mats = {dt: (torch.randn(n, n, device=device).to(dt), torch.randn(n, n, device=device).to(dt))
             for dt in (torch.float32, torch.bfloat16)}
@@ -180,7 +208,7 @@ def probe_bf16(device: torch.device | str = "cpu", use_cache: bool = True, n: in
     result = BF16Probe(key, round(fp32, 2), round(bf16, 2), round(bf16 / fp32, 3), bf16 / fp32 >= PROBE_MARGIN,
                        "measured")
     if use_cache:
-        _write_cache(path, key, {k: v for k, v in asdict(result).items() if k not in ("key", "source")})
+        store_verdict(result)
     return result
 
 
@@ -218,7 +246,8 @@ def probe_bf16_step(step: Callable[[bool], Any], device: torch.device | str, mod
     twice as fast. ``step(bf16)`` runs one forward + backward of the real model on a real
     batch; fp32 and bf16 steps alternate (one warm-up each, then best of ``repeats``), so load
     from other processes affects both alike. The verdict is cached per machine and
-    ``model_key`` (architecture, parameter count, batch shape) in ``<cache_dir>/bf16_steps.json``.
+    ``model_key`` (architecture, parameter count, batch shape) in ``<cache_dir>/bf16_probe.json``
+    beside the matmul verdicts.
 
     Args:
         step: runs one training step in bf16 (``True``) or fp32 (``False``); the caller keeps
@@ -230,14 +259,9 @@ def probe_bf16_step(step: Callable[[bool], Any], device: torch.device | str, mod
     """
     device = torch.device(device)
     key = f"{device_key(device)}|{model_key}|steps v{STEP_PROBE_REVISION}"
-    path = cache_dir() / "bf16_steps.json"
-    if use_cache:
-        hit = _read_cache(path).get(key)
-        if isinstance(hit, dict):
-            try:
-                return StepProbe(**{**hit, "key": key, "source": "cache"})
-            except TypeError:
-                pass
+    cached = cached_verdict(key, StepProbe) if use_cache else None
+    if cached is not None:
+        return cached
     best = {False: float("inf"), True: float("inf")}
     for i in range(repeats + 1):
         for bf16 in (False, True):
@@ -251,7 +275,7 @@ def probe_bf16_step(step: Callable[[bool], Any], device: torch.device | str, mod
     result = StepProbe(key, round(best[False] * 1e3, 3), round(best[True] * 1e3, 3), round(speedup, 3),
                        speedup >= PROBE_MARGIN, "measured")
     if use_cache:
-        _write_cache(path, key, {k: v for k, v in asdict(result).items() if k not in ("key", "source")})
+        store_verdict(result)
     return result
 
 
@@ -357,50 +381,6 @@ def _default_block_types() -> list[type]:
         except (ImportError, AttributeError):
             pass
     return types
-
-
-# ---------------------------------------------------------------------------- allocator
-
-# glibc's mallopt parameters (malloc.h) and its largest mmap threshold on 64-bit systems
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-RETAINED_BLOCK_BYTES = 32 << 20
-
-
-def glibc_malloc() -> bool:
-    """Whether this process allocates with glibc's malloc (Linux with glibc), whose ``mallopt``
-    :func:`retain_freed_memory` tunes."""
-    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-
-
-@functools.lru_cache(maxsize=1)
-def retain_freed_memory() -> bool:
-    """Keep freed CPU tensor memory in the process for the next training step (glibc only).
-
-    By default glibc hands blocks above its (adaptive) mmap threshold back to the kernel when
-    they are freed, and trims the heap's free top; the next step's tensors of the same sizes
-    then page-fault fresh, zero-filled pages in, thousands per training step of medvit's models
-    on the CPU (the cost: benchmarks/RESULTS.md, from benchmarks/bench_switches.py).
-    This sets the mmap threshold to glibc's largest allowed value (32 MiB, blocks below it come
-    from the reusable heap) and never trims, as the
-    ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` variables would at startup. The
-    process then keeps the memory it peaked at; the peak itself is unchanged. Process-wide,
-    idempotent; ``train.retain_freed_memory: false`` leaves glibc's defaults.
-
-    Returns:
-        Whether the setting took (``False`` off glibc, e.g. macOS, Windows, musl).
-    """
-    import ctypes
-    import ctypes.util
-
-    if not glibc_malloc():
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    # 2**31 - 1 (mallopt takes an int): freed memory is never returned by trimming
-    return bool(mallopt(_M_MMAP_THRESHOLD, RETAINED_BLOCK_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 # ---------------------------------------------------------------------------- workers

@@ -57,6 +57,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from medvit.cpu_ops.process import retain_freed_memory
 from medvit.engine.checkpoint import (
     CorruptCheckpointError,
     LoadedCheckpoint,
@@ -98,7 +99,6 @@ from medvit.engine.speed import (
     fused_adamw_supported,
     probe_bf16_step,
     resolve_num_workers,
-    retain_freed_memory,
     set_tf32,
 )
 from medvit.errors import CheckpointError, ConfigError, MedvitError
@@ -182,8 +182,8 @@ class TrainConfig:
         compile: ``torch.compile`` the model in place before training (compiles at the first
             step; pays on long runs).
         retain_freed_memory: keep freed CPU memory in the process for the next step instead of
-            returning it to the kernel (:func:`medvit.engine.speed.retain_freed_memory`,
-            glibc only): no page faults per step, faster CPU steps, same peak memory.
+            returning it to the kernel (:func:`medvit.cpu_ops.process.retain_freed_memory`,
+            process-wide, glibc only): no page faults per step, faster CPU steps, same peak memory.
         tf32: on a CUDA device, fp32 matmuls and convolutions on TF32 tensor cores
             (:func:`medvit.engine.speed.set_tf32`; speed-ups in benchmarks/RESULTS.md);
             ``False`` keeps full fp32. No effect on the CPU.
@@ -464,6 +464,8 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.num_workers = resolve_num_workers(self.config.num_workers, self.device)
         if self.config.retain_freed_memory:
+            # a process-level setting (glibc's malloc, for the rest of this process), applied
+            # here because the training config chooses it; later Trainers change nothing
             retain_freed_memory()
         set_tf32(self.device, self.config.tf32)
         self.model = model.to(self.device)

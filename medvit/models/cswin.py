@@ -21,6 +21,11 @@ Simplifications against the paper (documented in docs/prostate.md):
   upsampling and skips from every stage) down to half resolution; full resolution gets a
   thin convolutional skip from the input and one fusing convolution.
 
+CPU fast paths of the building blocks live in :mod:`medvit.cpu_ops`, each beside its plain
+reference: the stripes' attention (``flash_friendly_attention``, plain SDPA with narrow heads
+padded), the full-resolution blocks (``UnetBasicBlockLite``: convolution, instance norm,
+LeakyReLU) and the 1x1x1 head (``PointwiseConv3d``).
+
 Shapes: input (B, C_in, D, H, W) with D, H, W divisible by 2 ** len(depths); output
 (B, num_classes, D, H, W) lesion logits.
 """
@@ -31,11 +36,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import UnetResBlock, UnetrUpBlock
 from timm.layers import DropPath, Mlp
 from torch import nn
 
+from medvit.cpu_ops.attention import flash_friendly_attention
+from medvit.cpu_ops.conv import PointwiseConv3d, UnetBasicBlockLite
 from medvit.models.layers import depthwise_conv
 from medvit.models.registry import register_model
 
@@ -83,43 +89,6 @@ def locally_enhanced_positions(conv: nn.Conv3d, v: torch.Tensor, window: Sequenc
     n, t, C = v.shape
     x = depthwise_conv(conv, v.view(n, *window, C).movedim(-1, 1))
     return x.movedim(1, -1).reshape(n, t, C)
-
-
-# The CPU flash-attention kernel runs head dims under 16 slower than head dim 16 itself
-# (forward + backward of 64 windows x 256 tokens: 15.5 ms at head dim 6, 9.6 ms at 16).
-_CPU_FLASH_MIN_HEAD_DIM = 16
-
-
-def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int,
-                     dropout_p: float = 0.0) -> torch.Tensor:
-    """``F.scaled_dot_product_attention(q, k, v, dropout_p)`` computed with q, k and v
-    zero-padded to ``head_dim`` channels and the scale of their true head dim d: zero columns
-    add nothing to q.k and give zero output columns, so it is the same function (and plain SDPA
-    when ``head_dim <= d``). Shapes: q, k, v (N, heads, T, d) -> (N, heads, T, d)."""
-    d = q.shape[-1]
-    if head_dim <= d:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    q, k, v = (F.pad(t, (0, head_dim - d)) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=d ** -0.5)[..., :d]
-
-
-def flash_friendly_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """``F.scaled_dot_product_attention(q, k, v, dropout_p)``, with head dims under 16
-    zero-padded to 16 on the CPU while the flash kernel is enabled (outside autocast).
-
-    Zero columns add nothing to q.k and give zero output columns, so with the scale of the
-    true head dim it is the same function. Where the flash kernel is disabled (e.g. in
-    ``sdpa_kernel([SDPBackend.MATH])``, as :func:`medvit.engine.compute.count_flops` runs)
-    nothing is padded, so FLOP counts stay those of the useful work.
-
-    Shapes: q, k, v (N, heads, T, d) -> (N, heads, T, d).
-    """
-    # under medvit's CPU autocast attention runs unfused (UnfusedAttention): padding there is
-    # only more work. torch.backends.cuda's flash flag gates the CPU flash kernel too.
-    if (q.device.type != "cpu" or torch.is_autocast_enabled("cpu")
-            or not torch.backends.cuda.flash_sdp_enabled()):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    return padded_attention(q, k, v, _CPU_FLASH_MIN_HEAD_DIM, dropout_p)
 
 
 class CrossShapedWindowAttention(nn.Module):
@@ -307,107 +276,6 @@ class CSwinUNet(nn.Module):
             y = up(y, skip)
         y = torch.cat([self.up0(y), self.skip0(x)], dim=1)
         return self.head(self.fuse(y))
-
-
-class PointwiseConv3d(nn.Conv3d):
-    """A 1x1x1 convolution computed as a matrix product over the channels (same parameters
-    and state dict as ``nn.Conv3d(in, out, 1)``): oneDNN's 1x1x1 Conv3d with few output
-    channels is much slower on the CPU, mostly in the backward pass. (B, C_in, D, H, W) ->
-    (B, C_out, D, H, W)."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.movedim(1, -1), self.weight.flatten(1), self.bias).movedim(-1, 1)
-
-
-_LANES = 128  # elementwise work runs on rows of this many floats (vectorises; C alone is too narrow)
-
-
-def _channel_sums(lane_sums: torch.Tensor, channels: int) -> torch.Tensor:
-    """(B, L) sums per lane of rows holding channels in turn -> (B, C) per-channel sums."""
-    return lane_sums.view(lane_sums.shape[0], -1, channels).sum(1)
-
-
-def _tiled(per_channel: torch.Tensor, rep: int) -> torch.Tensor:
-    """(B, C) -> (B, 1, C * rep): the values laid out as a row of the (B, R, L) rows."""
-    return per_channel.repeat(1, rep).unsqueeze(1)
-
-
-class _InstanceNormLeakyReLU(torch.autograd.Function):
-    """Instance norm (per sample and channel over D*H*W, biased variance), affine, LeakyReLU
-    of a channels_last_3d volume, forward and backward in a few memory-bound passes.
-
-    The tensor is read as (B, R, L) rows of L = 128 floats, L a multiple of C (a view of the
-    channels-last storage), so channel c sits at every C-th float of a row: per-channel sums
-    are row sums folded by C, and per-channel scales broadcast over rows of a vector width.
-    The normalisation and affine map are one ``x * scale + shift`` pass, and the backward
-    works from ``x`` and per-channel constants, so no normalised copy is stored or re-read.
-    PyTorch's GroupNorm backward in channels_last_3d is ~7x slower than in the standard layout
-    on the CPU, and ~2x more when the gradient is a channel slice of a concatenation.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                slope: float) -> torch.Tensor:
-        B, C = x.shape[:2]
-        n = x[0, 0].numel()
-        lanes = _LANES if _LANES % C == 0 and n * C % _LANES == 0 else C
-        rep = lanes // C
-        xv = x.permute(0, 2, 3, 4, 1).reshape(B, -1, lanes).float()
-        mean = _channel_sums(xv.sum(1), C) / n
-        var = _channel_sums((xv - _tiled(mean, rep)).square_().sum(1), C) / n
-        rstd = (var + eps).rsqrt()
-        scale = weight.float() * rstd  # (B, C)
-        out = F.leaky_relu_(torch.addcmul(_tiled(bias.float() - mean * scale, rep), xv, _tiled(scale, rep)), slope)
-        ctx.save_for_backward(xv, out, mean, rstd, weight)
-        ctx.slope, ctx.channels, ctx.n = slope, C, n
-        return out.view(B, *x.shape[2:], C).permute(0, 4, 1, 2, 3)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        xv, out, mean, rstd, weight = ctx.saved_tensors
-        B, R, lanes = xv.shape
-        C, n = ctx.channels, ctx.n
-        rep = lanes // C
-        g = torch.ops.aten.leaky_relu_backward(grad.permute(0, 2, 3, 4, 1).reshape(B, R, lanes).float(), out,
-                                               ctx.slope, True)
-        sum_g = _channel_sums(g.sum(1), C)
-        sum_gxhat = (_channel_sums((g * xv).sum(1), C) - mean * sum_g) * rstd  # xhat = (x - mean) rstd
-        # d/dx of instance norm: rstd w (g - mean(g) - xhat mean(g xhat)) = g a + x b + c per channel
-        a = rstd * weight.float()
-        b = -a * rstd * sum_gxhat / n
-        c = -a * sum_g / n - b * mean
-        dx = torch.addcmul(_tiled(c, rep), g, _tiled(a, rep)).addcmul_(xv, _tiled(b, rep))
-        return (dx.view(B, *grad.shape[2:], C).permute(0, 4, 1, 2, 3), sum_gxhat.sum(0), sum_g.sum(0), None, None)
-
-
-def instance_norm_leaky_relu(x: torch.Tensor, norm: nn.GroupNorm, act: nn.LeakyReLU) -> torch.Tensor:
-    """``act(norm(x))`` for a per-channel ``GroupNorm`` (instance norm) and a ``LeakyReLU``:
-    on CPU tensors :class:`_InstanceNormLeakyReLU` (fp32, channels_last_3d output), elsewhere
-    the modules themselves. (B, C, D, H, W) -> same shape."""
-    if x.device.type != "cpu" or norm.num_groups != norm.num_channels or not norm.affine:
-        return act(norm(x))
-    return _InstanceNormLeakyReLU.apply(x, norm.weight, norm.bias, norm.eps, act.negative_slope)
-
-
-class UnetBasicBlockLite(nn.Sequential):
-    """3x3x3 convolution + instance norm + LeakyReLU (one layer of nnU-Net's basic block).
-
-    Runs in channels_last_3d (oneDNN's convolution is ~1.8x faster there on the CPU); instance
-    norm is a GroupNorm with one group per channel (the same function and parameters;
-    InstanceNorm3d would copy to the standard layout and back), computed with the activation
-    by :func:`instance_norm_leaky_relu`.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
-                         nn.GroupNorm(out_channels, out_channels), nn.LeakyReLU(0.01, inplace=True))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv, norm, act = self
-        return instance_norm_leaky_relu(conv(x.contiguous(memory_format=torch.channels_last_3d)), norm, act)
 
 
 def _encoder_kwargs(kwargs: dict) -> dict:
