@@ -45,6 +45,11 @@ SCHEMA_PATH = Path(medvit.__file__).resolve().parents[1] / "workflows" / "schema
 TASKS = ("xray", "brain", "prostate", "histo")
 """Task families a study may contain, in report order."""
 
+TASK_MODALITIES = {"xray": ("CR", "DX", "RG"), "brain": ("MR",), "prostate": ("MR",), "histo": ("SM", "GM", "XC", "OT")}
+"""DICOM Modality values (PS3.3 C.7.3.1.1.1) of the images each task's models learn from:
+``medvit infer`` quarantines an input of another modality (a CT series given to an X-ray
+model) unless asked to score any modality."""
+
 CSWIN_MODELS = ("cswin_unet", "cswin_unet_ssl")
 """The CSwin-UNet models: built from the task's ``cswin`` block."""
 SSL_MODELS = ("cswin_unet_ssl",)

@@ -98,10 +98,10 @@ def test_infer_gives_the_pipelines_test_scores(trained, tmp_path):
     assert info["n_samples"] == len(test) and info["n_quarantined"] == 0
 
 
-def _dicom(path: Path, pixels: np.ndarray, patient: tuple[str, str], series: str) -> None:
+def _dicom(path: Path, pixels: np.ndarray, patient: tuple[str, str], series: str, modality: str = "DX") -> None:
     ds = ct_dataset()
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient[0], patient[1], "19600101"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), series, "DX"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), series, modality
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -131,6 +131,29 @@ def test_infer_on_a_folder_of_dicom_quarantines_bad_files(trained, tmp_path):
     texts = [p.read_text(errors="replace") for p in out.rglob("*") if p.is_file() and p.suffix in (".csv", ".json")]
     for identifier in ("Doe", "Jane", "MRN55501234", "Roe", "19600101"):
         assert not any(identifier in t for t in texts), identifier
+
+
+def test_infer_quarantines_another_modality_unless_asked(trained, tmp_path):
+    """A CT or MR series given to a chest X-ray model is quarantined, naming both modalities;
+    `--any-modality` scores it."""
+    _, model_dir = trained
+    src = tmp_path / "incoming"
+    rng = np.random.default_rng(1)
+    for i, modality in enumerate(["DX", "CR", "CT", "MR"]):
+        _dicom(src / f"p{i}" / "img.dcm", rng.integers(0, 4000, (40, 40)), (f"P^{i}", f"ID{i}"), generate_uid(),
+               modality)
+    out = tmp_path / "out"
+    assert main(["infer", "--model", str(model_dir), "--input", str(src), "--out", str(out), "--key", KEY]) == 0
+    pred = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert (pred["level"] == "sample").sum() == 2
+    reasons = sorted(pd.read_csv(out / "quarantine.csv")["reason"])
+    assert len(reasons) == 2 and reasons[0].startswith("modality CT: this xray model learned from CR/DX/RG images")
+    assert reasons[1].startswith("modality MR:")
+    every = tmp_path / "every"
+    assert main(["infer", "--model", str(model_dir), "--input", str(src), "--out", str(every), "--key", KEY,
+                 "--any-modality"]) == 0
+    assert (pd.read_csv(every / "predictions.csv")["level"] == "sample").sum() == 4
+    assert len(pd.read_csv(every / "quarantine.csv")) == 0
 
 
 def test_a_package_without_a_field_is_refused(trained, tmp_path, capsys):

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medvit.config import TASK_MODALITIES
 from medvit.data.ingest import ENV_KEY, ingest
 from medvit.data.io import read_sample
 from medvit.data.manifest import load_manifest
@@ -102,6 +103,25 @@ def _input_manifest(source: Path, out_dir: Path, key: str | None) -> tuple[pd.Da
     raise InferError(f"input {source} is neither a folder nor a manifest .csv")
 
 
+def _other_modalities(df: pd.DataFrame, task: str | None, quarantine: list[list[str]]) -> pd.DataFrame:
+    """``df`` without the rows whose DICOM modality (the ``modality`` column: folder input, or a
+    manifest that has one) is not one the task's models learn from; each goes to quarantine.
+    Rows without a modality (PNG, NIfTI, .npy) are kept."""
+    allowed = TASK_MODALITIES.get(str(task))
+    if not allowed or "modality" not in df.columns or df.empty:
+        return df
+    modality = df["modality"].fillna("").astype(str).str.strip().str.upper()
+    other = (modality != "") & ~modality.isin(allowed)
+    for (_, row), value in zip(df[other].iterrows(), modality[other], strict=True):
+        quarantine.append([str(row.get("image", "")), str(row["patient_id"]), str(row["sample_id"]),
+                           f"modality {value}: this {task} model learned from {'/'.join(allowed)} images "
+                           "(--any-modality scores it anyway)"])
+    if other.any():
+        logger.warning("%d input(s) of another modality than %s quarantined (--any-modality scores them)",
+                       int(other.sum()), "/".join(allowed))
+    return df[~other].reset_index(drop=True)
+
+
 def _check_columns(df: pd.DataFrame, channels: list[str], source: Path) -> None:
     if channels == ["image"]:
         if len(df) and "image" not in df.columns:
@@ -157,7 +177,7 @@ def predictions_table(samples: pd.DataFrame, scores: np.ndarray, block: dict[str
 
 
 def infer_stage(model_dir: str | Path, source: str | Path, out_dir: str | Path, key: str | None = None,
-                batch_size: int = 32, device: str = "auto") -> InferResult:
+                batch_size: int = 32, device: str = "auto", any_modality: bool = False) -> InferResult:
     """Score every image of ``source`` with the model package in ``model_dir``.
 
     Args:
@@ -167,6 +187,8 @@ def infer_stage(model_dir: str | Path, source: str | Path, out_dir: str | Path, 
         key: pseudonymisation key for folder input (default ``$MEDVIT_PSEUDONYM_KEY``, else random).
         batch_size: images per forward pass.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:<i>``.
+        any_modality: score DICOM inputs of every modality; by default one the model's task
+            did not learn from (:data:`medvit.config.TASK_MODALITIES`) is quarantined.
 
     Raises:
         PackageError: the model folder is not a complete package.
@@ -180,6 +202,8 @@ def infer_stage(model_dir: str | Path, source: str | Path, out_dir: str | Path, 
     source, out = Path(source), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df, root, quarantine, input_kind = _input_manifest(source, out, key)
+    if not any_modality:
+        df = _other_modalities(df, meta.get("task"), quarantine)
     channels = list(block["channels"])
     _check_columns(df, channels, source)
     if block["kind"] in ("segmentation", "detection"):
