@@ -1,14 +1,21 @@
 """Report part of the prostate segmentation study (:mod:`medvit.tasks.segmentation`): the
 cross-validation table, the external test, the SSL note and the slice overlays, from
-``prostate/cv_summary.json``."""
+``prostate/cv_summary.json``; and the overlays figure itself (:func:`save_overlays`, drawn by
+``medvit cv-summary``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from medvit.config import study_dir
+from medvit.data.io import read_image, read_sample
 from medvit.evaluation.html import esc, figure_html, format_count, format_metric, html_table
-from medvit.fileio import read_json
+from medvit.fileio import atomic_path, read_json
 
 
 def _fmt(entry: dict[str, Any] | None, digits: int = 3) -> str:
@@ -61,3 +68,63 @@ def prostate_parts(study: dict[str, Any]) -> dict[str, list[str]]:
         parts.append(figure_html("Out-of-fold predictions: T2w slice with the true lesion (cyan) and each model's "
                                  "lesion probability map", task_dir / summary["overlays"]))
     return {"prostate": parts}
+
+
+def save_overlays(df: pd.DataFrame, root: Path, positive: str, task_dir: Path, models: Sequence[str], path: Path,
+                  n: int = 3) -> Path | None:
+    """PNG: for ``n`` out-of-fold test patients (lesion patients first), the axial slice
+    through the largest lesion area (or the highest predicted probability): T2w with the
+    true lesion outline, then each model's probability map over T2w with its patient score.
+
+    Args:
+        df: the task's split manifest (``sample_id``, the image columns, ``mask``).
+        root: the manifest's folder (its paths are relative to it).
+        positive: the positive class (``true_<positive>``/``score_<positive>`` columns).
+        task_dir: the task folder holding ``<model>/predictions.csv`` and the maps.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pooled = {m: pd.read_csv(task_dir / m / "predictions.csv", dtype={"sample_id": str, "patient_id": str},
+                             keep_default_na=False).set_index("sample_id") for m in models}
+    first = pooled[models[0]]
+    if n <= 0 or first.empty:
+        return None
+    order = first.assign(pos=pd.to_numeric(first[f"true_{positive}"])).sort_values(["pos"], ascending=False,
+                                                                                   kind="stable")
+    chosen = [s for s in order.index if all(pooled[m].loc[s, "prob_map"] for m in models)][:n]
+    if not chosen:
+        return None
+    rows_by_sid = df.set_index(df["sample_id"].astype(str))
+    fig, axes = plt.subplots(len(chosen), len(models) + 1, figsize=(2.2 * (len(models) + 1), 2.3 * len(chosen)),
+                             squeeze=False)
+    for r, sid in enumerate(chosen):
+        row = rows_by_sid.loc[sid].to_dict()
+        image = read_sample(row, root).array[0]
+        truth = (read_image(root / row["mask"]).array[0] > 0.5) if row.get("mask") else None
+        maps = {m: read_image(task_dir / m / pooled[m].loc[sid, "prob_map"]).array[0] for m in models}
+        if truth is not None and truth.any():
+            z = int(truth.sum(axis=(1, 2)).argmax())
+        else:
+            z = int(np.unravel_index(int(np.argmax(maps[models[0]])), maps[models[0]].shape)[0])
+        lo, hi = np.percentile(image[z], [1, 99])
+        for c in range(len(models) + 1):
+            ax = axes[r, c]
+            ax.imshow(image[z], cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+            if c:
+                m = models[c - 1]
+                ax.imshow(np.ma.masked_less(maps[m][z], 0.05), cmap="hot", vmin=0, vmax=1, alpha=0.6)
+                ax.set_title(f"{m}\nscore {float(pooled[m].loc[sid, f'score_{positive}']):.2f}", fontsize=7)
+            else:
+                ax.set_title(f"{sid} ({'csPCa' if int(first.loc[sid, f'true_{positive}']) else 'no csPCa'})\n"
+                             f"T2w slice {z}", fontsize=7)
+            if truth is not None and truth[z].any():
+                ax.contour(truth[z].astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+            ax.set_axis_off()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path
