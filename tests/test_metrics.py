@@ -135,6 +135,24 @@ def test_weighted_kernels_nan_when_resample_lacks_a_class():
     assert M.weighted_nanmean(np.array([1.0, np.nan, 3.0, 5.0]), W)[2] == pytest.approx((3 + 15) / 4)
 
 
+def test_macro_kappa_skips_undefined_findings_and_its_weighted_form_agrees_on_expanded_resamples():
+    rng = np.random.default_rng(3)
+    truth = (rng.random((40, 3)) < 0.4).astype(int)
+    pred = np.where(rng.random((40, 3)) < 0.8, truth, 1 - truth)
+    truth[:, 2] = pred[:, 2] = 1  # one class only: this finding's kappa is undefined
+    assert M.macro_kappa(truth, pred) == pytest.approx(
+        np.mean([skm.cohen_kappa_score(truth[:, j], pred[:, j]) for j in range(2)]))
+    W = np.stack([np.ones(40), rng.multinomial(40, np.full(40, 1 / 40))]).astype(float)
+    weighted = M.weighted_macro_kappa(truth, pred, W)
+    assert weighted[0] == pytest.approx(M.macro_kappa(truth, pred))
+    idx = np.repeat(np.arange(40), W[1].astype(int))
+    assert weighted[1] == pytest.approx(M.macro_kappa(truth[idx], pred[idx]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the mean of no defined finding
+        assert math.isnan(M.macro_kappa(truth[:, 2:], pred[:, 2:]))
+    assert math.isnan(M.weighted_macro_kappa(truth[:, 2:], pred[:, 2:], W)[0])
+
+
 def test_threshold_selection():
     y = np.array([0, 0, 0, 1, 1, 1])
     s = np.array([0.1, 0.2, 0.45, 0.4, 0.7, 0.9])

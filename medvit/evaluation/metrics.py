@@ -133,6 +133,12 @@ def cohen_kappa(y_true: np.ndarray, y_pred: np.ndarray) -> float:
         return float(skm.cohen_kappa_score(np.ravel(y_true), np.ravel(y_pred), replace_undefined_by=np.nan))
 
 
+def macro_kappa(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro Cohen's kappa of multi-label predictions: the mean over the findings (columns of
+    the (N, K) 0/1 arrays) whose kappa is defined; NaN when none is."""
+    return float(np.nanmean([cohen_kappa(y_true[:, j], y_pred[:, j]) for j in range(y_true.shape[1])]))
+
+
 def f1(y_true: np.ndarray, y_pred: np.ndarray, average: Literal["binary", "macro"] = "binary") -> float:
     """F1 score.
 
@@ -345,6 +351,12 @@ def binary_metrics(y_true: np.ndarray, y_pred: np.ndarray, W: np.ndarray) -> dic
     return {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
             "sensitivity": m["recall"][:, 1], "specificity": m["recall"][:, 0], "f1": m["f1"][:, 1],
             "kappa": m["kappa"]}
+
+
+def weighted_macro_kappa(y_true: np.ndarray, y_pred: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """:func:`macro_kappa` for each weight row -> (B,), NaN where no finding's kappa is defined."""
+    cols = np.stack([binary_metrics(y_true[:, j], y_pred[:, j], W)["kappa"] for j in range(y_true.shape[1])], 1)
+    return _nanmean_rows(cols)
 
 
 def weighted_nanmean(values: np.ndarray, W: np.ndarray) -> np.ndarray:

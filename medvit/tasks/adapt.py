@@ -240,8 +240,9 @@ def _predict(ctx: StageContext, model: PromptedViT, size: list[int], batch_size:
 
 
 def _multilabel_kappa(df: pd.DataFrame, result: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
-    """Macro Cohen's kappa over findings at the patient level (thresholds chosen on val by the
-    evaluation), with the same cluster bootstrap as every other metric."""
+    """Macro Cohen's kappa over findings (:func:`medvit.evaluation.metrics.macro_kappa`) at the
+    patient level (thresholds chosen on val by the evaluation), with the same cluster bootstrap
+    as every other metric."""
     ev = study["evaluation"]
     classes = result["classes"]
     patients = aggregate_patients(df, result["aggregate"]["method"], ev["top_k"], "multilabel")
@@ -249,15 +250,9 @@ def _multilabel_kappa(df: pd.DataFrame, result: dict[str, Any], study: dict[str,
     truth = test[[f"true_{c}" for c in classes]].to_numpy(np.int64)
     thr = np.array([result["threshold"]["patient"][c] for c in classes], dtype=float)
     pred = M.binarize(test[[f"score_{c}" for c in classes]].to_numpy(float), thr)
-    value = float(np.nanmean([M.cohen_kappa(truth[:, j], pred[:, j]) for j in range(len(classes))]))
-
-    def stat(W: np.ndarray) -> np.ndarray:
-        cols = np.stack([M.binary_metrics(truth[:, j], pred[:, j], W)["kappa"] for j in range(len(classes))], 1)
-        n = (~np.isnan(cols)).sum(1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(n > 0, np.nansum(cols, 1) / n, np.nan)
-
-    boot = cluster_bootstrap({"kappa": stat}, np.arange(len(test)), ev["bootstrap"], ev["ci"], study["seed"])
+    value = M.macro_kappa(truth, pred)
+    boot = cluster_bootstrap({"kappa": lambda W: M.weighted_macro_kappa(truth, pred, W)}, np.arange(len(test)),
+                             ev["bootstrap"], ev["ci"], study["seed"])
     return {"value": value, ci_key(ev["ci"]): [boot["kappa"].lo, boot["kappa"].hi], "n_boot": boot["kappa"].n_used}
 
 
