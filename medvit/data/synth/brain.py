@@ -15,20 +15,18 @@ import numpy as np
 import pandas as pd
 from scipy.ndimage import gaussian_filter
 
-from medvit.data.synth.common import TUMOUR_FRACTION, Sample, n_positive, png_writer, text_writer
+from medvit.data.synth.common import TUMOUR_FRACTION, Sample, png_writer, positive_patients, text_writer, value_counts
 from medvit.data.synth.shapes import ellipse_r, grid2d, inside, noise
 
 COLUMNS = ["patient_id", "study_id", "sample_id", "image", "label", "boxes", "slice_index"]
 
 
 def plan(rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
-    tumour = np.zeros(n, bool)
-    tumour[rng.choice(n, n_positive(n, TUMOUR_FRACTION), replace=False)] = True
-    return [{"tumour": bool(t)} for t in tumour]
+    return [{"tumour": bool(t)} for t in positive_patients(rng, n, TUMOUR_FRACTION)]
 
 
 def class_counts(df: pd.DataFrame) -> dict[str, int]:
-    return {str(k): int(v) for k, v in df["label"].value_counts().sort_index().items()}
+    return value_counts(df["label"])
 
 
 def patient(rng: np.random.Generator, pid: str, plan: dict[str, Any], size: int, seed: int) -> list[Sample]:

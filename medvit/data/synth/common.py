@@ -1,6 +1,6 @@
 """What every synthetic modality shares: the sample a generator returns (a manifest row and
-the writers of its files), the PNG and text writers, and the study-level count of positive
-patients."""
+the writers of its files), the PNG and text writers, the study-level draw of positive
+patients and the class counts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 TUMOUR_FRACTION = 0.35  # brain tumour patients (paper: 30 of 81) and prostate csPCa patients
 
@@ -44,5 +45,14 @@ def text_writer(text: str) -> Callable[[Path], None]:
     return write
 
 
-def n_positive(n: int, fraction: float) -> int:
-    return int(min(max(round(fraction * n), 1), n - 1))
+def positive_patients(rng: np.random.Generator, n: int, fraction: float) -> np.ndarray:
+    """(n,) bool: which patients are positive, ``fraction`` of them rounded but at least one
+    and never all."""
+    positive = np.zeros(n, bool)
+    positive[rng.choice(n, int(min(max(round(fraction * n), 1), n - 1)), replace=False)] = True
+    return positive
+
+
+def value_counts(column: pd.Series) -> dict[str, int]:
+    """Samples per value of a manifest column, the values sorted (``synth.json`` classes)."""
+    return {str(k): int(v) for k, v in column.value_counts().sort_index().items()}

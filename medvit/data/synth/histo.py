@@ -23,7 +23,7 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter
 from scipy.special import expit
 
-from medvit.data.synth.common import Sample, png_writer
+from medvit.data.synth.common import Sample, png_writer, value_counts
 from medvit.data.synth.shapes import noise
 
 HISTO_SUBTYPES: dict[str, str] = {
@@ -47,8 +47,8 @@ def plan(rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
 
 
 def class_counts(df: pd.DataFrame) -> dict[str, int]:
-    counts = {str(k): int(v) for k, v in df["label"].value_counts().sort_index().items()}
-    counts.update({f"subtype:{k}": int(v) for k, v in df["subtype"].value_counts().sort_index().items()})
+    counts = value_counts(df["label"])
+    counts.update({f"subtype:{k}": v for k, v in value_counts(df["subtype"]).items()})
     return counts
 
 

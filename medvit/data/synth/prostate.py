@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy.ndimage import gaussian_filter
 
-from medvit.data.synth.common import TUMOUR_FRACTION, Sample, n_positive
+from medvit.data.synth.common import TUMOUR_FRACTION, Sample, positive_patients, value_counts
 from medvit.data.synth.shapes import noise
 
 PROSTATE_FOV_MM = 48.0
@@ -25,13 +25,11 @@ COLUMNS = ["patient_id", "study_id", "sample_id", "image_t2w", "image_adc", "ima
 
 
 def plan(rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
-    pos = np.zeros(n, bool)
-    pos[rng.choice(n, n_positive(n, TUMOUR_FRACTION), replace=False)] = True
-    return [{"lesion": bool(p)} for p in pos]
+    return [{"lesion": bool(p)} for p in positive_patients(rng, n, TUMOUR_FRACTION)]
 
 
 def class_counts(df: pd.DataFrame) -> dict[str, int]:
-    return {str(k): int(v) for k, v in df["label"].value_counts().sort_index().items()}
+    return value_counts(df["label"])
 
 
 def patient(rng: np.random.Generator, pid: str, plan: dict[str, Any], size: int, seed: int) -> list[Sample]:

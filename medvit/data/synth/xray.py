@@ -21,7 +21,7 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter
 from scipy.special import expit
 
-from medvit.data.synth.common import Sample, n_positive, png_writer
+from medvit.data.synth.common import Sample, png_writer, positive_patients
 from medvit.data.synth.shapes import ellipse_r, grid2d, inside, noise
 
 XRAY_FINDINGS: tuple[str, ...] = ("cardiomegaly", "consolidation", "effusion", "nodule")
@@ -36,9 +36,7 @@ _LABEL_NOISE = 0.04  # reader error per (follow-up image, finding)
 
 
 def plan(rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
-    findings = {f: np.zeros(n, bool) for f in XRAY_FINDINGS}
-    for f in XRAY_FINDINGS:
-        findings[f][rng.choice(n, n_positive(n, _XRAY_PREVALENCE[f]), replace=False)] = True
+    findings = {f: positive_patients(rng, n, _XRAY_PREVALENCE[f]) for f in XRAY_FINDINGS}
     # One "site" per patient decides the file format, so every format is represented.
     formats = rng.permutation(np.resize(np.arange(len(_FORMATS)), n))
     plans = []
