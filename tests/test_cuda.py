@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from medvit.cpu_ops.attention import flash_friendly_attention
+from medvit.cpu_ops.conv import depthwise_conv
 from medvit.models import create_model
 from medvit.models.dvpt import build_prompted_vit
-from medvit.models.layers import depthwise_conv
 from medvit.models.mae import build_mae
 from medvit.models.vit import build_vit
 

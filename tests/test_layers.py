@@ -1,4 +1,4 @@
-"""Shared layers: the depthwise convolution without size-1 axes against the plain module."""
+"""The CPU fast depthwise convolution (without size-1 axes) against the plain module, its reference."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from medvit.models.layers import depthwise_conv
+from medvit.cpu_ops.conv import depthwise_conv
 
 
 @pytest.mark.parametrize("spatial", [(1, 7), (6, 1), (1, 1), (5, 4), (1, 6, 5), (6, 1, 1), (1, 1, 1), (3, 4, 2)])

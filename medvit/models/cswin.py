@@ -41,8 +41,7 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 
 from medvit.cpu_ops.attention import flash_friendly_attention
-from medvit.cpu_ops.conv import PointwiseConv3d, UnetBasicBlockLite
-from medvit.models.layers import depthwise_conv
+from medvit.cpu_ops.conv import PointwiseConv3d, UnetBasicBlockLite, depthwise_conv
 from medvit.models.registry import register_model
 
 AXIS_NAMES = ("D", "H", "W")
@@ -83,7 +82,7 @@ def locally_enhanced_positions(conv: nn.Conv3d, v: torch.Tensor, window: Sequenc
     zero-padded at the window border. (n_windows, T, C) tokens of windows (wd, wh, ww) -> same.
 
     The tokens are read as a channels-last volume (a view, no copy); stripes one voxel thin
-    are convolved in 2D (:func:`medvit.models.layers.depthwise_conv`), faster on the CPU than
+    are convolved in 2D (:func:`medvit.cpu_ops.conv.depthwise_conv`), faster on the CPU than
     oneDNN's 3D depthwise kernel.
     """
     n, t, C = v.shape

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from medvit.models.layers import depthwise_conv
+from medvit.cpu_ops.conv import depthwise_conv
 from medvit.models.registry import register_model
 
 
