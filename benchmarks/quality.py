@@ -12,6 +12,7 @@ files), and published context where there is any.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import math
@@ -59,11 +60,9 @@ def validation_curve(run_dir: Path) -> list[str]:
     train.log written before history.csv existed."""
     history, log = run_dir / "history.csv", run_dir / "train.log"
     if history.is_file():
-        import csv
-
         with history.open(newline="") as fh:
             rows = list(csv.reader(fh))
-        return [r[3] for r in rows[1:] if len(r) > 3 and r[3]]
+        return [f"{float(r[3]):.4f}" for r in rows[1:] if len(r) > 3 and r[3]]  # as train.log prints it
     if log.is_file():
         return [ln.split("val_metric ")[1].split()[0] for ln in log.read_text().splitlines() if " val_metric " in ln]
     return []
