@@ -80,16 +80,16 @@ def strip_volatile(obj):
     return obj
 
 
-def ct_dataset() -> Dataset:
-    """An empty CT image dataset with its file meta (explicit VR little endian) and a fresh SOP
-    instance UID: the start of every DICOM file the tests write."""
+def dicom_dataset(sop_class: str = CTImageStorage) -> Dataset:
+    """An empty image dataset of ``sop_class`` (default CT) with its file meta (explicit VR
+    little endian) and a fresh SOP instance UID: the start of every DICOM file the tests write."""
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     return ds
 
 

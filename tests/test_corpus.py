@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from helpers import ct_dataset
+from helpers import dicom_dataset
 from PIL import Image
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.uid import generate_uid
@@ -52,7 +52,7 @@ def _shipped() -> list[Path]:
 
 
 def _dicom(path: Path, pixels: np.ndarray, bits: int = 16) -> Path:
-    ds = ct_dataset()
+    ds = dicom_dataset()
     ds.PatientID, ds.Modality = "CORPUS1", "CT"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

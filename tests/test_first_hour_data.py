@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import dicom_dataset
+from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 from medvit.cli import main
 
@@ -61,16 +63,7 @@ def test_a_label_column_missing_from_the_manifest_is_named(tmp_path, monkeypatch
 
 
 def _dicom(path: Path, patient_id: str, study_uid: str, seed: int) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds = dicom_dataset(SecondaryCaptureImageStorage)
     ds.PatientName, ds.PatientID = "Doe^Jane", patient_id
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study_uid, generate_uid(), "DX"
     ds.Rows, ds.Columns = 16, 16
@@ -83,8 +76,6 @@ def _dicom(path: Path, patient_id: str, study_uid: str, seed: int) -> None:
 
 @pytest.fixture()
 def ingested(tmp_path):
-    from pydicom.uid import generate_uid
-
     studies = {"MRN77700001": generate_uid(), "MRN77700002": generate_uid(), "MRN77700003": generate_uid()}
     for i, (mrn, uid) in enumerate(studies.items()):
         _dicom(tmp_path / "export" / f"p{i}" / "img.dcm", mrn, uid, seed=i)

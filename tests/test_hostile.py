@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import ct_dataset
+from helpers import dicom_dataset
 
 from medvit.cli import main
 from medvit.config import load_study
@@ -92,7 +92,7 @@ from medvit.data.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, read_image  # noq
 
 def _dicom(path: Path, frames: int, rows: int, cols: int, *, pixel_bytes: bytes | None = None, ipp=None,
            series: str = "1.2.826.0.7.1") -> Path:
-    ds = ct_dataset()
+    ds = dicom_dataset()
     ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "CT", "1.2.826.0.7", series
     ds.Rows, ds.Columns = rows, cols
     if frames > 1:

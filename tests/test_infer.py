@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import ct_dataset
+from helpers import dicom_dataset
 from PIL import Image
 from pydicom.uid import generate_uid
 
@@ -99,7 +99,7 @@ def test_infer_gives_the_pipelines_test_scores(trained, tmp_path):
 
 
 def _dicom(path: Path, pixels: np.ndarray, patient: tuple[str, str], series: str, modality: str = "DX") -> None:
-    ds = ct_dataset()
+    ds = dicom_dataset()
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient[0], patient[1], "19600101"
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), series, modality
     ds.Rows, ds.Columns = pixels.shape

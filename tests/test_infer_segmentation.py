@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import dicom_dataset
+from pydicom.uid import MRImageStorage, generate_uid
 
 from medvit.cli import main
 from medvit.tasks.package import PackageError, read_package
@@ -96,19 +98,10 @@ def test_infer_reproduces_the_ensembles_external_maps_in_input_geometry(ensemble
 
 
 def _mr_series(folder: Path, volume: np.ndarray, patient: tuple[str, str]) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     folder.mkdir(parents=True)
     for z, plane in enumerate(volume):
-        meta = FileMetaDataset()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds = dicom_dataset(MRImageStorage)
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient[0], patient[1], "19580101", "F"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "MR", 1, z + 1

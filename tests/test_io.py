@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from helpers import ct_dataset
+from helpers import dicom_dataset
 from PIL import Image
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import FileMetaDataset
@@ -209,7 +209,7 @@ def _dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", 
            signed: bool = False, slope: float | None = None, intercept: float | None = None,
            ipp=None, iop=None, spacing=(0.5, 0.7), instance: int | None = None, series_uid: str = "1.2.826.0.1.1",
            window: tuple[float, float] | None = None, modality: str = "CT") -> Path:
-    ds = ct_dataset()
+    ds = dicom_dataset()
     ds.Modality = modality
     ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.9", series_uid
     ds.Rows, ds.Columns = pixels.shape
